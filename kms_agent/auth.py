@@ -1,0 +1,181 @@
+"""Caller tokens: where they come from, and checking them in constant time.
+
+Tokens come from environment variables (plain, or ``file://PATH``) and token files (one
+token per line, ``#`` comments, several live at once during a rotation). With none
+configured the agent generates one into ``<runtime dir>/token`` (mode 0640) for the
+application container to read. Token values are never logged, only where they came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from kms_agent.config import AuthConfig
+from kms_agent.errors import ConfigError, Forbidden, Unauthorized
+
+log = structlog.get_logger("kms_agent.auth")
+
+TOKEN_FILE_NAME = "token"  # noqa: S105 (a file name)
+MIN_TOKEN_LENGTH = 16
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+
+
+def new_token() -> str:
+    """A fresh random token: 256 bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """The tokens accepted right now, and where each set came from (for logs)."""
+
+    tokens: tuple[bytes, ...]
+    origins: tuple[str, ...]
+    files: tuple[Path, ...]
+
+    def __repr__(self) -> str:
+        return f"TokenSet(<{len(self.tokens)} tokens redacted>, origins={self.origins!r})"
+
+
+def _parse_token_lines(text: str, origin: str) -> list[bytes]:
+    out: list[bytes] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < MIN_TOKEN_LENGTH or not set(token) <= _TOKEN_CHARS:
+            raise ConfigError(
+                f"{origin} line {lineno}: a token must be at least {MIN_TOKEN_LENGTH} characters "
+                "of letters, digits and - . _ ~ + / =; make one with 'kms-agent token new'"
+            )
+        out.append(token.encode())
+    return out
+
+
+def _read_token_file(path: Path, origin: str) -> list[bytes]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{origin}: token file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{origin}: token file {path} cannot be read ({type(exc).__name__})"
+        ) from None
+    warn_if_exposed(path, "token file")
+    return _parse_token_lines(text, f"{origin} ({path})")
+
+
+def warn_if_exposed(path: Path, what: str) -> bool:
+    """Log a warning when ``path`` is readable by others (or writable beyond its owner)."""
+    with contextlib.suppress(OSError):
+        mode = path.stat().st_mode
+        if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            log.warning("file_exposed", what=what, path=str(path), mode=oct(mode & 0o777))
+            return True
+    return False
+
+
+def load_tokens(
+    cfg: AuthConfig, environ: Mapping[str, str], extra_files: tuple[Path, ...] = ()
+) -> TokenSet:
+    """Read every configured token source. Raises ConfigError naming the bad one."""
+    tokens: list[bytes] = []
+    origins: list[str] = []
+    files: list[Path] = []
+    for var in cfg.token_env:
+        value = environ.get(var)
+        if not value:
+            continue
+        if value.startswith("file://"):
+            path = Path(value[len("file://") :])
+            tokens += _read_token_file(path, f"${var}")
+            files.append(path)
+        else:
+            tokens += _parse_token_lines(value, f"${var}")
+        origins.append(f"${var}")
+    for i, name in enumerate(cfg.token_files):
+        path = Path(name)
+        found = _read_token_file(path, f"auth.token_files[{i}]")
+        if not found:
+            raise ConfigError(f"auth.token_files[{i}]: token file {path} holds no token")
+        tokens += found
+        files.append(path)
+        origins.append(str(path))
+    for path in extra_files:
+        tokens += _read_token_file(path, "generated token file")
+        files.append(path)
+        origins.append(str(path))
+    return TokenSet(tuple(dict.fromkeys(tokens)), tuple(origins), tuple(files))
+
+
+def ensure_generated_token(runtime_dir: Path) -> Path:
+    """Return ``<runtime_dir>/token``, creating it with a fresh token when absent.
+
+    An existing file is kept so that an application that already read it keeps working
+    across an agent restart. Mode 0640: the agent's group (the app's) may read it.
+    """
+    runtime_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    path = runtime_dir / TOKEN_FILE_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o640)  # not narrowed by the umask
+        fh.write(new_token() + "\n")
+    return path
+
+
+class Authenticator:
+    """Checks a request's token headers against the current token set."""
+
+    __slots__ = ("_headers", "_tokens")
+
+    def __init__(self, headers: tuple[str, ...], tokens: TokenSet) -> None:
+        self._headers = headers
+        self._tokens = tokens
+
+    def __repr__(self) -> str:
+        return f"Authenticator(headers={self._headers!r}, {self._tokens!r})"
+
+    @property
+    def token_set(self) -> TokenSet:
+        return self._tokens
+
+    def update(self, tokens: TokenSet, headers: tuple[str, ...] | None = None) -> None:
+        """Swap in a new token set atomically (one attribute assignment)."""
+        self._tokens = tokens
+        if headers is not None:
+            self._headers = headers
+
+    def check(self, headers: Mapping[str, str]) -> None:
+        """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted."""
+        presented = None
+        for name in self._headers:
+            presented = headers.get(name)
+            if presented is not None:
+                break
+        if presented is None:
+            raise Unauthorized(
+                "no token presented",
+                hint=f"send the token in the {self._headers[0]} header; "
+                "it is in the agent's token file",
+            )
+        candidate = presented.encode("utf-8", "surrogateescape")
+        ok = False
+        for token in self._tokens.tokens:  # every token compared: timing says nothing
+            ok |= hmac.compare_digest(candidate, token)
+        if not ok:
+            raise Forbidden(
+                "the token is not valid",
+                hint="re-read the token file; it may have been rotated",
+            )

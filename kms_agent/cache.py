@@ -1,0 +1,322 @@
+"""The secret cache.
+
+* Key: ``(source, name, version_id, version_stage)``; ``None, None`` is "the current version".
+* TTL with +/- jitter; 0 turns caching off (concurrent misses still share one fetch).
+* Bounded by entries and by bytes, least recently used evicted first.
+* Single flight: one upstream call per key at a time; concurrent misses await it.
+* Refresh-ahead: an entry read during its life is refetched in the background once it
+  enters the last ``refresh_window`` of its TTL, so hot secrets never wait on the upstream.
+* Stale-if-error: a transient failure (timeout, 5xx, throttling, connection error) keeps the
+  last good value for up to ``max_stale`` past expiry, served marked stale, with retries
+  backed off; a permanent one (not found, denied, pending deletion) drops the entry at once.
+* Not-found answers are cached for ``negative_ttl``.
+* Forced refreshes are rate-limited per key.
+
+The fetch function and the clock are injected: the cache knows nothing of providers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from kms_agent.config import CacheConfig
+from kms_agent.errors import (
+    AgentError,
+    PendingDeletion,
+    RefreshRateLimited,
+    SecretNotFound,
+    UpstreamError,
+)
+from kms_agent.model import SecretRecord
+
+log = structlog.get_logger("kms_agent.cache")
+
+Key = tuple[str, str, str | None, str | None]
+Fetch = Callable[[Key], Awaitable[SecretRecord]]
+
+#: Bytes an entry costs beyond its value: the record, the key, up to three rendered bodies.
+ENTRY_OVERHEAD = 768
+#: An entry's value is held once raw and in up to three rendered response bodies.
+VALUE_COPIES = 4
+#: Back-off after a failed refresh: 1 s doubling to this, jittered.
+MAX_RETRY_BACKOFF = 30.0
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    COALESCED = "coalesced"
+    REFRESH_FORCED = "refresh_forced"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    key: Key
+    record: SecretRecord
+    size: int
+    fetched_at: float
+    expires_at: float
+    refresh_at: float
+    stale_until: float
+    read: bool = False
+    failures: int = 0
+    retry_at: float = 0.0
+    #: Response bodies rendered from this record, by shape; filled by the server.
+    bodies: dict[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Entry({self.key!r}, version={self.record.version_id!r}, size={self.size})"
+
+
+@dataclass(slots=True)
+class _Negative:
+    error: AgentError
+    until: float
+
+
+class Cache:
+    def __init__(
+        self,
+        fetch: Fetch,
+        settings: CacheConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+        on_evict: Callable[[str, int], None] | None = None,
+        on_refresh: Callable[[str], None] | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self.settings = settings
+        self._clock = clock
+        self._rng = rng
+        self._on_evict = on_evict
+        self._on_refresh = on_refresh
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
+        self._negatives: dict[Key, _Negative] = {}
+        self._inflight: dict[Key, asyncio.Task[Entry | AgentError]] = {}
+        self._forced: dict[Key, float] = {}
+        self._generation = 0
+        self.bytes = 0
+
+    # ------------------------------------------------------------------ reads
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def peek(self, key: Key) -> Entry | None:
+        return self._entries.get(key)
+
+    async def get(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
+        """The entry for ``key`` and how it was obtained; raises AgentError on failure."""
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is not None and not force_refresh:
+            if now < entry.expires_at:
+                self._entries.move_to_end(key)
+                entry.read = True
+                if now >= entry.refresh_at and key not in self._inflight:
+                    self._start(key, background=True)
+                return entry, Outcome.HIT
+            if now < entry.retry_at and now < entry.stale_until:
+                # A refresh failed moments ago: serve stale without making the caller wait.
+                self._entries.move_to_end(key)
+                return entry, Outcome.STALE
+        if force_refresh:
+            self._check_forced(key, now)
+        elif (negative := self._negatives.get(key)) is not None:
+            if now < negative.until:
+                raise negative.error
+            del self._negatives[key]
+        task = self._inflight.get(key)
+        outcome = Outcome.REFRESH_FORCED if force_refresh else Outcome.MISS
+        if task is None:
+            task = self._start(key, background=False)
+        elif not force_refresh:
+            outcome = Outcome.COALESCED
+        result = await asyncio.shield(task)
+        if isinstance(result, Entry):
+            return result, outcome
+        stale = self._entries.get(key)
+        if result.transient and stale is not None and self._clock() < stale.stale_until:
+            return stale, Outcome.STALE
+        raise result
+
+    def _check_forced(self, key: Key, now: float) -> None:
+        interval = self.settings.refresh_min_interval
+        last = self._forced.get(key)
+        if last is not None and now - last < interval:
+            retry_after = interval - (now - last)
+            raise RefreshRateLimited(
+                f"a forced refresh of this secret ran {now - last:.2f} s ago",
+                retry_after=retry_after,
+                hint=f"forced refreshes are limited to one per {interval:g} s per secret "
+                "(cache.refresh_min_interval); retry after that, or read without refresh",
+            )
+        self._forced[key] = now
+
+    # ------------------------------------------------------------------ fetching
+
+    def _start(self, key: Key, *, background: bool) -> asyncio.Task[Entry | AgentError]:
+        task = asyncio.get_running_loop().create_task(self._run_fetch(key, background))
+        self._inflight[key] = task
+        return task
+
+    async def _run_fetch(self, key: Key, background: bool) -> Entry | AgentError:
+        """Fetch, store and return the entry, or return (never raise) the error."""
+        generation = self._generation
+        try:
+            record = await self._fetch(key)
+        except AgentError as exc:
+            self._after_failure(key, exc, background)
+            return exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a provider bug must not take the agent down
+            log.error("provider_failed", source=key[0], error_type=type(exc).__name__)
+            err = UpstreamError(f"source {key[0]!r} failed unexpectedly ({type(exc).__name__})")
+            self._after_failure(key, err, background)
+            return err
+        finally:
+            self._inflight.pop(key, None)
+        if background and self._on_refresh is not None:
+            self._on_refresh("success")
+        return self._store(key, record, cacheable=generation == self._generation)
+
+    def _after_failure(self, key: Key, exc: AgentError, background: bool) -> None:
+        if background and self._on_refresh is not None:
+            self._on_refresh("error")
+        now = self._clock()
+        entry = self._entries.get(key)
+        if exc.drops_cache:
+            if entry is not None:
+                self._drop(key, "revoked")
+            ttl = self.settings.negative_ttl
+            if (
+                isinstance(exc, SecretNotFound | PendingDeletion)
+                and ttl > 0
+                and self.settings.ttl > 0
+            ):
+                self._negatives[key] = _Negative(exc, now + ttl)
+        elif entry is not None and exc.transient:
+            entry.failures += 1
+            backoff = min(MAX_RETRY_BACKOFF, 2.0 ** (entry.failures - 1))
+            entry.retry_at = now + backoff * (0.5 + self._rng() / 2)
+        if background:
+            log.warning("refresh_failed", source=key[0], name=key[1], code=exc.code)
+
+    def _store(self, key: Key, record: SecretRecord, *, cacheable: bool) -> Entry:
+        now = self._clock()
+        cfg = self.settings
+        ttl = cfg.ttl * (1.0 + cfg.jitter * (2.0 * self._rng() - 1.0))
+        size = ENTRY_OVERHEAD + len(record.name) + VALUE_COPIES * len(record.value)
+        entry = Entry(
+            key=key,
+            record=record,
+            size=size,
+            fetched_at=now,
+            expires_at=now + ttl,
+            refresh_at=now + ttl * (1.0 - cfg.refresh_window),
+            stale_until=now + ttl + cfg.max_stale,
+        )
+        self._negatives.pop(key, None)
+        if cfg.ttl <= 0 or not cacheable or size > cfg.max_bytes:
+            return entry
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        self._entries[key] = entry
+        self.bytes += size
+        while len(self._entries) > cfg.max_entries:
+            self._drop(next(iter(self._entries)), "capacity")
+        while self.bytes > cfg.max_bytes:
+            self._drop(next(iter(self._entries)), "bytes")
+        return entry
+
+    def _drop(self, key: Key, reason: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self.bytes -= entry.size
+        if self._on_evict is not None:
+            self._on_evict(reason, 1)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def refresh_due(self) -> int:
+        """Start background refreshes of read entries in their window; sweep dead ones.
+
+        Called periodically by :meth:`run_maintenance` and directly by tests.
+        Returns how many refreshes it started.
+        """
+        now = self._clock()
+        started = 0
+        dead: list[Key] = []
+        for key, entry in self._entries.items():
+            if now >= entry.stale_until:
+                dead.append(key)
+            elif key in self._inflight:
+                continue
+            elif entry.read and now >= entry.refresh_at and now >= entry.retry_at:
+                self._start(key, background=True)
+                started += 1
+        for key in dead:
+            self._drop(key, "expired")
+        for key in [k for k, n in self._negatives.items() if now >= n.until]:
+            del self._negatives[key]
+        interval = self.settings.refresh_min_interval
+        for key in [k for k, t in self._forced.items() if now - t >= interval]:
+            del self._forced[key]
+        return started
+
+    async def run_maintenance(self, interval: float = 1.0) -> None:
+        """The background loop: refresh-ahead and sweeping, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.refresh_due()
+            except Exception:
+                log.exception("cache_maintenance_failed")
+
+    def invalidate(self, source: str, names: Callable[[str], bool] | None = None) -> int:
+        """Drop the entries of ``source`` whose name satisfies ``names`` (all if None).
+
+        Fetches in flight when this is called will answer their waiters but not be stored.
+        """
+        self._generation += 1
+        keys = [k for k in self._entries if k[0] == source and (names is None or names(k[1]))]
+        for key in keys:
+            self._drop(key, "invalidated")
+        for key in [
+            k for k in self._negatives if k[0] == source and (names is None or names(k[1]))
+        ]:
+            del self._negatives[key]
+        return len(keys)
+
+    def reconfigure(self, settings: CacheConfig) -> None:
+        """New TTLs apply to the next fetch; new bounds apply at once."""
+        self.settings = settings
+        while len(self._entries) > settings.max_entries:
+            self._drop(next(iter(self._entries)), "capacity")
+        while self._entries and self.bytes > settings.max_bytes:
+            self._drop(next(iter(self._entries)), "bytes")
+
+    def entries(self) -> Iterable[Entry]:
+        return self._entries.values()
+
+    async def close(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,370 @@
+"""``kms-agent``: run the agent, manage the local store, read a secret from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from kms_agent import __version__
+from kms_agent import config as config_mod
+from kms_agent.auth import TOKEN_FILE_NAME, new_token
+from kms_agent.config import Config, ListenAddress
+from kms_agent.errors import AgentError, ConfigError
+from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
+
+EXIT_OK = 0
+EXIT_FAIL = 1  # not found, or the operation was refused
+EXIT_ERROR = 2  # bad usage or config, agent unreachable, or it refused the request
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kms-agent", description="A local secrets sidecar.")
+    p.add_argument("--version", action="version", version=f"kms-agent {__version__}")
+    p.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMS_AGENT_CONFIG)")
+    p.add_argument("--data-dir", metavar="DIR", help="the local store's directory")
+    p.add_argument("--runtime-dir", metavar="DIR", help="where the generated token file goes")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve secrets")
+    run.add_argument("--listen", metavar="HOST:PORT", help="secrets listener (or unix:/PATH)")
+
+    check = sub.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--show", action="store_true", help="print the effective configuration")
+
+    get = sub.add_parser("get", help="ask the running agent for a secret; print its value")
+    get.add_argument("name")
+    get.add_argument("--version-id")
+    get.add_argument("--version-stage")
+    get.add_argument("--field", help="one key of a JSON secret")
+    get.add_argument("--refresh", action="store_true", help="bypass the agent's cache")
+    get.add_argument(
+        "--token-file", metavar="PATH", help="default: $KMS_TOKEN, then the runtime dir"
+    )
+    get.add_argument("--agent", metavar="HOST:PORT", help="default: server.listen")
+    get.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+
+    store = sub.add_parser("store", help="manage the embedded local store")
+    store.add_argument("--source", help="which local source (default: the first one)")
+    ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    ssub.add_parser("init", help="create the store and its default key")
+    put = ssub.add_parser("put", help="store a new version read from stdin")
+    put.add_argument("name")
+    put.add_argument("--binary", action="store_true", help="store the bytes as they are")
+    put.add_argument(
+        "--keep-newline", action="store_true", help="keep a trailing newline (text values)"
+    )
+    sget = ssub.add_parser("get", help="print a stored value")
+    sget.add_argument("name")
+    sget.add_argument("--version-id")
+    sget.add_argument("--version-stage")
+    desc = ssub.add_parser("describe", help="print a secret's versions and stages (no value)")
+    desc.add_argument("name")
+    lst = ssub.add_parser("list", help="print stored names")
+    lst.add_argument("--prefix", default="")
+    dele = ssub.add_parser("delete", help="delete a secret and all its versions")
+    dele.add_argument("name")
+    key = ssub.add_parser("key", help="the store's keys")
+    key.add_argument("action", choices=["list", "delete", "disable"])
+    key.add_argument("alias", nargs="?")
+
+    token = sub.add_parser("token", help="caller tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tnew = tsub.add_parser("new", help="print a new random token")
+    tnew.add_argument(
+        "--add-to", metavar="FILE", help="append it to this token file (mode 0640), for rotation"
+    )
+    return p
+
+
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.runtime_dir:
+        overrides["runtime_dir"] = args.runtime_dir
+    if args.log_level:
+        overrides["logging"] = {"level": args.log_level}
+    if getattr(args, "listen", None):
+        overrides["server"] = {"listen": args.listen}
+    return config_mod.load(args.config, environ=environ, overrides=overrides)
+
+
+def _err(message: str, hint: str | None = None) -> None:
+    print(f"kms-agent: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _cmd_run(cfg: Config, _args: argparse.Namespace) -> int:
+    from kms_agent import logging as agent_logging  # noqa: PLC0415
+    from kms_agent.agent import Agent  # noqa: PLC0415
+
+    agent_logging.configure(cfg.logging)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop  # noqa: PLC0415
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(Agent(cfg).run())
+    return EXIT_OK
+
+
+def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    from kms_agent import providers  # noqa: PLC0415
+
+    for source in cfg.sources:
+        providers.create(source, cfg)  # validates the provider's own settings
+    if args.show:
+        print(json.dumps(_as_dict(cfg), indent=2, default=str))
+    else:
+        names = ", ".join(f"{s.name} ({s.provider})" for s in cfg.sources)
+        print(
+            f"ok: {cfg.path or 'built-in defaults'}; listen {cfg.server.listen}; sources: {names}"
+        )
+    return EXIT_OK
+
+
+def _as_dict(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _as_dict(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, tuple | list):
+        return [_as_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------- get
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _read_token(args: argparse.Namespace, cfg: Config, environ: Mapping[str, str]) -> str:
+    path: Path | None = Path(args.token_file) if args.token_file else None
+    if path is None:
+        for var in cfg.auth.token_env:
+            value = environ.get(var)
+            if value and value.startswith("file://"):
+                path = Path(value[len("file://") :])
+                break
+            if value:
+                return value.strip().splitlines()[0]
+    if path is None:
+        path = (
+            Path(cfg.auth.token_files[0])
+            if cfg.auth.token_files
+            else cfg.runtime_path / TOKEN_FILE_NAME
+        )
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the token file {path} ({type(exc).__name__})",
+            hint="pass --token-file, or set $KMS_TOKEN",
+        ) from None
+    tokens = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not tokens:
+        raise ConfigError(f"the token file {path} holds no token")
+    return tokens[-1]  # during a rotation the newest line is the new token
+
+
+def _cmd_get(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    token = _read_token(args, cfg, environ)
+    target = config_mod.parse_listen(args.agent, "--agent") if args.agent else cfg.server.address
+    query: dict[str, str] = {"format": "raw"}
+    for key in ("version_id", "version_stage", "field"):
+        if getattr(args, key):
+            query[key] = getattr(args, key)
+    if args.refresh:
+        query["refresh"] = "true"
+    path = f"/secrets/{quote(args.name, safe='/!@')}?{urlencode(query)}"
+    conn = _connect(target, args.timeout)
+    try:
+        conn.request("GET", path, headers={cfg.auth.headers[0]: token})
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        _err(
+            f"the agent at {target} is unreachable ({type(exc).__name__}: {exc})",
+            "is 'kms-agent run' running, and listening there?",
+        )
+        return EXIT_ERROR
+    finally:
+        conn.close()
+    if resp.status == 200:
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    try:
+        error = json.loads(body)["error"]
+        message, hint, code = error["message"], error.get("hint"), error["code"]
+    except (ValueError, KeyError, TypeError):
+        message, hint, code = f"HTTP {resp.status}", None, ""
+    _err(f"{message} ({code or resp.status})", hint)
+    return EXIT_FAIL if code in ("SecretNotFound", "SecretPendingDeletion") else EXIT_ERROR
+
+
+def _connect(target: ListenAddress, timeout: float) -> http.client.HTTPConnection:
+    if target.unix_path:
+        return _UnixConnection(target.unix_path, timeout)
+    host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
+    host = "::1" if host == "::" else host
+    return http.client.HTTPConnection(host, target.port, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _store(cfg: Config, args: argparse.Namespace) -> LocalStore:
+    local = [s for s in cfg.sources if s.provider == "local"]
+    if args.source:
+        chosen = [s for s in local if s.name == args.source]
+        if not chosen:
+            raise ConfigError(
+                f"--source {args.source!r} is not a local source",
+                hint=f"local sources: {', '.join(s.name for s in local) or 'none'}",
+            )
+        local = chosen
+    if local:
+        return LocalStore(Path(local[0].options.get("path", cfg.data_dir)), source=local[0].name)
+    return LocalStore(cfg.data_path)
+
+
+def _cmd_store(cfg: Config, args: argparse.Namespace) -> int:
+    store = _store(cfg, args)
+    action = args.store_command
+    if action == "init":
+        info = store.init()
+        print(f"store {store.root}: default key {info.alias} ({info.key_id})")
+        return EXIT_OK
+    if action == "put":
+        if sys.stdin.isatty():
+            print("reading the value from stdin; end with Ctrl-D", file=sys.stderr)
+        value = sys.stdin.buffer.read()
+        if not args.binary and not args.keep_newline:
+            value = value.removesuffix(b"\n").removesuffix(b"\r")
+        store.init()
+        vid = store.put(args.name, value, data_type="binary" if args.binary else "text")
+        print(f"stored {args.name} version {vid}", file=sys.stderr)
+        return EXIT_OK
+    if action == "get":
+        record = store.get(args.name, version_id=args.version_id, version_stage=args.version_stage)
+        sys.stdout.buffer.write(record.value.reveal())
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    if action == "describe":
+        meta = store.describe(args.name)
+        print(
+            json.dumps(
+                {
+                    "name": meta.name,
+                    "versions": [
+                        {"version_id": vid, "stages": list(stages)} for vid, stages in meta.versions
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    if action == "list":
+        for name in store.list_names(args.prefix):
+            print(name)
+        return EXIT_OK
+    if action == "delete":
+        if not store.delete(args.name):
+            _err(f"secret {args.name!r} does not exist")
+            return EXIT_FAIL
+        print(f"deleted {args.name}", file=sys.stderr)
+        return EXIT_OK
+    return _cmd_key(store, args)
+
+
+def _cmd_key(store: LocalStore, args: argparse.Namespace) -> int:
+    info = store.key_info()
+    if args.action == "list":
+        print(
+            f"{info.alias}\t{info.key_id}\tEnabled\t"
+            "default key (usable; cannot be deleted or disabled)"
+        )
+        return EXIT_OK
+    if not args.alias:
+        _err(f"store key {args.action} needs a key alias")
+        return EXIT_ERROR
+    if args.alias in (DEFAULT_KEY_ALIAS, info.key_id):
+        _err(
+            f"refusing to {args.action} {DEFAULT_KEY_ALIAS}: it is the store's default key, "
+            "which can be used but never deleted or disabled",
+            "every stored secret is sealed under it",
+        )
+        return EXIT_FAIL
+    _err(f"no key {args.alias!r} in this store; it has only {DEFAULT_KEY_ALIAS}")
+    return EXIT_FAIL
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    token = new_token()
+    if args.add_to:
+        path = Path(args.add_to)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(token + "\n")
+        print(f"added a token to {path}", file=sys.stderr)
+    print(token)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    try:
+        if args.command == "token":
+            return _cmd_token(args)
+        cfg = _load(args, env)
+        if args.command == "run":
+            return _cmd_run(cfg, args)
+        if args.command == "check-config":
+            return _cmd_check_config(cfg, args)
+        if args.command == "get":
+            return _cmd_get(cfg, args, env)
+        return _cmd_store(cfg, args)
+    except ConfigError as exc:
+        _err(exc.message, exc.hint)
+        return EXIT_ERROR
+    except AgentError as exc:
+        _err(exc.message, exc.hint)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

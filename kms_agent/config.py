@@ -1,0 +1,430 @@
+"""Configuration: TOML file < ``KMS_AGENT_*`` environment < command-line flags.
+
+One loader builds frozen dataclasses from the merged tables. Unknown keys are errors, and
+every error names the key's dotted path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from kms_agent.errors import ConfigError
+
+ENV_PREFIX = "KMS_AGENT_"
+ENV_CONFIG = "KMS_AGENT_CONFIG"
+
+DEFAULT_LISTEN = "127.0.0.1:2025"
+DEFAULT_TOKEN_HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
+DEFAULT_TOKEN_ENV = ("KMS_TOKEN", "KMS_SESSION_TOKEN", "AWS_TOKEN")
+DEFAULT_TTL = 300.0
+DEFAULT_MAX_STALE = 3600.0
+DEFAULT_MAX_ENTRIES = 1000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+PROVIDERS = ("local",)
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _meta(
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    duration: bool = False,
+    doc: str = "",
+) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "duration": duration, "doc": doc}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A TCP ``host:port`` or a ``unix:/path`` socket."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.unix_path:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str, key: str) -> ListenAddress:
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise ConfigError(
+                f"{key}: {text!r} needs an absolute socket path, "
+                "like unix:/run/kms-agent/agent.sock"
+            )
+        return ListenAddress(unix_path=path)
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(
+            f"{key}: {text!r} is not an address; "
+            "use HOST:PORT (port 0-65535), [IPv6]:PORT or unix:/PATH"
+        )
+    return ListenAddress(host=host, port=int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = field(default=DEFAULT_LISTEN, metadata=_meta(doc="secrets listener"))
+    allow_non_loopback: bool = False
+    response_type: Literal["aws", "kms", "vault"] = "aws"
+    shutdown_grace: float = field(default=10.0, metadata=_meta(lo=0, hi=600, duration=True))
+    max_connections: int = field(default=800, metadata=_meta(lo=1, hi=100_000))
+
+    @property
+    def address(self) -> ListenAddress:
+        return parse_listen(self.listen, "server.listen")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    headers: tuple[str, ...] = DEFAULT_TOKEN_HEADERS
+    token_files: tuple[str, ...] = ()
+    token_env: tuple[str, ...] = DEFAULT_TOKEN_ENV
+    generate_token: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    ttl: float = field(default=DEFAULT_TTL, metadata=_meta(lo=0, hi=86400 * 7, duration=True))
+    jitter: float = field(default=0.1, metadata=_meta(lo=0, hi=0.5))
+    max_entries: int = field(default=DEFAULT_MAX_ENTRIES, metadata=_meta(lo=1, hi=10_000_000))
+    max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata=_meta(lo=1024))
+    max_stale: float = field(default=DEFAULT_MAX_STALE, metadata=_meta(lo=0, duration=True))
+    negative_ttl: float = field(default=5.0, metadata=_meta(lo=0, hi=3600, duration=True))
+    refresh_window: float = field(default=0.2, metadata=_meta(lo=0, hi=0.9))
+    refresh_min_interval: float = field(default=1.0, metadata=_meta(lo=0, hi=3600, duration=True))
+    prefetch: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    name: str
+    provider: str
+    match: tuple[str, ...] = ("*",)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: str = ""
+    runtime_dir: str = ""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    path: str = ""  # the file it was loaded from, if any
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _EnvText(str):
+    """A value that came from the environment: parsed from text, named by its variable."""
+
+    __slots__ = ("var",)
+    var: str
+
+    def __new__(cls, text: str, var: str) -> _EnvText:  # noqa: PYI034
+        obj = super().__new__(cls, text)
+        obj.var = var
+        return obj
+
+
+_T = TypeVar("_T")
+
+
+def _where(key: str, value: Any) -> str:
+    return f"{key} (from ${value.var})" if isinstance(value, _EnvText) else key
+
+
+def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    where = _where(key, value)
+    env = isinstance(value, _EnvText)
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{where}: {value!r} is not allowed; use one of {allowed}")
+        return str(value)
+    if tp is bool:
+        if env:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        elif isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not a boolean; use true or false")
+    if tp is int:
+        if env and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {value!r} is not a whole number")
+        return _bounded(value, where, meta)
+    if tp is float:
+        return _bounded(_number(value, where, meta), where, meta)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {value!r} is not a string")
+        return str(value)
+    if origin is tuple:
+        if env:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {value!r} is not a list of strings")
+        return tuple(value)
+    raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
+
+
+def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not a number")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if match and (meta.get("duration") or match.group(2) is None):
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    kind = (
+        "a duration (seconds, or like '300ms', '30s', '5m', '1h')"
+        if meta.get("duration")
+        else "a number"
+    )
+    raise ConfigError(f"{where}: {value!r} is not {kind}")
+
+
+def _bounded(value: float, where: str, meta: Mapping[str, Any]) -> Any:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{where}: {value!r} is out of range; use a value {bounds}")
+    return value
+
+
+def _build(cls: type[_T], table: Any, prefix: str) -> _T:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {table!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in table:
+        if key not in known or key in ("path", "options"):
+            allowed = ", ".join(sorted(k for k in known if k not in ("path", "options")))
+            raise ConfigError(f"{prefix}{key}: unknown setting; allowed here: {allowed}")
+    kwargs: dict[str, Any] = {}
+    for name, fld in known.items():
+        if name not in table:
+            continue
+        tp = hints[name]
+        if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+            kwargs[name] = _build(tp, table[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(tp, table[name], f"{prefix}{name}", fld.metadata)
+    return cls(**kwargs)
+
+
+def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
+    if raw is None:
+        return (SourceConfig(name="local", provider="local"),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("sources: expected one or more [[sources]] tables")
+    out: list[SourceConfig] = []
+    seen: set[str] = set()
+    for i, table in enumerate(raw):
+        key = f"sources[{i}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        name = table.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+            raise ConfigError(
+                f"{key}.name: {name!r} must be 1-63 lowercase letters, digits, - or _"
+            )
+        if name in seen:
+            raise ConfigError(f"{key}.name: {name!r} is used by another source")
+        seen.add(name)
+        provider = table.get("provider")
+        if provider not in PROVIDERS:
+            allowed = ", ".join(repr(p) for p in PROVIDERS)
+            raise ConfigError(
+                f"{key}.provider: {provider!r} is not a provider; use one of {allowed}"
+            )
+        match = _convert(tuple[str, ...], table.get("match", ["*"]), f"{key}.match", {})
+        if not match:
+            raise ConfigError(f'{key}.match: give at least one name glob, like "*" or "aigw!*"')
+        options = {k: v for k, v in table.items() if k not in ("name", "provider", "match")}
+        out.append(SourceConfig(name=name, provider=provider, match=match, options=options))
+    return tuple(out)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``KMS_AGENT_<SECTION>_<KEY>`` (or ``KMS_AGENT_<KEY>`` at top level) as a raw table."""
+    targets: dict[str, tuple[str, ...]] = {}
+    for top in fields(Config):
+        if top.name in ("path", "sources"):
+            continue
+        section = get_type_hints(Config)[top.name]
+        if hasattr(section, "__dataclass_fields__"):
+            for sub in fields(section):
+                targets[f"{ENV_PREFIX}{top.name}_{sub.name}".upper()] = (top.name, sub.name)
+        else:
+            targets[f"{ENV_PREFIX}{top.name}".upper()] = (top.name,)
+    out: dict[str, Any] = {}
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+            continue
+        where = targets.get(var)
+        if where is None:
+            raise ConfigError(
+                f"${var}: unknown setting; kms-agent reads {', '.join(sorted(targets))}"
+            )
+        table = out
+        for part in where[:-1]:
+            table = table.setdefault(part, {})
+        table[where[-1]] = _EnvText(text, var)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_data_dir(environ: Mapping[str, str]) -> str:
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "kms-agent")
+
+
+def default_runtime_dir(environ: Mapping[str, str], data_dir: str) -> str:
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    return str(Path(runtime) / "kms-agent") if runtime else data_dir
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the config file (if any), apply env then ``overrides`` (CLI flags), validate."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(ENV_CONFIG):
+        path = env[ENV_CONFIG]
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+    raw = _merge(raw, _env_overrides(env))
+    if overrides:
+        raw = _merge(raw, overrides)
+    sources = _build_sources(raw.pop("sources", None))
+    cfg = _build(Config, raw, "")
+    data_dir = cfg.data_dir or default_data_dir(env)
+    runtime_dir = cfg.runtime_dir or default_runtime_dir(env, data_dir)
+    cfg = _replace(
+        cfg,
+        data_dir=data_dir,
+        runtime_dir=runtime_dir,
+        sources=sources,
+        path=os.fspath(path) if path is not None else "",
+    )
+    validate(cfg)
+    return cfg
+
+
+def _replace(cfg: Config, **changes: Any) -> Config:
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    values.update(changes)
+    return Config(**values)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    address = cfg.server.address
+    if not address.is_loopback and not cfg.server.allow_non_loopback:
+        raise ConfigError(
+            f"server.listen: {cfg.server.listen!r} is not a loopback address; secrets would be "
+            "served beyond this host. Set server.allow_non_loopback = true to mean it"
+        )
+    for i, header in enumerate(cfg.auth.headers):
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):
+            raise ConfigError(f"auth.headers[{i}]: {header!r} is not an HTTP header name")
+    if not cfg.auth.headers:
+        raise ConfigError("auth.headers: give at least one token header name")
+    for i, var in enumerate(cfg.auth.token_env):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            raise ConfigError(f"auth.token_env[{i}]: {var!r} is not an environment variable name")
+
+
+def field_docs() -> dict[str, Any]:
+    """Every key with its default, for ``check-config --defaults`` and the docs test."""
+    out: dict[str, Any] = {}
+    cfg = Config()
+    for top in fields(Config):
+        if top.name in ("path", "sources"):
+            continue
+        value = getattr(cfg, top.name)
+        if hasattr(value, "__dataclass_fields__"):
+            for sub in fields(value):
+                out[f"{top.name}.{sub.name}"] = getattr(value, sub.name)
+        else:
+            out[top.name] = value if top.default is not MISSING else None
+    return out
+
+
+# typing helpers re-exported for mypy's benefit
+_ = (types, typing)

@@ -1,0 +1,173 @@
+"""The one error vocabulary of kms-agent.
+
+Every error a caller can see is an :class:`AgentError`. Each carries the HTTP status it
+renders as, a stable ``code`` and a message that is safe to show: it never contains a
+secret value or a token. The server renders them in exactly one place.
+
+Tree::
+
+    AgentError
+    ├── RequestError               the caller's mistake (4xx)
+    │   ├── BadRequest             400
+    │   ├── Unauthorized           401 no token
+    │   ├── Forbidden              403 wrong token, or denied by policy
+    │   ├── RouteNotFound          404
+    │   ├── MethodNotAllowed       405
+    │   ├── RefreshRateLimited     429
+    │   ├── FieldNotFound          404 ?field= names no key of the JSON secret
+    │   └── SecretNotJson          400 ?field= on a secret that is not a JSON object
+    ├── UpstreamError              what a source answered, mapped by its provider
+    │   ├── SecretNotFound         404   drops the cache entry, cached briefly
+    │   ├── PendingDeletion        404   drops the cache entry
+    │   ├── AccessDenied           502   drops the cache entry
+    │   ├── DecryptDenied          502   drops the cache entry
+    │   ├── BadCredentials         502
+    │   ├── InvalidUpstreamRequest 400
+    │   ├── Throttled              503   transient: stale value served if we have one
+    │   ├── Unavailable            503   transient
+    │   └── UpstreamTimeout        504   transient
+    ├── StoreCorrupt               500   a local store file failed to read or decrypt
+    └── ConfigError                      invalid configuration (never reaches HTTP)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AgentError(Exception):
+    """Base of every error kms-agent raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "InternalError"
+    #: A transient failure: a cached value may be served stale instead.
+    transient: ClassVar[bool] = False
+    #: The secret is gone or forbidden: drop any cached value at once.
+    drops_cache: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class RequestError(AgentError):
+    status = 400
+    code = "BadRequest"
+
+
+class BadRequest(RequestError):
+    status = 400
+    code = "BadRequest"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "MissingToken"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "Forbidden"
+
+
+class RouteNotFound(RequestError):
+    status = 404
+    code = "RouteNotFound"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "MethodNotAllowed"
+
+
+class RefreshRateLimited(RequestError):
+    status = 429
+    code = "RefreshRateLimited"
+
+    def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class FieldNotFound(RequestError):
+    status = 404
+    code = "FieldNotFound"
+
+
+class SecretNotJson(RequestError):
+    status = 400
+    code = "SecretNotJson"
+
+
+class UpstreamError(AgentError):
+    status = 502
+    code = "UpstreamError"
+
+
+class SecretNotFound(UpstreamError):
+    status = 404
+    code = "SecretNotFound"
+    drops_cache = True
+
+
+class PendingDeletion(UpstreamError):
+    status = 404
+    code = "SecretPendingDeletion"
+    drops_cache = True
+
+
+class AccessDenied(UpstreamError):
+    status = 502
+    code = "UpstreamAccessDenied"
+    drops_cache = True
+
+
+class DecryptDenied(UpstreamError):
+    status = 502
+    code = "UpstreamDecryptDenied"
+    drops_cache = True
+
+
+class BadCredentials(UpstreamError):
+    status = 502
+    code = "UpstreamBadCredentials"
+
+
+class InvalidUpstreamRequest(UpstreamError):
+    status = 400
+    code = "InvalidRequest"
+
+
+class Throttled(UpstreamError):
+    status = 503
+    code = "UpstreamThrottled"
+    transient = True
+
+
+class Unavailable(UpstreamError):
+    status = 503
+    code = "UpstreamUnavailable"
+    transient = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "UpstreamTimeout"
+    transient = True
+
+
+class StoreCorrupt(AgentError):
+    """A file of the embedded store could not be read, parsed or authenticated."""
+
+    status = 500
+    code = "StoreCorrupt"
+
+
+class ConfigError(AgentError):
+    """Invalid configuration: names the key, the bad value and what is allowed."""
+
+    code = "ConfigError"

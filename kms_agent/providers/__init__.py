@@ -1,0 +1,100 @@
+"""Sources of secrets. One module per backend, each exporting ``Provider``.
+
+A provider reads one store. It maps everything the store can answer onto the error
+vocabulary of :mod:`kms_agent.errors` and returns :class:`~kms_agent.model.SecretRecord`.
+It never writes upstream.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Callable
+from fnmatch import fnmatchcase
+from typing import Protocol, runtime_checkable
+
+from kms_agent.config import Config, SourceConfig
+from kms_agent.errors import BadRequest
+from kms_agent.model import SecretMetadata, SecretRecord
+
+#: A predicate over secret names: which cached names a change upstream touched.
+Changed = Callable[[str], bool]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What every source implements."""
+
+    #: The source's configured name: the cache key's first part and the metrics label.
+    name: str
+
+    async def open(self) -> None:
+        """Prepare sessions and credentials. Called once before the first request."""
+
+    async def get(
+        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+    ) -> SecretRecord:
+        """One version: by id, by stage, or the current one when neither is given."""
+
+    async def describe(self, name: str) -> SecretMetadata:
+        """Everything but the value."""
+
+    async def list_names(self, prefix: str) -> list[str]:
+        """Names that start with ``prefix``, as far as the identity may list them."""
+
+    async def check(self) -> None:
+        """Prove the source is usable (credentials, reachability); raise an AgentError if not."""
+
+    def changes(self) -> AsyncIterator[Changed] | None:
+        """An iterator of change notifications, for stores that can push them; else None."""
+
+    async def close(self) -> None:
+        """Release sessions. Idempotent."""
+
+
+def create(source: SourceConfig, config: Config) -> Provider:
+    """Instantiate the provider module named by ``source.provider``."""
+    module = importlib.import_module(f"kms_agent.providers.{source.provider}")
+    provider: Provider = module.Provider(source, config)
+    return provider
+
+
+class Router:
+    """First source whose ``match`` globs accept the name wins."""
+
+    def __init__(self, sources: list[tuple[tuple[str, ...], Provider]]) -> None:
+        self._sources = sources
+        self.providers = {provider.name: provider for _, provider in sources}
+
+    def route(self, name: str) -> Provider:
+        for globs, provider in self._sources:
+            for glob in globs:
+                if fnmatchcase(name, glob):
+                    return provider
+        raise BadRequest(
+            f"no source serves the name {name!r}",
+            hint="add a [[sources]] entry whose match globs accept it, "
+            'or a catch-all match = ["*"]',
+        )
+
+    def route_prefix(self, prefix: str) -> list[Provider]:
+        """Sources that may hold names starting with ``prefix`` (for listing)."""
+        out: list[Provider] = []
+        for globs, provider in self._sources:
+            if provider in out:
+                continue
+            if any(_glob_may_match_prefix(glob, prefix) for glob in globs):
+                out.append(provider)
+        return out
+
+
+def _glob_may_match_prefix(glob: str, prefix: str) -> bool:
+    """Whether some name starting with ``prefix`` can match ``glob`` (conservative)."""
+    literal = glob
+    for i, ch in enumerate(glob):
+        if ch in "*?[":
+            literal = glob[:i]
+            break
+    else:
+        return glob.startswith(prefix)
+    n = min(len(literal), len(prefix))
+    return literal[:n] == prefix[:n]

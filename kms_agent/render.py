@@ -1,0 +1,123 @@
+"""Response bodies built from a secret record, in each shape the API speaks.
+
+Bodies are bytes, built once per cache entry and shape (see ``Entry.bodies``), so a cache
+hit only looks them up.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from kms_agent.model import SecretRecord
+
+JSON_TYPE = "application/json"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def iso_time(epoch: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def value_text(record: SecretRecord) -> str:
+    """Text values as text, binary ones base64-encoded."""
+    raw = record.value.reveal()
+    return (
+        raw.decode("utf-8") if record.data_type == "text" else base64.b64encode(raw).decode("ascii")
+    )
+
+
+def native_dict(record: SecretRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "source": record.source,
+        "version_id": record.version_id,
+        "version_stages": list(record.version_stages),
+        "created": iso_time(record.created),
+        "secret_type": record.secret_type,
+        "data_type": record.data_type,
+        "value": value_text(record),
+    }
+
+
+def native(record: SecretRecord) -> bytes:
+    return _dumps(native_dict(record))
+
+
+def native_stale(record: SecretRecord, age: float) -> bytes:
+    body = native_dict(record)
+    body["stale"] = True
+    body["age_seconds"] = round(age, 3)
+    return _dumps(body)
+
+
+def arn(record: SecretRecord) -> str:
+    return f"kms-agent:{record.source}:secret/{record.name}"
+
+
+def aws(record: SecretRecord) -> bytes:
+    """Secrets Manager GetSecretValue, as the AWS Secrets Manager Agent answers."""
+    body: dict[str, Any] = {
+        "ARN": arn(record),
+        "Name": record.name,
+        "VersionId": record.version_id,
+        "VersionStages": list(record.version_stages),
+        "CreatedDate": round(record.created, 3),
+    }
+    if record.data_type == "text":
+        body["SecretString"] = value_text(record)
+    else:
+        body["SecretBinary"] = value_text(record)
+    return _dumps(body)
+
+
+def kms(record: SecretRecord) -> bytes:
+    """Alibaba Cloud KMS GetSecretValue, as the Alibaba Cloud KMS Agent answers."""
+    return _dumps(
+        {
+            "SecretName": record.name,
+            "VersionId": record.version_id,
+            "SecretData": value_text(record),
+            "SecretDataType": record.data_type,
+            "VersionStages": {"VersionStage": list(record.version_stages)},
+            "CreateTime": iso_time(record.created).replace(".000", ""),
+            "SecretType": record.secret_type,
+            "RequestId": record.extra.get("request_id", record.version_id),
+        }
+    )
+
+
+def vault(record: SecretRecord) -> bytes:
+    """A Vault KV v2 read. A value that is not a JSON object is wrapped as ``{"value": …}``."""
+    data: Any = None
+    if record.data_type == "text":
+        try:
+            data = json.loads(record.value.reveal())
+        except ValueError:
+            data = None
+    if not isinstance(data, dict):
+        data = {"value": value_text(record)}
+    version: Any = int(record.version_id) if record.version_id.isdigit() else record.version_id
+    return _dumps(
+        {
+            "data": {
+                "data": data,
+                "metadata": {
+                    "created_time": iso_time(record.created),
+                    "deletion_time": "",
+                    "destroyed": False,
+                    "version": version,
+                },
+            }
+        }
+    )
+
+
+COMPAT = {"aws": aws, "kms": kms, "vault": vault}
