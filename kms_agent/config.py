@@ -10,8 +10,6 @@ import ipaddress
 import os
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -205,9 +203,9 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: {value!r} is not a whole number")
-        return _bounded(value, where, meta)
+        return _bounded(value, value, where, meta)
     if tp is float:
-        return _bounded(_number(value, where, meta), where, meta)
+        return _bounded(_number(value, where, meta), value, where, meta)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {value!r} is not a string")
@@ -238,17 +236,18 @@ def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
     raise ConfigError(f"{where}: {value!r} is not {kind}")
 
 
-def _bounded(value: float, where: str, meta: Mapping[str, Any]) -> Any:
+def _bounded(value: float, given: Any, where: str, meta: Mapping[str, Any]) -> Any:
     lo, hi = meta.get("lo"), meta.get("hi")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{where}: {value!r} is out of range; use a value {bounds}")
+        raise ConfigError(f"{where}: {given!r} is out of range; use a value {bounds}")
     return value
 
 
 def _build(cls: type[_T], table: Any, prefix: str) -> _T:
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a table, got {table!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a table like [{where}], got {table!r}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     for key in table:
@@ -426,5 +425,3 @@ def field_docs() -> dict[str, Any]:
     return out
 
 
-# typing helpers re-exported for mypy's benefit
-_ = (types, typing)

@@ -1,0 +1,125 @@
+"""Fixtures shared by every test.
+
+Secret values used across the suite contain ``PLANTED``; every log line written by an
+in-process agent is captured, and the session fails if ``PLANTED`` or a test token ever
+appears in one. End-to-end agents check their own process logs the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from kms_agent import logging as agent_logging
+from kms_agent.config import LoggingConfig
+from kms_agent.errors import AgentError, SecretNotFound
+from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
+
+#: A marker in every secret value the tests store. It must never reach a log line.
+PLANTED = "planted-" + secrets.token_hex(6)
+#: The token in-process test apps accept.
+TOKEN = "test-token-" + secrets.token_hex(12)
+
+_LOG = io.StringIO()
+
+
+@pytest.fixture(name="log_capture", scope="session", autouse=True)
+def _log_capture() -> Iterator[io.StringIO]:
+    """All in-process agent logs of the session; checked for planted secrets at the end."""
+    agent_logging.configure(LoggingConfig(level="debug"), stream=_LOG)
+    yield _LOG
+    text = _LOG.getvalue()
+    assert text, "no agent log was captured: the leak check would prove nothing"
+    assert PLANTED not in text, "a planted secret value appeared in an agent log line"
+    assert TOKEN not in text, "a caller token appeared in an agent log line"
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(name="clock")
+def _clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_record(name: str, value: str, *, version: str = "v1", source: str = "scripted") -> SecretRecord:
+    return SecretRecord(
+        name=name,
+        value=SecretValue(value.encode()),
+        data_type="text",
+        version_id=version,
+        version_stages=("ACSCurrent",),
+        created=time.time(),
+        source=source,
+    )
+
+
+@dataclass
+class ScriptedProvider:
+    """A provider whose answers the test scripts: values, failures, a gate to stall on."""
+
+    name: str = "scripted"
+    values: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, AgentError] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    gate: asyncio.Event | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    version: int = 1
+
+    async def open(self) -> None:
+        return None
+
+    async def get(
+        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+    ) -> SecretRecord:
+        self.calls[name] += 1
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if name in self.failures:
+            raise self.failures[name]
+        if name not in self.values:
+            raise SecretNotFound(f"secret {name!r} does not exist")
+        return make_record(name, self.values[name], version=f"v{self.version}", source=self.name)
+
+    async def describe(self, name: str) -> SecretMetadata:
+        record = await self.get(name)
+        return SecretMetadata(name, self.name, record.created, ((record.version_id, ("ACSCurrent",)),))
+
+    async def list_names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.values if n.startswith(prefix))
+
+    async def check(self) -> None:
+        return None
+
+    def changes(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def fetch(self, key: tuple[str, str, str | None, str | None]) -> SecretRecord:
+        """The cache's fetch function, bound to this provider."""
+        return await self.get(key[1], version_id=key[2], version_stage=key[3])
+
+
+@pytest.fixture(name="provider")
+def _provider() -> ScriptedProvider:
+    return ScriptedProvider()

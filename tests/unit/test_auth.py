@@ -1,0 +1,107 @@
+"""Token sources and checking."""
+
+from __future__ import annotations
+
+import stat
+import pytest
+
+from kms_agent.auth import (
+    Authenticator,
+    ensure_generated_token,
+    load_tokens,
+    new_token,
+)
+from kms_agent.config import AuthConfig
+from kms_agent.errors import ConfigError, Forbidden, Unauthorized
+from tests.conftest import TOKEN
+
+HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
+
+
+def test_env_token_plain_and_file_form(tmp_path):
+    """$KMS_TOKEN is read as a token or, with file://, as a token file."""
+    path = tmp_path / "tok"
+    other = new_token()
+    path.write_text(f"# rotated 2026-11-24\n{other}\n")
+    tokens = load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN, "AWS_TOKEN": f"file://{path}"})
+    assert set(tokens.tokens) == {TOKEN.encode(), other.encode()}
+    assert tokens.files == (path,)
+
+
+def test_token_file_with_several_tokens_for_rotation(tmp_path):
+    """Every non-comment line of a token file is a live token."""
+    a, b = new_token(), new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"{a}\n\n  {b}  \n")
+    auth = Authenticator(HEADERS, load_tokens(AuthConfig(token_files=(str(path),)), {}))
+    auth.check({"X-KMS-Token": a})
+    auth.check({"X-Vault-Token": b})
+
+
+@pytest.mark.parametrize("bad", ["short", "has space inside the token!", "tab\tinside-the-token-x"])
+def test_weak_or_malformed_tokens_are_refused(tmp_path, bad):
+    """Tokens under 16 characters or with odd characters fail config, naming the line."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{new_token()}\n{bad}\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_tokens(AuthConfig(token_files=(str(path),)), {})
+
+
+def test_missing_token_file_is_named(tmp_path):
+    """A configured token file that does not exist is a config error naming the key."""
+    with pytest.raises(ConfigError, match=r"auth.token_files\[0\]"):
+        load_tokens(AuthConfig(token_files=(str(tmp_path / "nope"),)), {})
+
+
+def test_generated_token_file_is_0640_and_kept_across_restarts(tmp_path):
+    """The generated token file is 0640 and an existing one is reused."""
+    path = ensure_generated_token(tmp_path / "run")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    first = path.read_text()
+    assert len(first.strip()) >= 43
+    assert ensure_generated_token(tmp_path / "run").read_text() == first
+
+
+def test_check_missing_wrong_and_right(tmp_path):
+    """No token is 401, a wrong one 403, the right one in any accepted header passes."""
+    auth = Authenticator(HEADERS, load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN}))
+    with pytest.raises(Unauthorized):
+        auth.check({})
+    with pytest.raises(Forbidden):
+        auth.check({"X-KMS-Token": TOKEN + "x"})
+    with pytest.raises(Forbidden):
+        auth.check({"X-KMS-Token": TOKEN[:-1]})
+    with pytest.raises(Forbidden):
+        auth.check({"X-KMS-Token": "ünïcode-token-value"})
+    for header in HEADERS:
+        auth.check({header: TOKEN})
+
+
+def test_update_swaps_tokens(tmp_path):
+    """After update() the old token is refused and the new one accepted."""
+    auth = Authenticator(HEADERS, load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN}))
+    fresh = new_token()
+    auth.update(load_tokens(AuthConfig(), {"KMS_TOKEN": fresh}))
+    auth.check({"X-KMS-Token": fresh})
+    with pytest.raises(Forbidden):
+        auth.check({"X-KMS-Token": TOKEN})
+
+
+def test_reprs_redact_tokens():
+    """Neither the token set nor the authenticator shows a token in its repr."""
+    tokens = load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN})
+    assert TOKEN not in repr(tokens)
+    assert TOKEN not in repr(Authenticator(HEADERS, tokens))
+
+
+def test_exposed_file_warning_is_logged(tmp_path, log_capture):
+    """The file_exposed warning names the file and its mode."""
+    path = tmp_path / "tokens"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o644)
+    before = len(log_capture.getvalue())
+    load_tokens(AuthConfig(token_files=(str(path),)), {})
+    logged = log_capture.getvalue()[before:]
+    assert "file_exposed" in logged
+    assert str(path) in logged
+    assert "0o644" in logged

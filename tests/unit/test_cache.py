@@ -1,0 +1,348 @@
+"""The cache's semantics, against a scripted provider and a hand-moved clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kms_agent.cache import Cache, Outcome
+from kms_agent.config import CacheConfig
+from kms_agent.errors import AccessDenied, PendingDeletion, RefreshRateLimited, SecretNotFound, Unavailable
+from tests.conftest import PLANTED, FakeClock, ScriptedProvider
+
+NO_JITTER = CacheConfig(jitter=0.0)
+
+
+def key(name: str) -> tuple[str, str, None, None]:
+    return ("scripted", name, None, None)
+
+
+def make_cache(provider: ScriptedProvider, clock: FakeClock, **settings_: object) -> Cache:
+    cfg = CacheConfig(**{"jitter": 0.0, **settings_})  # type: ignore[arg-type]
+    return Cache(provider.fetch, cfg, clock=clock, rng=lambda: 0.5)
+
+
+async def test_miss_then_hit_calls_upstream_once(provider, clock):
+    """A second read within the TTL is a hit and does not call the provider."""
+    provider.values["db"] = PLANTED + "-a"
+    cache = make_cache(provider, clock)
+    entry, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.MISS
+    assert entry.record.text() == PLANTED + "-a"
+    entry2, outcome2 = await cache.get(key("db"))
+    assert outcome2 is Outcome.HIT
+    assert entry2 is entry
+    assert provider.calls["db"] == 1
+
+
+async def test_expired_entry_is_fetched_again(provider, clock):
+    """After the TTL the next read goes upstream and sees the new value."""
+    provider.values["db"] = "one"
+    cache = make_cache(provider, clock, ttl=10)
+    await cache.get(key("db"))
+    provider.values["db"] = "two"
+    clock.advance(10.01)
+    entry, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.MISS
+    assert entry.record.text() == "two"
+
+
+async def test_jitter_spreads_expiry_within_ten_percent(provider, clock):
+    """TTL jitter stays within +/-10 % at the extremes of the random source."""
+    provider.values["db"] = "v"
+    for rnd, expected in ((0.0, 270.0), (1.0, 330.0)):
+        cache = Cache(provider.fetch, CacheConfig(ttl=300, jitter=0.1), clock=clock, rng=lambda r=rnd: r)
+        entry, _ = await cache.get(key("db"))
+        assert entry.expires_at - entry.fetched_at == pytest.approx(expected)
+
+
+async def test_ttl_zero_disables_caching(provider, clock):
+    """With ttl = 0 every read calls the provider."""
+    provider.values["db"] = "v"
+    cache = make_cache(provider, clock, ttl=0)
+    for _ in range(3):
+        _, outcome = await cache.get(key("db"))
+        assert outcome is Outcome.MISS
+    assert provider.calls["db"] == 3
+    assert len(cache) == 0
+
+
+async def test_herd_of_1000_cold_requests_makes_one_call(provider, clock):
+    """1,000 concurrent misses on one key share a single provider call."""
+    provider.values["db"] = PLANTED
+    provider.gate = asyncio.Event()
+    cache = make_cache(provider, clock)
+    tasks = [asyncio.create_task(cache.get(key("db"))) for _ in range(1000)]
+    await provider.started.wait()
+    provider.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert provider.calls["db"] == 1
+    outcomes = [outcome for _, outcome in results]
+    assert outcomes.count(Outcome.MISS) == 1
+    assert outcomes.count(Outcome.COALESCED) == 999
+    assert {entry.record.text() for entry, _ in results} == {PLANTED}
+
+
+async def test_cancelled_waiter_does_not_cancel_the_shared_fetch(provider, clock):
+    """A caller that gives up does not abort the fetch the others wait on."""
+    provider.values["db"] = "v"
+    provider.gate = asyncio.Event()
+    cache = make_cache(provider, clock)
+    first = asyncio.create_task(cache.get(key("db")))
+    second = asyncio.create_task(cache.get(key("db")))
+    await provider.started.wait()
+    first.cancel()
+    provider.gate.set()
+    entry, _ = await second
+    assert entry.record.text() == "v"
+    assert provider.calls["db"] == 1
+
+
+async def test_not_found_is_cached_briefly(provider, clock):
+    """A not-found answer is remembered for negative_ttl, then asked again."""
+    cache = make_cache(provider, clock, negative_ttl=5)
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await cache.get(key("nope"))
+    assert provider.calls["nope"] == 1
+    clock.advance(5.01)
+    provider.values["nope"] = "now here"
+    entry, _ = await cache.get(key("nope"))
+    assert entry.record.text() == "now here"
+
+
+async def test_transient_failure_serves_stale_within_max_stale(provider, clock):
+    """An upstream outage after expiry serves the last good value, marked stale."""
+    provider.values["db"] = "good"
+    cache = make_cache(provider, clock, ttl=10, max_stale=60)
+    await cache.get(key("db"))
+    provider.failures["db"] = Unavailable("upstream down")
+    clock.advance(11)
+    entry, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.STALE
+    assert entry.record.text() == "good"
+    calls = provider.calls["db"]
+    # Right after a failure the cache backs off: the next read does not wait on upstream.
+    _, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.STALE
+    assert provider.calls["db"] == calls
+    # Past max_stale the error reaches the caller.
+    clock.advance(60)
+    with pytest.raises(Unavailable):
+        await cache.get(key("db"))
+
+
+async def test_recovery_after_outage_replaces_stale_value(provider, clock):
+    """Once the upstream answers again the fresh value replaces the stale one."""
+    provider.values["db"] = "old"
+    cache = make_cache(provider, clock, ttl=10, max_stale=600)
+    await cache.get(key("db"))
+    provider.failures["db"] = Unavailable("down")
+    clock.advance(11)
+    await cache.get(key("db"))
+    del provider.failures["db"]
+    provider.values["db"] = "new"
+    clock.advance(31)  # past the longest retry back-off
+    entry, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.MISS
+    assert entry.record.text() == "new"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AccessDenied("revoked"), SecretNotFound("gone"), PendingDeletion("scheduled")],
+    ids=["access-denied", "not-found", "pending-deletion"],
+)
+async def test_permanent_failure_drops_the_entry_at_once(provider, clock, error):
+    """Revoked access, deletion or scheduled deletion drop a cached value immediately."""
+    provider.values["db"] = "secret"
+    cache = make_cache(provider, clock, ttl=10, max_stale=600)
+    await cache.get(key("db"))
+    provider.failures["db"] = error
+    clock.advance(11)
+    with pytest.raises(type(error)):
+        await cache.get(key("db"))
+    assert cache.peek(key("db")) is None
+
+
+async def test_refresh_ahead_in_background_for_read_entries(provider, clock):
+    """A read entry inside its refresh window is refetched while callers keep hitting."""
+    provider.values["db"] = "one"
+    cache = make_cache(provider, clock, ttl=100, refresh_window=0.2)
+    await cache.get(key("db"))
+    provider.values["db"] = "two"
+    clock.advance(81)
+    entry, outcome = await cache.get(key("db"))  # a hit; it starts the refresh
+    assert outcome is Outcome.HIT
+    assert entry.record.text() == "one"
+    await asyncio.gather(*cache._inflight.values())
+    entry, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.HIT
+    assert entry.record.text() == "two"
+
+
+async def test_maintenance_refreshes_entries_read_during_their_life(provider, clock):
+    """refresh_due refreshes entries that were read, and leaves unread ones to expire."""
+    provider.values.update({"read": "r1", "unread": "u1"})
+    cache = make_cache(provider, clock, ttl=100, refresh_window=0.2)
+    await cache.get(key("read"))
+    await cache.get(key("unread"))
+    clock.advance(10)
+    await cache.get(key("read"))  # a hit marks it read
+    clock.advance(75)
+    assert cache.refresh_due() == 1
+    await asyncio.gather(*cache._inflight.values())
+    assert provider.calls == {"read": 2, "unread": 1}
+
+
+async def test_forced_refresh_is_rate_limited_per_key(provider, clock):
+    """refresh=true goes upstream, but not twice within refresh_min_interval."""
+    provider.values.update({"a": "1", "b": "1"})
+    cache = make_cache(provider, clock, refresh_min_interval=2)
+    await cache.get(key("a"))
+    _, outcome = await cache.get(key("a"), force_refresh=True)
+    assert outcome is Outcome.REFRESH_FORCED
+    with pytest.raises(RefreshRateLimited) as info:
+        await cache.get(key("a"), force_refresh=True)
+    assert 0 < info.value.retry_after <= 2
+    await cache.get(key("b"), force_refresh=True)  # another key is not limited
+    clock.advance(2)
+    await cache.get(key("a"), force_refresh=True)
+    assert provider.calls == {"a": 3, "b": 1}
+
+
+async def test_entry_bound_evicts_least_recently_used(provider, clock):
+    """Past max_entries the least recently read entry goes first."""
+    evicted: list[str] = []
+    provider.values.update({n: n for n in "abc"})
+    cache = Cache(
+        provider.fetch,
+        CacheConfig(jitter=0, max_entries=2),
+        clock=clock,
+        on_evict=lambda reason, n: evicted.append(reason),
+    )
+    await cache.get(key("a"))
+    await cache.get(key("b"))
+    await cache.get(key("a"))  # b is now least recently used
+    await cache.get(key("c"))
+    assert cache.peek(key("b")) is None
+    assert cache.peek(key("a")) is not None
+    assert evicted == ["capacity"]
+
+
+async def test_byte_bound_and_oversized_values(provider, clock):
+    """The byte bound holds; a value larger than the bound is served but not cached."""
+    provider.values.update({"small": "x" * 100, "huge": "y" * 5000})
+    cache = make_cache(provider, clock, max_bytes=4096)
+    entry, _ = await cache.get(key("huge"))
+    assert entry.record.text() == "y" * 5000
+    assert cache.peek(key("huge")) is None
+    await cache.get(key("small"))
+    assert 0 < cache.bytes <= 4096
+
+
+async def test_invalidate_drops_named_entries_and_ignores_inflight_results(provider, clock):
+    """invalidate() drops matching entries; a fetch racing with it is not stored."""
+    provider.values.update({"a": "1", "b": "1"})
+    cache = make_cache(provider, clock)
+    await cache.get(key("a"))
+    await cache.get(key("b"))
+    assert cache.invalidate("scripted", lambda n: n == "a") == 1
+    assert cache.peek(key("a")) is None
+    assert cache.peek(key("b")) is not None
+    provider.gate = asyncio.Event()
+    provider.started.clear()
+    pending = asyncio.create_task(cache.get(key("a")))
+    await provider.started.wait()
+    cache.invalidate("scripted")
+    provider.gate.set()
+    await pending
+    assert cache.peek(key("a")) is None
+
+
+async def test_provider_bug_becomes_an_upstream_error(provider, clock):
+    """A provider raising a non-AgentError is reported as a 502, and the agent lives."""
+    provider.failures["db"] = RuntimeError("boom")  # type: ignore[assignment]
+    cache = make_cache(provider, clock)
+    with pytest.raises(Exception) as info:
+        await cache.get(key("db"))
+    assert getattr(info.value, "status", None) == 502
+
+
+# --------------------------------------------------------------------------- properties
+
+_names = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), _names),
+        st.tuples(st.just("advance"), st.floats(min_value=0, max_value=40)),
+        st.tuples(st.just("rotate"), _names),
+        st.tuples(st.just("maintain"), st.just("")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops, max_entries=st.integers(min_value=1, max_value=4))
+async def test_property_never_serves_another_keys_value_and_respects_bounds(ops, max_entries):
+    """Whatever the sequence of reads, rotations and time, a key never gets another key's
+    value, no value older than the last rotation is served once its TTL passed, and the
+    entry and byte bounds always hold."""
+    clock = FakeClock()
+    provider = ScriptedProvider()
+    generation: dict[str, int] = {}
+    rotated_at: dict[str, float] = {}
+    for n in "abcdef":
+        provider.values[n] = f"{n}:0"
+        generation[n] = 0
+    cache = Cache(
+        provider.fetch,
+        CacheConfig(ttl=30, jitter=0.1, max_entries=max_entries, max_bytes=3000),
+        clock=clock,
+    )
+    for op, arg in ops:
+        if op == "get":
+            entry, _ = await cache.get(key(arg))
+            name, gen = entry.record.text().split(":")
+            assert name == arg
+            if clock.now - rotated_at.get(arg, -1e9) > 33:
+                assert int(gen) == generation[arg]
+        elif op == "advance":
+            clock.advance(arg)
+        elif op == "rotate":
+            generation[arg] += 1
+            rotated_at[arg] = clock.now
+            provider.values[arg] = f"{arg}:{generation[arg]}"
+        else:
+            cache.refresh_due()
+            await asyncio.gather(*cache._inflight.values())
+        assert len(cache) <= max_entries
+        assert cache.bytes <= 3000
+        assert cache.bytes == sum(e.size for e in cache.entries())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    waves=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=5),
+    names=st.lists(_names, min_size=1, max_size=4, unique=True),
+)
+async def test_property_one_upstream_call_per_key_under_a_herd(waves, names):
+    """However many concurrent callers arrive while a fetch is in flight, each key is
+    fetched exactly once."""
+    provider = ScriptedProvider()
+    provider.values.update({n: n for n in names})
+    provider.gate = asyncio.Event()
+    cache = Cache(provider.fetch, CacheConfig(jitter=0), clock=FakeClock())
+    tasks = []
+    for size in waves:
+        for i in range(size):
+            tasks.append(asyncio.create_task(cache.get(key(names[i % len(names)]))))
+        await asyncio.sleep(0)  # let this wave join the in-flight fetches
+    provider.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert all(entry.record.text() == entry.key[1] for entry, _ in results)
+    assert dict(provider.calls) == {n: 1 for n in names if any(t[0].key[1] == n for t in results)}

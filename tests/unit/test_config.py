@@ -1,0 +1,132 @@
+"""Configuration loading: defaults, precedence, strictness, and the documented example."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kms_agent import cli
+from kms_agent.config import DEFAULT_TTL, field_docs, load
+from kms_agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid-configs").glob("*.toml"))
+
+
+def test_defaults_need_no_file(tmp_path):
+    """With no file and no env, the agent serves the local store on loopback."""
+    cfg = load(environ={"XDG_DATA_HOME": str(tmp_path)})
+    assert cfg.server.listen == "127.0.0.1:2025"
+    assert cfg.cache.ttl == DEFAULT_TTL
+    assert [(s.name, s.provider, s.match) for s in cfg.sources] == [("local", "local", ("*",))]
+    assert cfg.data_dir == str(tmp_path / "kms-agent")
+    assert cfg.runtime_dir == cfg.data_dir
+
+
+def test_runtime_dir_follows_xdg_runtime_dir(tmp_path):
+    """$XDG_RUNTIME_DIR/kms-agent holds the token when set."""
+    cfg = load(environ={"XDG_DATA_HOME": str(tmp_path), "XDG_RUNTIME_DIR": "/run/user/7"})
+    assert cfg.runtime_dir == "/run/user/7/kms-agent"
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    """The env overrides the file; CLI overrides beat both."""
+    path = tmp_path / "c.toml"
+    path.write_text('[cache]\nttl = "2m"\nmax_entries = 10\n[server]\nlisten = "127.0.0.1:1"\n')
+    env = {"KMS_AGENT_CACHE_MAX_ENTRIES": "20", "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:2"}
+    cfg = load(path, environ=env, overrides={"server": {"listen": "127.0.0.1:3"}})
+    assert cfg.cache.ttl == 120
+    assert cfg.cache.max_entries == 20
+    assert cfg.server.listen == "127.0.0.1:3"
+    assert cfg.path == str(path)
+
+
+def test_config_path_from_env(tmp_path):
+    """$KMS_AGENT_CONFIG names the file when --config is not given."""
+    path = tmp_path / "c.toml"
+    path.write_text("[logging]\nlevel = 'debug'\n")
+    assert load(environ={"KMS_AGENT_CONFIG": str(path)}).logging.level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KMS_AGENT_CACHE_TTL": "soon"}, r"cache.ttl \(from \$KMS_AGENT_CACHE_TTL\): 'soon' is not a duration"),
+        ({"KMS_AGENT_SERVER_ALLOW_NON_LOOPBACK": "maybe"}, "is not a boolean"),
+        ({"KMS_AGENT_CACHE_MAX_ENTRIES": "1.5"}, "is not a whole number"),
+        ({"KMS_AGENT_CACHE_TLL": "5"}, r"\$KMS_AGENT_CACHE_TLL: unknown setting"),
+    ],
+)
+def test_bad_env_values_name_the_variable(env, message):
+    """Errors from the environment name the variable and the key it sets."""
+    with pytest.raises(ConfigError, match=message):
+        load(environ=env)
+
+
+def test_env_lists_and_booleans():
+    """Lists from env are comma-separated; booleans accept true/false/1/0."""
+    cfg = load(
+        environ={
+            "KMS_AGENT_CACHE_PREFETCH": "a, b!c ,",
+            "KMS_AGENT_LOGGING_ACCESS_LOG": "0",
+            "KMS_AGENT_SERVER_ALLOW_NON_LOOPBACK": "true",
+            "KMS_AGENT_SERVER_LISTEN": "0.0.0.0:2025",
+        }
+    )
+    assert cfg.cache.prefetch == ("a", "b!c")
+    assert cfg.logging.access_log is False
+    assert cfg.server.address.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_config_files_fail_check_config_naming_the_key(path, capsys):
+    """Each invalid fixture fails `check-config` with exit 2 and the expected message."""
+    expect = re.match(r"# expect: (.*)", path.read_text()).group(1)
+    code = cli.main(["--config", str(path), "check-config"], environ={})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expect in err
+    assert "Traceback" not in err
+
+
+def test_check_config_accepts_the_example_and_shows_it(capsys):
+    """config.example.toml is valid; --show prints the effective values."""
+    code = cli.main(["--config", str(ROOT / "config.example.toml"), "check-config", "--show"], environ={})
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '"listen": "127.0.0.1:2025"' in out
+
+
+def test_missing_config_file_is_named(capsys):
+    """A --config path that does not exist is reported, not a traceback."""
+    assert cli.main(["--config", "/nonexistent/kms.toml", "check-config"], environ={}) == 2
+    assert "/nonexistent/kms.toml" in capsys.readouterr().err
+
+
+def test_example_documents_every_key_with_its_default():
+    """Every setting appears in config.example.toml with its default value."""
+    text = (ROOT / "config.example.toml").read_text()
+    sections: dict[str, str] = {}
+    current = ""
+    for line in text.splitlines():
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            current = m.group(1)
+        elif m := re.fullmatch(r"# (\w+) = (.*)", line):
+            sections[f"{current}.{m.group(1)}" if current else m.group(1)] = m.group(2)
+    for dotted, default in field_docs().items():
+        assert dotted in sections, f"{dotted} is not documented in config.example.toml"
+        if dotted in ("data_dir", "runtime_dir"):
+            continue
+        shown = tomllib.loads(f"x = {sections[dotted]}")["x"]
+        expected = list(default) if isinstance(default, tuple) else default
+        assert shown == expected, f"{dotted}: documented {shown!r}, default {default!r}"
+
+
+def test_unix_listen_address():
+    """unix:/path is accepted as a loopback-only listener."""
+    cfg = load(environ={"KMS_AGENT_SERVER_LISTEN": "unix:/run/kms-agent/agent.sock"})
+    assert cfg.server.address.unix_path == "/run/kms-agent/agent.sock"
+    assert cfg.server.address.is_loopback
