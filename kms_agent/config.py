@@ -423,5 +423,3 @@ def field_docs() -> dict[str, Any]:
         else:
             out[top.name] = value if top.default is not MISSING else None
     return out
-
-

@@ -64,7 +64,7 @@ class AgentState:
 
 
 STATE = web.AppKey("state", AgentState)
-_CTX = "kms_agent.ctx"
+_CTX = web.RequestKey("ctx", dict[str, Any])
 
 
 # --------------------------------------------------------------------------- helpers

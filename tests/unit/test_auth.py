@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+
 import pytest
 
 from kms_agent.auth import (

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from kms_agent.cache import Cache, Outcome
 from kms_agent.config import CacheConfig
-from kms_agent.errors import AccessDenied, PendingDeletion, RefreshRateLimited, SecretNotFound, Unavailable
+from kms_agent.errors import (
+    AccessDenied,
+    PendingDeletion,
+    RefreshRateLimited,
+    SecretNotFound,
+    Unavailable,
+)
 from tests.conftest import PLANTED, FakeClock, ScriptedProvider
 
 NO_JITTER = CacheConfig(jitter=0.0)

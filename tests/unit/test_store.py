@@ -171,7 +171,7 @@ def test_truncated_file_gives_a_clear_error(store, cut):
     store.put("db", b"value")
     path = store.path_for("db")
     data = path.read_bytes()
-    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    path.write_bytes(data[:cut])
     with pytest.raises(StoreCorrupt) as info:
         store.get("db")
     assert str(path) in info.value.message
