@@ -174,3 +174,30 @@ def test_corrupt_store_file_is_reported_without_traceback(agent):
     status, body = agent.curl("/secrets/db")
     assert status == 500
     assert json.loads(body)["error"]["code"] == "StoreCorrupt"
+
+
+def test_token_file_is_reloaded_on_change(agent_factory, tmp_path):
+    """Editing a configured token file swaps the accepted tokens without a restart."""
+    old, new = "old-token-" + "o" * 20, "new-token-" + "n" * 20
+    tokens = tmp_path / "tokens"
+    tokens.write_text(old + "\n")
+    tokens.chmod(0o640)
+    config = tmp_path / "kms.toml"
+    config.write_text(f'[auth]\ntoken_files = ["{tokens}"]\n')
+    agent = agent_factory()
+    agent.cli("store", "put", "db", stdin=PLANTED.encode())
+    agent.start("--config", str(config))
+    assert agent.curl("/secrets/db?format=raw", token=old)[0] == 200
+    mark = len(agent.lines)
+    tokens.write_text(f"{old}\n{new}\n")  # rotation: both live
+    agent.wait_for(lambda e: e.get("event") == "tokens_reloaded" and e["count"] == 2, 10, mark)
+    assert agent.curl("/secrets/db?format=raw", token=new)[0] == 200
+    assert agent.curl("/secrets/db?format=raw", token=old)[0] == 200
+    mark = len(agent.lines)
+    tokens.write_text(new + "\n")  # the old one retired
+    agent.wait_for(lambda e: e.get("event") == "tokens_reloaded" and e["count"] == 1, 10, mark)
+    assert agent.curl("/secrets/db?format=raw", token=old)[0] == 403
+    assert agent.curl("/secrets/db?format=raw", token=new)[0] == 200
+    log = "\n".join(agent.lines)
+    assert old not in log
+    assert new not in log

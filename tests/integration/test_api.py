@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import replace
@@ -304,3 +305,23 @@ async def test_fuzz_never_answers_500(client, route, tail, query):
     assert resp.status < 500, (path, await resp.text())
     if resp.status >= 400:
         assert "error" in await resp.json()
+
+
+async def test_1000_concurrent_http_requests_for_a_cold_key_make_one_provider_call(
+    aiohttp_client, provider, clock
+):
+    """Acceptance: 1,000 concurrent requests for a cold key cause exactly one provider call."""
+    provider.values["cold"] = PLANTED
+    provider.gate = asyncio.Event()
+    client = await aiohttp_client(create_app(make_state(provider, clock)))
+
+    async def one() -> tuple[int, bytes]:
+        resp = await client.get("/secrets/cold?format=raw", headers=H)
+        return resp.status, await resp.read()
+
+    tasks = [asyncio.create_task(one()) for _ in range(1000)]
+    await provider.started.wait()
+    provider.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert provider.calls["cold"] == 1
+    assert set(results) == {(200, PLANTED.encode())}
