@@ -1,4 +1,13 @@
-"""The agent's lifecycle: open sources, load tokens, serve, watch, reload, drain, close."""
+"""The agent's lifecycle: open sources, load tokens, serve, watch, reload, drain, close.
+
+Start: tokens → sources opened → cache → listeners → watchers → source checks and
+prefetch → ready (``/readyz`` 200, ``READY=1``).
+Reload (SIGHUP, or a change to the config file or a token file): the new config and tokens
+are built completely first; only if that succeeds are tokens, TTLs and bounds, log level
+and response shape swapped in. Settings that need a restart are logged as such.
+Stop (SIGTERM/SIGINT): readiness 503, ``STOPPING=1``, optional drain delay, listener
+closed, in-flight requests finish within the grace period, sources closed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+import stat
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +25,38 @@ import structlog
 import watchfiles
 from aiohttp import web
 
+from kms_agent import logging as agent_logging
 from kms_agent import providers
-from kms_agent.auth import Authenticator, TokenSet, ensure_generated_token, load_tokens
+from kms_agent.auth import (
+    Authenticator,
+    TokenSet,
+    ensure_generated_token,
+    load_tokens,
+    warn_if_exposed,
+)
 from kms_agent.cache import Cache, Key
-from kms_agent.config import Config
-from kms_agent.errors import AgentError, ConfigError
+from kms_agent.config import Config, ListenAddress
+from kms_agent.errors import AgentError, ConfigError, Throttled
+from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
 from kms_agent.server import AgentState, create_app
+from kms_agent.systemd import Notifier
 
 log = structlog.get_logger("kms_agent.agent")
+
+#: Settings read once at start. A reload that changes them says a restart is needed.
+RESTART_KEYS = (
+    "server.listen",
+    "server.allow_non_loopback",
+    "server.shutdown_grace",
+    "server.keepalive_timeout",
+    "server.max_header_bytes",
+    "metrics.listen",
+    "data_dir",
+    "runtime_dir",
+    "sources",
+)
+TOKEN_FILE_MODE = 0o640
 
 
 def resolve_tokens(config: Config, environ: Mapping[str, str]) -> TokenSet:
@@ -39,75 +73,196 @@ def resolve_tokens(config: Config, environ: Mapping[str, str]) -> TokenSet:
     return load_tokens(config.auth, environ, extra_files=(path,))
 
 
-class Agent:
-    """One running agent. ``start`` then ``wait``/``stop``; or ``run`` for both."""
+def _dotted(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
-    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None) -> None:
+
+class _Refuse503(asyncio.Protocol):
+    """A connection over ``server.max_connections``: answered 503 and closed at once."""
+
+    BODY = (
+        b'{"error": {"code": "TooManyConnections", "message": "the agent is at '
+        b'server.max_connections", "hint": "reuse keep-alive connections or raise the limit"}}'
+    )
+    RESPONSE = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+    ) + BODY
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.RESPONSE)
+        transport.close()
+
+
+class Agent:
+    """One running agent. ``start`` then ``stop``; or ``run`` for both around the signals."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        loader: Callable[[], Config] | None = None,
+        environ: Mapping[str, str] | None = None,
+        sources: list[tuple[tuple[str, ...], providers.Provider]] | None = None,
+    ) -> None:
         self.config = config
+        self._loader = loader
         self.environ = dict(os.environ if environ is None else environ)
+        self._given_sources = sources
         self.stopping = asyncio.Event()
+        self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._watch_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
-        self.state: AgentState | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._state: AgentState | None = None
         self.addresses: list[str] = []
+        self.metrics_addresses: list[str] = []
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def state(self) -> AgentState:
+        if self._state is None:
+            raise RuntimeError("the agent has not started")
+        return self._state
+
+    # ------------------------------------------------------------------ fetching
 
     async def _fetch(self, key: Key) -> SecretRecord:
-        assert self.state is not None
+        state = self.state
         source, name, version_id, version_stage = key
-        provider = self.state.router.providers[source]
-        return await provider.get(name, version_id=version_id, version_stage=version_stage)
+        provider = state.router.providers[source]
+        metrics = state.metrics
+        start = time.perf_counter()
+        outcome = "success"
+        try:
+            return await provider.get(name, version_id=version_id, version_stage=version_stage)
+        except AgentError as exc:
+            outcome = exc.code
+            if isinstance(exc, Throttled):
+                metrics.upstream_throttled.labels(source).inc()
+            raise
+        finally:
+            metrics.upstream_requests.labels(source, "get", outcome).inc()
+            metrics.upstream_duration.labels(source, "get").observe(time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
         config = self.config
         tokens = resolve_tokens(config, self.environ)
-        built = [(s.match, providers.create(s, config)) for s in config.sources]
+        built = self._given_sources or [
+            (s.match, providers.create(s, config)) for s in config.sources
+        ]
         router = providers.Router(built)
+        metrics = Metrics(router.providers)
         for _, provider in built:
             await provider.open()
-        cache = Cache(self._fetch, config.cache)
-        self.state = state = AgentState(
+        cache = Cache(
+            self._fetch, config.cache, on_evict=metrics.eviction, on_refresh=metrics.refresh
+        )
+        metrics.track_cache(lambda: (len(cache), cache.bytes))
+        self._state = state = AgentState(
             config=config,
             router=router,
             cache=cache,
             auth=Authenticator(config.auth.headers, tokens),
+            metrics=metrics,
         )
+        self._check_files(tokens)
         log.info(
             "tokens_loaded",
             count=len(tokens.tokens),
             origins=list(tokens.origins),
             header=config.auth.headers[0],
         )
-        app = create_app(state)
-        self._runner = web.AppRunner(
-            app,
-            shutdown_timeout=config.server.shutdown_grace,
-            access_log=None,
-            handle_signals=False,
-        )
-        await self._runner.setup()
-        address = config.server.address
-        site: web.BaseSite
-        if address.unix_path:
-            site = web.UnixSite(self._runner, address.unix_path)
-        else:
-            site = web.TCPSite(self._runner, address.host, address.port)
-        await site.start()
-        if address.unix_path:
-            os.chmod(address.unix_path, 0o660)  # noqa: PTH101
-        self.addresses = [_format_address(a) for a in self._runner.addresses]
+        await self._listen(state)
         self._tasks.append(asyncio.create_task(cache.run_maintenance(), name="cache-maintenance"))
         for _, provider in built:
             changes = provider.changes()
             if changes is not None:
                 self._tasks.append(asyncio.create_task(self._follow(provider.name, changes)))
-        if tokens.files:
-            self._tasks.append(asyncio.create_task(self._watch_tokens(tokens.files)))
+        self._rewatch()
+        if self.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
         await self._check_and_prefetch()
         state.ready = True
-        log.info("ready", listen=self.addresses, sources=[p.name for _, p in built])
+        metrics.ready.set(1)
+        self.notifier.ready()
+        log.info(
+            "ready",
+            listen=self.addresses,
+            metrics=self.metrics_addresses,
+            sources=[p.name for _, p in built],
+        )
+
+    async def _listen(self, state: AgentState) -> None:
+        config = state.config
+        server_cfg = config.server
+        self._runner = web.AppRunner(
+            create_app(state),
+            shutdown_timeout=server_cfg.shutdown_grace,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=server_cfg.keepalive_timeout,
+            max_line_size=server_cfg.max_header_bytes,
+            max_field_size=server_cfg.max_header_bytes,
+            max_headers=64,
+        )
+        await self._runner.setup()
+        handler = self._runner.server
+        assert handler is not None
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(handler.connections) >= state.config.server.max_connections:
+                return _Refuse503()
+            return handler()
+
+        server = await self._bind(factory, server_cfg.address)
+        self._servers.append(server)
+        self.addresses = _addresses(server)
+        if server_cfg.address.unix_path:
+            os.chmod(server_cfg.address.unix_path, 0o660)  # noqa: PTH101
+        metrics_address = config.metrics.address
+        if metrics_address is not None:
+            self._metrics_runner = web.AppRunner(
+                _metrics_app(state), access_log=None, handle_signals=False
+            )
+            await self._metrics_runner.setup()
+            site: web.BaseSite = (
+                web.UnixSite(self._metrics_runner, metrics_address.unix_path)
+                if metrics_address.unix_path
+                else web.TCPSite(self._metrics_runner, metrics_address.host, metrics_address.port)
+            )
+            await site.start()
+            self.metrics_addresses = [_format_address(a) for a in self._metrics_runner.addresses]
+
+    @staticmethod
+    async def _bind(
+        factory: Callable[[], asyncio.BaseProtocol], address: ListenAddress
+    ) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        if address.unix_path:
+            _remove_stale_socket(address.unix_path)
+            return await loop.create_unix_server(factory, address.unix_path)
+        return await loop.create_server(factory, address.host, address.port, reuse_address=True)
+
+    def _check_files(self, tokens: TokenSet) -> None:
+        metrics = self.state.metrics
+        for path in tokens.files:
+            if warn_if_exposed(path, "token file", TOKEN_FILE_MODE):
+                metrics.file_warnings.labels("token").inc()
+        for provider in self.state.router.providers.values():
+            for kind, path, mode in getattr(provider, "sensitive_files", ()):
+                if warn_if_exposed(path, kind, mode):
+                    metrics.file_warnings.labels(kind).inc()
 
     async def _check_and_prefetch(self) -> None:
-        assert self.state is not None
         state = self.state
         for provider in state.router.providers.values():
             try:
@@ -125,44 +280,114 @@ class Agent:
             except AgentError as exc:
                 log.warning("prefetch_failed", name=name, source=provider.name, code=exc.code)
 
+    # ------------------------------------------------------------------ watching and reload
+
     async def _follow(self, source: str, changes: Any) -> None:
-        assert self.state is not None
         async for names in changes:
             dropped = self.state.cache.invalidate(source, names)
             log.info("source_changed", source=source, entries_dropped=dropped)
 
-    async def _watch_tokens(self, files: tuple[Path, ...]) -> None:
-        # Watch the directories: Kubernetes swaps a ..data symlink rather than the file.
-        dirs = sorted({str(p.parent) for p in files})
-        async for _ in watchfiles.awatch(*dirs, debounce=50, step=10):
-            self.reload_tokens()
+    def _watched_files(self) -> list[Path]:
+        files = list(self.state.auth.token_set.files)
+        if self.config.path:
+            files.append(Path(self.config.path))
+        return files
 
-    def reload_tokens(self) -> bool:
-        assert self.state is not None
-        try:
-            tokens = resolve_tokens(self.config, self.environ)
-        except ConfigError as exc:
-            log.error("token_reload_failed", message=exc.message, kept="previous tokens")
-            return False
-        if tokens != self.state.auth.token_set:
-            self.state.auth.update(tokens)
-            log.info("tokens_reloaded", count=len(tokens.tokens), origins=list(tokens.origins))
-        return True
+    def _rewatch(self) -> None:
+        """(Re)start the watcher over the config file's and token files' directories."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        files = self._watched_files()
+        if files:
+            self._watch_task = asyncio.create_task(self._watch(files), name="file-watch")
+
+    async def _watch(self, files: list[Path]) -> None:
+        # Directories, not files: Kubernetes swaps a ..data symlink rather than the file.
+        names = {p.name for p in files}
+        dirs = sorted({str(p.parent) for p in files})
+        async for batch in watchfiles.awatch(*dirs, debounce=50, step=10):
+            touched = {Path(path).name for _, path in batch}
+            if touched & names or any(n.startswith("..") for n in touched):
+                await self.reload("file_changed")
+
+    async def reload(self, reason: str) -> bool:
+        """Re-read config and tokens; swap in what can change live. False if it failed."""
+        async with self._reload_lock:
+            state = self.state
+            self.notifier.reloading()
+            try:
+                new = self._loader() if self._loader is not None else self.config
+                tokens = resolve_tokens(new, self.environ)
+            except ConfigError as exc:
+                state.metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "config_reload_failed", reason=reason, message=exc.message, kept="previous"
+                )
+                self.notifier.ready()
+                return False
+            old = self.config
+            restart = [k for k in RESTART_KEYS if _dotted(old, k) != _dotted(new, k)]
+            old_files = set(self._watched_files())
+            self.config = new
+            state.config = new
+            state.auth.update(tokens, new.auth.headers)
+            state.cache.reconfigure(new.cache)
+            if new.logging != old.logging:
+                agent_logging.configure(new.logging)
+            self._check_files(tokens)
+            if set(self._watched_files()) != old_files:
+                self._rewatch()
+            state.metrics.config_reloads.labels("success").inc()
+            log.info(
+                "config_reloaded",
+                reason=reason,
+                tokens=len(tokens.tokens),
+                restart_required=restart,
+            )
+            if restart:
+                log.warning("restart_required", settings=restart)
+            self.notifier.ready()
+            return True
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ stop
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self._tasks.append(asyncio.create_task(self.reload("sighup")))
+        )
+
+    def remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
     async def stop(self) -> None:
-        state = self.state
+        state = self._state
+        grace = self.config.server.shutdown_grace
         if state is not None:
             state.draining = True
             state.ready = False
-        log.info("draining", grace_seconds=self.config.server.shutdown_grace)
+            state.metrics.ready.set(0)
+        self.notifier.stopping()
+        log.info("draining", grace_seconds=grace, drain_delay=self.config.server.drain_delay)
+        if self.config.server.drain_delay and state is not None:
+            await asyncio.sleep(self.config.server.drain_delay)  # let load balancers notice
+        for server in self._servers:
+            server.close()  # stop accepting; open connections finish below
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # idle connections closed, in-flight ones awaited
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._watch_task is not None:
+            self._tasks.append(self._watch_task)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -175,12 +400,40 @@ class Agent:
         log.info("stopped")
 
     async def run(self) -> None:
+        self.install_signal_handlers()
         try:
-            self.install_signal_handlers()
             await self.start()
             await self.stopping.wait()
         finally:
             await self.stop()
+            self.remove_signal_handlers()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a crashed run blocks bind(); anything else is left alone."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _metrics_app(state: AgentState) -> web.Application:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+
+    async def metrics(_request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(state.metrics.registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _addresses(server: asyncio.AbstractServer) -> list[str]:
+    sockets = getattr(server, "sockets", None) or ()
+    return [_format_address(sock.getsockname()) for sock in sockets]
 
 
 def _format_address(addr: Any) -> str:

@@ -70,16 +70,17 @@ def _read_token_file(path: Path, origin: str) -> list[bytes]:
         raise ConfigError(
             f"{origin}: token file {path} cannot be read ({type(exc).__name__})"
         ) from None
-    warn_if_exposed(path, "token file")
     return _parse_token_lines(text, f"{origin} ({path})")
 
 
-def warn_if_exposed(path: Path, what: str) -> bool:
-    """Log a warning when ``path`` is readable by others (or writable beyond its owner)."""
+def warn_if_exposed(path: Path, what: str, allowed: int) -> bool:
+    """Log a warning when ``path`` grants group or others more than ``allowed`` (e.g. 0o640)."""
     with contextlib.suppress(OSError):
-        mode = path.stat().st_mode
-        if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-            log.warning("file_exposed", what=what, path=str(path), mode=oct(mode & 0o777))
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & ~allowed & 0o077:
+            log.warning(
+                "file_exposed", what=what, path=str(path), mode=oct(mode), allowed=oct(allowed)
+            )
             return True
     return False
 

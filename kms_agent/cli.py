@@ -108,11 +108,13 @@ def _err(message: str, hint: str | None = None) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def _cmd_run(cfg: Config, _args: argparse.Namespace) -> int:
+def _cmd_run(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from kms_agent import logging as agent_logging  # noqa: PLC0415
     from kms_agent.agent import Agent  # noqa: PLC0415
+    from kms_agent.systemd import harden  # noqa: PLC0415
 
     agent_logging.configure(cfg.logging)
+    hardened = harden()
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop  # noqa: PLC0415
@@ -120,8 +122,11 @@ def _cmd_run(cfg: Config, _args: argparse.Namespace) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    structlog_log = agent_logging.get("kms_agent.cli")
+    structlog_log.info("starting", version=__version__, config=cfg.path or None, **hardened)
+    agent = Agent(cfg, loader=lambda: _load(args, environ), environ=environ)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Agent(cfg).run())
+        runner.run(agent.run())
     return EXIT_OK
 
 
@@ -350,7 +355,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _cmd_token(args)
         cfg = _load(args, env)
         if args.command == "run":
-            return _cmd_run(cfg, args)
+            return _cmd_run(cfg, args, env)
         if args.command == "check-config":
             return _cmd_check_config(cfg, args)
         if args.command == "get":

@@ -21,6 +21,7 @@ ENV_PREFIX = "KMS_AGENT_"
 ENV_CONFIG = "KMS_AGENT_CONFIG"
 
 DEFAULT_LISTEN = "127.0.0.1:2025"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9125"
 DEFAULT_TOKEN_HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 DEFAULT_TOKEN_ENV = ("KMS_TOKEN", "KMS_SESSION_TOKEN", "AWS_TOKEN")
 DEFAULT_TTL = 300.0
@@ -94,6 +95,9 @@ class ServerConfig:
     response_type: Literal["aws", "kms", "vault"] = "aws"
     shutdown_grace: float = field(default=10.0, metadata=_meta(lo=0, hi=600, duration=True))
     max_connections: int = field(default=800, metadata=_meta(lo=1, hi=100_000))
+    drain_delay: float = field(default=0.0, metadata=_meta(lo=0, hi=600, duration=True))
+    keepalive_timeout: float = field(default=15.0, metadata=_meta(lo=0, hi=3600, duration=True))
+    max_header_bytes: int = field(default=8190, metadata=_meta(lo=1024, hi=65536))
 
     @property
     def address(self) -> ListenAddress:
@@ -129,6 +133,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = DEFAULT_METRICS_LISTEN
+
+    @property
+    def address(self) -> ListenAddress | None:
+        return parse_listen(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True, slots=True)
 class SourceConfig:
     name: str
     provider: str
@@ -144,6 +157,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = ()
     path: str = ""  # the file it was loaded from, if any
 
@@ -399,6 +413,7 @@ def validate(cfg: Config) -> None:
             f"server.listen: {cfg.server.listen!r} is not a loopback address; secrets would be "
             "served beyond this host. Set server.allow_non_loopback = true to mean it"
         )
+    _ = cfg.metrics.address  # parses, or names the key
     for i, header in enumerate(cfg.auth.headers):
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):
             raise ConfigError(f"auth.headers[{i}]: {header!r} is not an HTTP header name")

@@ -9,6 +9,7 @@ Tree::
     AgentError
     ├── RequestError               the caller's mistake (4xx)
     │   ├── BadRequest             400
+    │   ├── ProxiedRequest         400 X-Forwarded-For / Forwarded present
     │   ├── Unauthorized           401 no token
     │   ├── Forbidden              403 wrong token, or denied by policy
     │   ├── RouteNotFound          404
@@ -62,6 +63,11 @@ class RequestError(AgentError):
 class BadRequest(RequestError):
     status = 400
     code = "BadRequest"
+
+
+class ProxiedRequest(RequestError):
+    status = 400
+    code = "ProxiedRequestRefused"
 
 
 class Unauthorized(RequestError):

@@ -31,9 +31,14 @@ def _redact(
     return event
 
 
+_stream: list[TextIO] = []
+
+
 def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
-    """(Re)configure logging; safe to call again on reload."""
-    out = stream or sys.stdout
+    """(Re)configure logging; safe to call again on reload (keeps the stream it had)."""
+    if stream is not None:
+        _stream[:] = [stream]
+    out = _stream[0] if _stream else sys.stdout
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if cfg.format == "console"
@@ -54,3 +59,8 @@ def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
     )
     # aiohttp and asyncio log through stdlib logging: route warnings and up to stderr.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+
+
+def get(name: str) -> Any:
+    """A named structlog logger."""
+    return structlog.get_logger(name)

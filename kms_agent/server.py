@@ -27,11 +27,15 @@ from kms_agent.errors import (
     AgentError,
     BadRequest,
     FieldNotFound,
+    Forbidden,
     MethodNotAllowed,
+    ProxiedRequest,
     RefreshRateLimited,
     RouteNotFound,
     SecretNotJson,
+    Unauthorized,
 )
+from kms_agent.metrics import Metrics
 from kms_agent.model import NAME_RE, NAME_RULE, SecretRecord, check_name
 from kms_agent.providers import Router
 
@@ -52,6 +56,7 @@ class AgentState:
     router: Router
     cache: Cache
     auth: Authenticator
+    metrics: Metrics = field(default_factory=Metrics)
     ready: bool = False
     draining: bool = False
     not_ready_reason: str = "starting"
@@ -64,6 +69,11 @@ class AgentState:
 
 
 STATE = web.AppKey("state", AgentState)
+_AUTH_FAILURES: dict[type[AgentError], str] = {
+    Unauthorized: "missing_token",
+    Forbidden: "invalid_token",
+    ProxiedRequest: "forwarded",
+}
 _CTX = web.RequestKey("ctx", dict[str, Any])
 
 
@@ -174,7 +184,7 @@ async def guard(
     try:
         headers = request.headers
         if "X-Forwarded-For" in headers or "Forwarded" in headers:
-            raise BadRequest(
+            raise ProxiedRequest(
                 "requests carrying X-Forwarded-For or Forwarded are refused",
                 hint="call the agent directly on loopback, not through a proxy",
             )
@@ -204,17 +214,26 @@ async def guard(
         failure = failure or AgentError("no response")
         ctx["error"] = failure.code
         resp = error_response(failure, request_id)
+        reason = _AUTH_FAILURES.get(type(failure))
+        if reason is not None:
+            state.metrics.auth_failures.labels(reason).inc()
     resp.headers["X-Request-Id"] = request_id
-    if state.config.logging.access_log or resp.status >= 400:
-        info = request.match_info.route.resource
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else "unmatched"
+    elapsed = time.perf_counter() - start
+    state.metrics.observe_request(route, resp.status, elapsed)
+    outcome = ctx.get("cache")
+    if outcome is not None:
+        state.metrics.cache_outcome(outcome)
+    if state.config.logging.access_log or resp.status >= 400 or outcome not in (None, "hit"):
         log.info(
             "request",
             request_id=request_id,
             method=request.method,
-            route=info.canonical if info is not None else "unmatched",
+            route=route,
             name=request.match_info.get("name") or request.query.get("secretId"),
             status=resp.status,
-            duration_ms=round((time.perf_counter() - start) * 1000, 3),
+            duration_ms=round(elapsed * 1000, 3),
             **ctx,
         )
     return resp

@@ -33,6 +33,8 @@ class Provider:
             raise ConfigError(f"sources.{source.name}.path: {path!r} is not a directory path")
         self.name = source.name
         self.store = LocalStore(Path(path), source=source.name)
+        #: (kind, path, widest allowed mode): checked and warned about by the agent.
+        self.sensitive_files = [("store_key", self.store.key_path, 0o600)]
 
     def __repr__(self) -> str:
         return f"local.Provider({self.name!r}, {str(self.store.root)!r})"

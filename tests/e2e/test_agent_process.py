@@ -74,7 +74,7 @@ def test_json_field_and_binary_values(agent):
     [
         ((), {"token": "wrong-token-0123456789"}, 403, "Forbidden"),
         ((), {"token": ""}, 401, "MissingToken"),
-        (("-H", "X-Forwarded-For: 203.0.113.9"), {}, 400, "BadRequest"),
+        (("-H", "X-Forwarded-For: 203.0.113.9"), {}, 400, "ProxiedRequestRefused"),
         (("-X", "POST"), {}, 405, "MethodNotAllowed"),
         (("-X", "DELETE"), {}, 405, "MethodNotAllowed"),
     ],
@@ -190,12 +190,12 @@ def test_token_file_is_reloaded_on_change(agent_factory, tmp_path):
     assert agent.curl("/secrets/db?format=raw", token=old)[0] == 200
     mark = len(agent.lines)
     tokens.write_text(f"{old}\n{new}\n")  # rotation: both live
-    agent.wait_for(lambda e: e.get("event") == "tokens_reloaded" and e["count"] == 2, 10, mark)
+    agent.wait_for(lambda e: e.get("event") == "config_reloaded" and e["tokens"] == 2, 10, mark)
     assert agent.curl("/secrets/db?format=raw", token=new)[0] == 200
     assert agent.curl("/secrets/db?format=raw", token=old)[0] == 200
     mark = len(agent.lines)
     tokens.write_text(new + "\n")  # the old one retired
-    agent.wait_for(lambda e: e.get("event") == "tokens_reloaded" and e["count"] == 1, 10, mark)
+    agent.wait_for(lambda e: e.get("event") == "config_reloaded" and e["tokens"] == 1, 10, mark)
     assert agent.curl("/secrets/db?format=raw", token=old)[0] == 403
     assert agent.curl("/secrets/db?format=raw", token=new)[0] == 200
     log = "\n".join(agent.lines)

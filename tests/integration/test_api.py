@@ -210,9 +210,9 @@ BAD_REQUESTS = [
     # (method, path, headers, status, code)
     ("GET", "/secrets/db", {}, 401, "MissingToken"),
     ("GET", "/secrets/db", {"X-KMS-Token": "wrong-token-wrong-token"}, 403, "Forbidden"),
-    ("GET", "/secrets/db", {**H, "X-Forwarded-For": "10.0.0.1"}, 400, "BadRequest"),
-    ("GET", "/secrets/db", {**H, "Forwarded": "for=10.0.0.1"}, 400, "BadRequest"),
-    ("GET", "/healthz", {"X-Forwarded-For": "10.0.0.1"}, 400, "BadRequest"),
+    ("GET", "/secrets/db", {**H, "X-Forwarded-For": "10.0.0.1"}, 400, "ProxiedRequestRefused"),
+    ("GET", "/secrets/db", {**H, "Forwarded": "for=10.0.0.1"}, 400, "ProxiedRequestRefused"),
+    ("GET", "/healthz", {"X-Forwarded-For": "10.0.0.1"}, 400, "ProxiedRequestRefused"),
     ("POST", "/secrets/db", H, 405, "MethodNotAllowed"),
     ("PUT", "/secrets/db", H, 405, "MethodNotAllowed"),
     ("DELETE", "/secrets/db", H, 405, "MethodNotAllowed"),

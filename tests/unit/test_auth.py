@@ -11,6 +11,7 @@ from kms_agent.auth import (
     ensure_generated_token,
     load_tokens,
     new_token,
+    warn_if_exposed,
 )
 from kms_agent.config import AuthConfig
 from kms_agent.errors import ConfigError, Forbidden, Unauthorized
@@ -95,14 +96,20 @@ def test_reprs_redact_tokens():
     assert TOKEN not in repr(Authenticator(HEADERS, tokens))
 
 
-def test_exposed_file_warning_is_logged(tmp_path, log_capture):
-    """The file_exposed warning names the file and its mode."""
+@pytest.mark.parametrize(
+    ("mode", "allowed", "warned"),
+    [(0o640, 0o640, False), (0o600, 0o640, False), (0o644, 0o640, True), (0o660, 0o640, True),
+     (0o640, 0o600, True), (0o600, 0o600, False)],
+)
+def test_exposed_file_warning(tmp_path, log_capture, mode, allowed, warned):
+    """A file granting group/others more than allowed is warned about, naming path and mode."""
     path = tmp_path / "tokens"
     path.write_text(TOKEN + "\n")
-    path.chmod(0o644)
+    path.chmod(mode)
     before = len(log_capture.getvalue())
-    load_tokens(AuthConfig(token_files=(str(path),)), {})
+    assert warn_if_exposed(path, "token file", allowed) is warned
     logged = log_capture.getvalue()[before:]
-    assert "file_exposed" in logged
-    assert str(path) in logged
-    assert "0o644" in logged
+    assert ("file_exposed" in logged) is warned
+    if warned:
+        assert str(path) in logged
+        assert oct(mode) in logged
