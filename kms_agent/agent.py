@@ -114,6 +114,10 @@ class Agent:
         self.environ = dict(os.environ if environ is None else environ)
         self._given_sources = sources
         self.stopping = asyncio.Event()
+        #: Set once start() has finished and the agent reports ready.
+        self.ready_event = asyncio.Event()
+        #: Notified after every reload attempt, successful or not.
+        self.reloaded = asyncio.Condition()
         self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
         self._watch_task: asyncio.Task[None] | None = None
@@ -183,16 +187,23 @@ class Agent:
         )
         await self._listen(state)
         self._tasks.append(asyncio.create_task(cache.run_maintenance(), name="cache-maintenance"))
+        watching: list[asyncio.Event] = []
         for _, provider in built:
             changes = provider.changes()
             if changes is not None:
-                self._tasks.append(asyncio.create_task(self._follow(provider.name, changes)))
-        self._rewatch()
+                watching.append(asyncio.Event())
+                self._tasks.append(
+                    asyncio.create_task(self._follow(provider.name, changes, watching[-1]))
+                )
+        watching.append(self._rewatch())
+        for event in watching:  # changes made after readiness must not be missed
+            await event.wait()
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
         await self._check_and_prefetch()
         state.ready = True
         metrics.ready.set(1)
+        self.ready_event.set()
         self.notifier.ready()
         log.info(
             "ready",
@@ -282,7 +293,10 @@ class Agent:
 
     # ------------------------------------------------------------------ watching and reload
 
-    async def _follow(self, source: str, changes: Any) -> None:
+    async def _follow(self, source: str, changes: Any, started: asyncio.Event) -> None:
+        # Watchers register with inotify on their first step, before their first suspension:
+        # whoever sees ``started`` set can rely on later changes being caught.
+        started.set()
         async for names in changes:
             dropped = self.state.cache.invalidate(source, names)
             log.info("source_changed", source=source, entries_dropped=dropped)
@@ -293,18 +307,23 @@ class Agent:
             files.append(Path(self.config.path))
         return files
 
-    def _rewatch(self) -> None:
+    def _rewatch(self) -> asyncio.Event:
         """(Re)start the watcher over the config file's and token files' directories."""
         if self._watch_task is not None:
             self._watch_task.cancel()
+        started = asyncio.Event()
         files = self._watched_files()
         if files:
-            self._watch_task = asyncio.create_task(self._watch(files), name="file-watch")
+            self._watch_task = asyncio.create_task(self._watch(files, started), name="file-watch")
+        else:
+            started.set()
+        return started
 
-    async def _watch(self, files: list[Path]) -> None:
+    async def _watch(self, files: list[Path], started: asyncio.Event) -> None:
         # Directories, not files: Kubernetes swaps a ..data symlink rather than the file.
         names = {p.name for p in files}
         dirs = sorted({str(p.parent) for p in files})
+        started.set()  # see _follow
         async for batch in watchfiles.awatch(*dirs, debounce=50, step=10):
             touched = {Path(path).name for _, path in batch}
             if touched & names or any(n.startswith("..") for n in touched):
@@ -312,6 +331,12 @@ class Agent:
 
     async def reload(self, reason: str) -> bool:
         """Re-read config and tokens; swap in what can change live. False if it failed."""
+        ok = await self._reload(reason)
+        async with self.reloaded:
+            self.reloaded.notify_all()
+        return ok
+
+    async def _reload(self, reason: str) -> bool:
         async with self._reload_lock:
             state = self.state
             self.notifier.reloading()
@@ -358,24 +383,25 @@ class Agent:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self.begin_stop)
+        loop.add_signal_handler(signal.SIGINT, self.begin_stop)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: self._tasks.append(asyncio.create_task(self.reload("sighup")))
         )
 
-    def remove_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-
-    async def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Readiness goes 503 at once; run() then drains and stops."""
         state = self._state
-        grace = self.config.server.shutdown_grace
         if state is not None:
             state.draining = True
             state.ready = False
             state.metrics.ready.set(0)
+        self.stopping.set()
+
+    async def stop(self) -> None:
+        self.begin_stop()
+        grace = self.config.server.shutdown_grace
+        state = self._state
         self.notifier.stopping()
         log.info("draining", grace_seconds=grace, drain_delay=self.config.server.drain_delay)
         if self.config.server.drain_delay and state is not None:
@@ -400,13 +426,14 @@ class Agent:
         log.info("stopped")
 
     async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, drain. The handlers stay installed until the
+        loop closes, so a second signal during the drain cannot kill the process midway."""
         self.install_signal_handlers()
         try:
             await self.start()
             await self.stopping.wait()
         finally:
             await self.stop()
-            self.remove_signal_handlers()
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -81,6 +81,12 @@ class ScriptedProvider:
     gate: asyncio.Event | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     version: int = 1
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait_calls(self, total: int) -> None:
+        """Until the provider has been called ``total`` times in all."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: sum(self.calls.values()) >= total)
 
     async def open(self) -> None:
         return None
@@ -90,6 +96,8 @@ class ScriptedProvider:
     ) -> SecretRecord:
         self.calls[name] += 1
         self.started.set()
+        async with self._changed:
+            self._changed.notify_all()
         if self.gate is not None:
             await self.gate.wait()
         if name in self.failures:

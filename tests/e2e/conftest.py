@@ -117,9 +117,10 @@ class AgentProcess:
         tail = "\n".join(self.lines[-30:])
         raise AssertionError(f"agent log never showed the awaited event; last lines:\n{tail}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the agent (unless ``sig`` is None) and wait for its exit code."""
         assert self.proc is not None
-        if self.proc.poll() is None:
+        if sig is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         self._pumper.join(timeout)
