@@ -39,7 +39,7 @@ from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError, Throttled
 from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
-from kms_agent.server import AgentState, create_app
+from kms_agent.server import STATE, AgentState, create_app, healthz, readyz
 from kms_agent.systemd import Notifier
 
 log = structlog.get_logger("kms_agent.agent")
@@ -454,7 +454,11 @@ def _metrics_app(state: AgentState) -> web.Application:
         return resp
 
     app = web.Application()
+    app[STATE] = state
     app.router.add_get("/metrics", metrics)
+    # Probes reach the pod IP, not loopback: health answers here too (no secret data).
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--agent", metavar="HOST:PORT", help="default: server.listen")
     get.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
+    health = sub.add_parser(
+        "health", help="exit 0 if the running agent reports ready (for probes and HEALTHCHECK)"
+    )
+    health.add_argument("--agent", metavar="HOST:PORT", help="default: metrics.listen")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+
     store = sub.add_parser("store", help="manage the embedded local store")
     store.add_argument("--source", help="which local source (default: the first one)")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -243,6 +249,29 @@ def _connect(target: ListenAddress, timeout: float) -> http.client.HTTPConnectio
     return http.client.HTTPConnection(host, target.port, timeout=timeout)
 
 
+def _cmd_health(cfg: Config, args: argparse.Namespace) -> int:
+    if args.agent:
+        target = config_mod.parse_listen(args.agent, "--agent")
+    else:
+        metrics = cfg.metrics.address
+        target = metrics if metrics is not None else cfg.server.address
+    conn = _connect(target, args.timeout)
+    try:
+        conn.request("GET", "/readyz")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        _err(f"the agent at {target} is unreachable ({type(exc).__name__})")
+        return EXIT_ERROR
+    finally:
+        conn.close()
+    if resp.status == 200:
+        print("ready")
+        return EXIT_OK
+    _err(f"not ready: {body.decode(errors='replace')[:200]}")
+    return EXIT_FAIL
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -360,6 +389,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _cmd_check_config(cfg, args)
         if args.command == "get":
             return _cmd_get(cfg, args, env)
+        if args.command == "health":
+            return _cmd_health(cfg, args)
         return _cmd_store(cfg, args)
     except ConfigError as exc:
         _err(exc.message, exc.hint)

@@ -32,6 +32,7 @@ class AgentProcess:
             **base,
             "XDG_DATA_HOME": str(root / "data"),
             "XDG_RUNTIME_DIR": str(root / "run"),
+            "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

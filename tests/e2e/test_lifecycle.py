@@ -78,3 +78,20 @@ def test_harden_really_clears_the_dumpable_flag():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=30)
     assert out.stdout.strip() == b"0"
+
+
+def test_health_command_and_probes_on_the_metrics_listener(agent):
+    """`kms-agent health` exits 0 against a ready agent, via the metrics listener that also
+    answers /healthz and /readyz (kubelet probes reach the pod IP, not loopback)."""
+    agent.start()
+    metrics = agent.wait_for(lambda e: e.get("event") == "ready", 1)["metrics"][0]
+    ok = agent.cli("health", "--agent", metrics)
+    assert (ok.returncode, ok.stdout.strip()) == (0, b"ready")
+    status = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{metrics}/healthz"],
+        capture_output=True, check=True, timeout=30,
+    ).stdout
+    assert status == b"200"
+    agent.stop()
+    down = agent.cli("health", "--agent", metrics)
+    assert down.returncode == 2
