@@ -200,17 +200,33 @@ class Agent:
             await event.wait()
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
-        await self._check_and_prefetch()
+        # Listening now: systemd may consider us started. /readyz waits for the sources.
+        self.notifier.notify("READY=1", "STATUS=checking sources")
+        if not await self._check_and_prefetch():
+            self._tasks.append(asyncio.create_task(self._retry_checks(), name="source-checks"))
+
+    def _become_ready(self) -> None:
+        state = self.state
         state.ready = True
-        metrics.ready.set(1)
+        state.not_ready_reason = ""
+        state.metrics.ready.set(1)
         self.ready_event.set()
-        self.notifier.ready()
+        self.notifier.notify("STATUS=serving")
         log.info(
             "ready",
             listen=self.addresses,
             metrics=self.metrics_addresses,
-            sources=[p.name for _, p in built],
+            sources=list(state.router.providers),
         )
+
+    async def _retry_checks(self) -> None:
+        """Until every source passes its check: back off 1 s doubling to 30 s."""
+        delay = 1.0
+        while not self.state.draining:
+            await asyncio.sleep(delay)
+            if await self._check_and_prefetch():
+                return
+            delay = min(delay * 2, 30.0)
 
     async def _listen(self, state: AgentState) -> None:
         config = state.config
@@ -273,23 +289,31 @@ class Agent:
                 if warn_if_exposed(path, kind, mode):
                     metrics.file_warnings.labels(kind).inc()
 
-    async def _check_and_prefetch(self) -> None:
+    async def _check_and_prefetch(self) -> bool:
+        """Check every source; if all pass, prefetch and become ready. False if one failed."""
         state = self.state
         for provider in state.router.providers.values():
             try:
                 await provider.check()
             except AgentError as exc:
-                state.not_ready_reason = f"source {provider.name}: {exc.code}"
+                state.not_ready_reason = f"source {provider.name}: {exc.code}: {exc.message}"
+                self.notifier.notify(f"STATUS=waiting for source {provider.name}: {exc.code}")
                 log.error(
-                    "source_check_failed", source=provider.name, code=exc.code, message=exc.message
+                    "source_check_failed",
+                    source=provider.name,
+                    code=exc.code,
+                    message=exc.message,
+                    hint=exc.hint,
                 )
-                raise
+                return False
         for name in self.config.cache.prefetch:
             provider = state.router.route(name)
             try:
                 await state.cache.get((provider.name, name, None, None))
             except AgentError as exc:
                 log.warning("prefetch_failed", name=name, source=provider.name, code=exc.code)
+        self._become_ready()
+        return True
 
     # ------------------------------------------------------------------ watching and reload
 

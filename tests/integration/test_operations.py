@@ -280,3 +280,24 @@ async def test_exposed_store_key_is_warned_and_counted(tmp_path, provider):
     finally:
         await agent.stop()
     assert m[("kms_agent_file_permission_warnings_total", (("kind", "store_key"),))] == 1
+
+
+async def test_not_ready_until_the_source_check_passes(tmp_path, provider):
+    """A source failing its check at start: the agent serves /readyz 503 naming the source
+    and the reason, retries, and turns ready once the source answers."""
+    failing = {"on": True}
+
+    async def check() -> None:
+        if failing["on"]:
+            raise Unavailable("connection refused", hint="is the endpoint reachable from here?")
+
+    provider.check = check
+    async with running(tmp_path, provider) as agent:
+        async with aiohttp.ClientSession() as s, s.get(url(agent, "/readyz")) as resp:
+            assert resp.status == 503
+            reason = (await resp.json())["reason"]
+        assert reason == "source scripted: UpstreamUnavailable: connection refused"
+        failing["on"] = False
+        await agent.ready_event.wait()  # the retry loop finds the source healthy
+        async with aiohttp.ClientSession() as s, s.get(url(agent, "/readyz")) as resp:
+            assert resp.status == 200
