@@ -36,7 +36,7 @@ from kms_agent.auth import (
 )
 from kms_agent.cache import Cache, Key
 from kms_agent.config import Config, ListenAddress
-from kms_agent.errors import AgentError, ConfigError, Throttled
+from kms_agent.errors import AgentError, ConfigError
 from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
 from kms_agent.server import STATE, AgentState, create_app, healthz, readyz
@@ -148,8 +148,6 @@ class Agent:
             return await provider.get(name, version_id=version_id, version_stage=version_stage)
         except AgentError as exc:
             outcome = exc.code
-            if isinstance(exc, Throttled):
-                metrics.upstream_throttled.labels(source).inc()
             raise
         finally:
             metrics.upstream_requests.labels(source, "get", outcome).inc()
@@ -161,10 +159,11 @@ class Agent:
         config = self.config
         tokens = resolve_tokens(config, self.environ)
         built = self._given_sources or [
-            (s.match, providers.create(s, config)) for s in config.sources
+            (s.match, providers.create(s, config, self.environ)) for s in config.sources
         ]
         router = providers.Router(built)
-        metrics = Metrics(router.providers)
+        metrics = Metrics()
+        metrics.track_sources(router.providers)
         for _, provider in built:
             await provider.open()
         cache = Cache(

@@ -7,10 +7,10 @@ and an increment. Cache size is read at scrape time by a collector, not on the h
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kms_agent import __version__
@@ -33,10 +33,42 @@ class _CacheCollector(Collector):
         )
 
 
+class _SourceCollector(Collector):
+    def __init__(self, providers: Mapping[str, object]) -> None:
+        self._providers = providers
+
+    def collect(self) -> Iterable[Metric]:
+        throttled = CounterMetricFamily(
+            "kms_agent_upstream_throttled", "Throttling answers received from a source.",
+            labels=["source"],
+        )  # fmt: skip
+        limited = CounterMetricFamily(
+            "kms_agent_upstream_rate_limited",
+            "Calls held back by the agent's own limiter to stay under a source's quota.",
+            labels=["source"],
+        )  # fmt: skip
+        expiry = GaugeMetricFamily(
+            "kms_agent_credentials_expiry_timestamp_seconds",
+            "When a source's current temporary credentials expire (Unix time).",
+            labels=["source"],
+        )  # fmt: skip
+        for name, provider in self._providers.items():
+            stats = getattr(provider, "stats", None)
+            throttled.add_metric([name], getattr(stats, "throttled", 0))
+            limited.add_metric([name], getattr(stats, "rate_limited", 0))
+            expires = getattr(provider, "credentials_expiry", None)
+            when = expires() if callable(expires) else None
+            if when is not None:
+                expiry.add_metric([name], when)
+        yield throttled
+        yield limited
+        yield expiry
+
+
 class Metrics:
     """Every metric of one agent, registered on its own registry."""
 
-    def __init__(self, sources: Iterable[str] = ()) -> None:
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "kms_agent_requests", "Requests answered, by route template and status code.",
@@ -67,23 +99,9 @@ class Metrics:
             "kms_agent_upstream_duration_seconds", "Time a source took to answer.",
             ["source", "operation"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.upstream_throttled = Counter(
-            "kms_agent_upstream_throttled", "Throttling answers received from a source.",
-            ["source"], registry=r,
-        )  # fmt: skip
-        self.upstream_rate_limited = Counter(
-            "kms_agent_upstream_rate_limited",
-            "Calls held back by the agent's own limiter to stay under a source's quota.",
-            ["source"], registry=r,
-        )  # fmt: skip
         self.auth_failures = Counter(
             "kms_agent_auth_failures", "Requests refused before reaching a secret, by reason.",
             ["reason"], registry=r,
-        )  # fmt: skip
-        self.credentials_expiry = Gauge(
-            "kms_agent_credentials_expiry_timestamp_seconds",
-            "When a source's current credentials expire (Unix time).",
-            ["source"], registry=r,
         )  # fmt: skip
         self.config_reloads = Counter(
             "kms_agent_config_reloads", "Configuration reloads, by result.",
@@ -113,12 +131,10 @@ class Metrics:
             self.config_reloads.labels(result)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
-        for source in sources:
-            self.add_source(source)
 
-    def add_source(self, source: str) -> None:
-        self.upstream_throttled.labels(source)
-        self.upstream_rate_limited.labels(source)
+    def track_sources(self, providers: Mapping[str, object]) -> None:
+        """Per-source counters the providers keep, read at scrape time."""
+        self.registry.register(_SourceCollector(providers))
 
     def track_cache(self, size: Callable[[], tuple[int, int]]) -> None:
         self.registry.register(_CacheCollector(size))

@@ -8,7 +8,7 @@ It never writes upstream.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from fnmatch import fnmatchcase
 from typing import Protocol, runtime_checkable
 
@@ -51,10 +51,12 @@ class Provider(Protocol):
         """Release sessions. Idempotent."""
 
 
-def create(source: SourceConfig, config: Config) -> Provider:
+def create(
+    source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
+) -> Provider:
     """Instantiate the provider module named by ``source.provider``."""
     module = importlib.import_module(f"kms_agent.providers.{source.provider}")
-    provider: Provider = module.Provider(source, config)
+    provider: Provider = module.Provider(source, config, environ)
     return provider
 
 

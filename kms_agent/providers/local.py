@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import structlog
@@ -21,7 +21,9 @@ log = structlog.get_logger("kms_agent.providers.local")
 class Provider:
     """Serves one store directory: the agent's data dir, or ``path`` in the source table."""
 
-    def __init__(self, source: SourceConfig, config: Config) -> None:
+    def __init__(
+        self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
+    ) -> None:
         unknown = set(source.options) - {"path"}
         if unknown:
             raise ConfigError(

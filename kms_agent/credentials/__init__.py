@@ -1,0 +1,126 @@
+"""Credentials for cloud sources, and keeping them fresh.
+
+A source (static keys, an OIDC exchange, instance metadata) fetches :class:`Credentials`;
+:class:`Refreshing` holds the current ones, refreshes them ``stale_before`` seconds before
+they expire in the background (callers keep using the current ones meanwhile), and only
+makes callers wait when the credentials are missing or about to expire. One refresh runs at
+a time: concurrent callers share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from kms_agent.errors import AgentError, BadCredentials
+
+log = structlog.get_logger("kms_agent.credentials")
+
+#: Refresh this long before expiry (Alibaba's and AWS's SDKs use 15 minutes).
+STALE_BEFORE = 15 * 60
+#: Past this close to expiry, callers wait for the refresh instead of using the old ones.
+MUST_REFRESH_BEFORE = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
+    expiration: float | None = None  # epoch seconds; None = does not expire
+    origin: str = "static"
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(access_key_id={self.access_key_id!r}, origin={self.origin!r}, "
+            f"expiration={self.expiration!r}, secret=<redacted>)"
+        )
+
+
+Fetch = Callable[[], Awaitable[Credentials]]
+
+
+class Refreshing:
+    """The current credentials of one source, refreshed ahead of expiry."""
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        name: str,
+        *,
+        stale_before: float = STALE_BEFORE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._fetch = fetch
+        self.name = name
+        self._stale_before = stale_before
+        self._clock = clock
+        self._current: Credentials | None = None
+        self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
+        self.refreshes = 0
+
+    @property
+    def expiration(self) -> float | None:
+        return self._current.expiration if self._current is not None else None
+
+    async def get(self) -> Credentials:
+        current = self._current
+        now = self._clock()
+        if current is None or (
+            current.expiration is not None and now >= current.expiration - MUST_REFRESH_BEFORE
+        ):
+            return await self._refresh(current)
+        if (
+            current.expiration is not None
+            and now >= current.expiration - self._stale_before
+            and (self._background is None or self._background.done())
+        ):
+            self._background = asyncio.get_running_loop().create_task(self._refresh_quietly())
+        return current
+
+    def invalidate(self, seen: Credentials) -> None:
+        """The store rejected ``seen`` (expired token, revoked key): fetch anew next time."""
+        if self._current is seen:
+            self._current = None
+
+    async def _refresh(self, seen: Credentials | None) -> Credentials:
+        async with self._lock:
+            if self._current is not seen and self._current is not None:
+                return self._current  # someone refreshed while we waited for the lock
+            try:
+                fresh = await self._fetch()
+            except AgentError:
+                raise
+            except Exception as exc:
+                raise BadCredentials(
+                    f"credentials for {self.name} could not be obtained ({type(exc).__name__})"
+                ) from exc
+            self._current = fresh
+            self.refreshes += 1
+            log.info(
+                "credentials_refreshed",
+                source=self.name,
+                origin=fresh.origin,
+                access_key_id=fresh.access_key_id,
+                expires_in=None
+                if fresh.expiration is None
+                else round(fresh.expiration - self._clock()),
+            )
+            return fresh
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh(self._current)
+        except AgentError as exc:
+            log.warning(
+                "credentials_refresh_failed", source=self.name, code=exc.code, message=exc.message
+            )
+
+    async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()

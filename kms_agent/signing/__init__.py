@@ -1,0 +1,1 @@
+"""Request signers: pure functions of the request's parts, tested with vendor vectors."""
