@@ -130,3 +130,21 @@ class ScriptedProvider:
 @pytest.fixture(name="provider")
 def _provider() -> ScriptedProvider:
     return ScriptedProvider()
+
+
+# --------------------------------------------------------------------------- emulators
+
+
+@pytest.fixture(name="kms")
+def _kms():
+    """A fresh Alibaba KMS emulator (not yet serving)."""
+    from tests.emulators.alibaba_kms import KmsEmulator  # noqa: PLC0415
+
+    return KmsEmulator()
+
+
+@pytest.fixture(name="kms_url")
+async def _kms_url(aiohttp_server, kms) -> str:
+    """The emulator serving on 127.0.0.1: KMS, STS and ECS metadata on one base URL."""
+    server = await aiohttp_server(kms.app(), host="127.0.0.1")
+    return f"http://127.0.0.1:{server.port}"
