@@ -24,6 +24,9 @@ log = structlog.get_logger("kms_agent.credentials")
 STALE_BEFORE = 15 * 60
 #: Past this close to expiry, callers wait for the refresh instead of using the old ones.
 MUST_REFRESH_BEFORE = 60
+#: Background refreshes are at least this far apart (short-lived credentials would
+#: otherwise sit in their refresh window and be refreshed on every call).
+MIN_REFRESH_INTERVAL = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Refreshing:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self.refreshes = 0
+        self._refreshed_at = -1e18
 
     @property
     def expiration(self) -> float | None:
@@ -79,6 +83,7 @@ class Refreshing:
             current.expiration is not None
             and now >= current.expiration - self._stale_before
             and (self._background is None or self._background.done())
+            and now - self._refreshed_at >= MIN_REFRESH_INTERVAL
         ):
             self._background = asyncio.get_running_loop().create_task(self._refresh_quietly())
         return current
@@ -101,6 +106,7 @@ class Refreshing:
                     f"credentials for {self.name} could not be obtained ({type(exc).__name__})"
                 ) from exc
             self._current = fresh
+            self._refreshed_at = self._clock()
             self.refreshes += 1
             log.info(
                 "credentials_refreshed",

@@ -1,0 +1,326 @@
+"""The ``huawei`` provider: Huawei Cloud CSMS (Cloud Secret Management Service), REST v1.
+
+``GET /v1/{project_id}/secrets/{name}/versions/{id|latest}`` reads a version;
+a stage (``SYSCURRENT``, ``SYSPREVIOUS`` or custom) is resolved with
+``GET …/stages/{stage}`` first. Requests are signed with SDK-HMAC-SHA256 (AK/SK).
+CSMS secret names are 1-64 letters, digits, ``_`` and ``-``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+import yarl
+
+from kms_agent.config import Config, SourceConfig
+from kms_agent.credentials import Credentials, Refreshing
+from kms_agent.credentials import huawei as huawei_credentials
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    BadCredentials,
+    ConfigError,
+    DecryptDenied,
+    InvalidUpstreamRequest,
+    PendingDeletion,
+    SecretNotFound,
+    Throttled,
+    Unavailable,
+)
+from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.providers import Changed
+from kms_agent.signing import huawei as sdk_hmac
+from kms_agent.upstream import (
+    TokenBucket,
+    UpstreamStats,
+    check_endpoint,
+    mapped_errors,
+    new_session,
+    option,
+    with_retries,
+)
+
+log = structlog.get_logger("kms_agent.providers.huawei")
+
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+STAGE_CURRENT = "SYSCURRENT"
+_STAGE_ALIASES = {
+    "ACSCURRENT": "SYSCURRENT",
+    "AWSCURRENT": "SYSCURRENT",
+    "ACSPREVIOUS": "SYSPREVIOUS",
+    "AWSPREVIOUS": "SYSPREVIOUS",
+}
+_NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
+_PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
+#: Huawei's SDK treats temporary credentials as stale this long before expiry.
+STALE_BEFORE = 40 * 60
+
+
+class Provider:
+    def __init__(
+        self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
+    ) -> None:
+        where = f"sources.{source.name}"
+        env = os.environ if environ is None else environ
+        opts = dict(source.options)
+        self.name = source.name
+        self.region = option(opts, "region", str, where, None)
+        self.project_id = option(opts, "project_id", str, where, None) or env.get(
+            "HUAWEICLOUD_SDK_PROJECT_ID"
+        )
+        if not self.project_id:
+            raise ConfigError(f"{where}.project_id: required (or $HUAWEICLOUD_SDK_PROJECT_ID)")
+        endpoint = option(opts, "endpoint", str, where, None)
+        if endpoint is None:
+            if not self.region:
+                raise ConfigError(f"{where}.region: give the region (like 'cn-north-4')")
+            endpoint = f"https://kms.{self.region}.myhuaweicloud.com"
+        self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
+        qps = float(option(opts, "rate_limit_qps", (int, float), where, 50.0))
+        if qps <= 0:
+            raise ConfigError(f"{where}.rate_limit_qps: must be above 0")
+        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
+        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        table = option(opts, "credentials", dict, where, {})
+        if opts:
+            raise ConfigError(
+                f"{where}.{min(opts)}: unknown setting; the huawei provider takes region, "
+                "project_id, endpoint, rate_limit_qps, timeout_seconds, max_attempts, credentials"
+            )
+        self.host = yarl.URL(self.endpoint).raw_authority
+        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
+        self.stats = UpstreamStats()
+        self._session: aiohttp.ClientSession | None = None
+        self.credential_type, fetch = huawei_credentials.resolve(
+            table, env, session=self._http, where=f"{where}.credentials"
+        )
+        self.credentials = Refreshing(fetch, self.name, stale_before=STALE_BEFORE)
+
+    def __repr__(self) -> str:
+        return f"huawei.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(
+                connect_timeout=min(3.0, self.timeout), total_timeout=self.timeout
+            )
+        return self._session
+
+    def credentials_expiry(self) -> float | None:
+        return self.credentials.expiration
+
+    async def open(self) -> None:
+        self._http()
+        log.info(
+            "huawei_source_opened",
+            source=self.name,
+            endpoint=self.endpoint,
+            project_id=self.project_id,
+            credentials=self.credential_type,
+        )
+
+    # ------------------------------------------------------------------ transport
+
+    async def _request(
+        self, path: str, query: dict[str, str], timeout: float
+    ) -> tuple[int, dict[str, Any], Credentials]:
+        creds = await self.credentials.get()
+        headers = {
+            "Host": self.host,
+            "Content-Type": "application/json",
+            "X-Sdk-Date": time.strftime(sdk_hmac.DATE_FORMAT, time.gmtime()),
+            "X-Project-Id": str(self.project_id),
+            "X-Request-Nonce": secrets.token_hex(8),
+        }
+        if creds.security_token:
+            headers["X-Security-Token"] = creds.security_token
+        headers["Authorization"] = sdk_hmac.authorization(
+            method="GET",
+            path=path,
+            query=query,
+            headers=headers,
+            body=b"",
+            access_key=creds.access_key_id,
+            secret_key=creds.access_key_secret,
+        )
+        qs = sdk_hmac.canonical_query(query)
+        url = yarl.URL(f"{self.endpoint}{path}" + (f"?{qs}" if qs else ""), encoded=True)
+        with mapped_errors(f"Huawei Cloud CSMS at {self.host}"):
+            async with self._http().get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                body = await resp.json(content_type=None)
+        if not isinstance(body, dict):
+            raise Unavailable(f"Huawei Cloud CSMS at {self.host} answered with a non-object")
+        return resp.status, body, creds
+
+    async def _call(
+        self, path: str, query: dict[str, str] | None = None, name: str = ""
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+
+        async def attempt(remaining: float) -> dict[str, Any]:
+            if await self.limiter.acquire(deadline):
+                self.stats.rate_limited += 1
+            status, body, creds = await self._request(path, query or {}, max(0.1, remaining))
+            if status == 200:
+                return body
+            raise self._error(status, body, name, creds)
+
+        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+
+    def _error(
+        self, status: int, body: dict[str, Any], name: str, creds: Credentials
+    ) -> AgentError:
+        inner = body.get("error")
+        nested: dict[str, Any] = inner if isinstance(inner, dict) else body
+        code = str(nested.get("error_code") or nested.get("code") or f"HTTP{status}")
+        message = str(nested.get("error_msg") or nested.get("message") or "")[:300]
+        said = f"Huawei Cloud CSMS: {code}"
+        if code in _NOT_FOUND:
+            return SecretNotFound(
+                f"{said}: secret {name!r} (or that version) does not exist in project "
+                f"{self.project_id}",
+                hint="check the name, the version or stage, and the project/region",
+            )
+        if code in _PENDING_DELETION:
+            return PendingDeletion(
+                f"{said}: secret {name!r} is scheduled for deletion",
+                hint="cancel the scheduled deletion (restore it) or read another secret",
+            )
+        if code == "CSMS.0401":
+            return DecryptDenied(
+                f"{said}: the secret's KMS key cannot decrypt it (disabled, pending deletion, "
+                "or no kms:cmk:decrypt for this identity)",
+                hint="enable the secret's KMS key (see its kms_key_id in `kms-agent doctor`) "
+                "and allow kms:cmk:decrypt on it; the default key csms/default cannot be disabled",
+            )
+        if status == 429 or code.startswith("APIG.0308") or "throttl" in message.lower():
+            self.stats.throttled += 1
+            return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
+        if status == 401 or code.startswith(("APIGW.03", "APIG.03")):
+            if creds.security_token:
+                self.credentials.invalidate(creds)
+            return BadCredentials(
+                f"{said}: the AK/SK signature or token was refused ({message[:80]})",
+                hint="check the AK/SK (or the agency of the ECS instance) and the host's clock",
+            )
+        if status == 403:
+            return AccessDenied(
+                f"{said}: the identity may not read secret {name!r}",
+                hint="grant the IAM identity csms:secret:getVersion (and csms:secret:list to "
+                f"list) in project {self.project_id}, e.g. with the CSMS ReadOnlyAccess policy",
+            )
+        if status >= 500:
+            return Unavailable(f"{said}: the service failed")
+        return InvalidUpstreamRequest(f"{said}: {message or 'request refused'}")
+
+    # ------------------------------------------------------------------ interface
+
+    def _check(self, name: str) -> str:
+        if NAME_RE.fullmatch(name) is None:
+            raise InvalidUpstreamRequest(
+                f"{name!r} cannot be a CSMS secret name",
+                hint="CSMS secret names are 1-64 letters, digits, _ and -; route other names "
+                "to another source with match globs",
+            )
+        return quote(name, safe="")
+
+    async def get(
+        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+    ) -> SecretRecord:
+        base = f"/v1/{self.project_id}/secrets/{self._check(name)}"
+        if version_id is None:
+            stage = _STAGE_ALIASES.get((version_stage or STAGE_CURRENT).upper(), version_stage)
+            if stage and stage != STAGE_CURRENT:
+                body = await self._call(f"{base}/stages/{quote(stage, safe='')}", name=name)
+                version_id = str(body["stage"]["version_id"])
+        version = version_id or "latest"
+        body = await self._call(f"{base}/versions/{quote(version, safe='')}", name=name)
+        try:
+            item = body["version"]
+            meta = item["version_metadata"]
+            binary = item.get("secret_binary")
+            data_type: DataType = "binary" if binary and not item.get("secret_string") else "text"
+            raw = (
+                base64.b64decode(binary)
+                if data_type == "binary"
+                else str(item["secret_string"]).encode()
+            )
+            return SecretRecord(
+                name=str(meta.get("secret_name", name)),
+                value=SecretValue(raw),
+                data_type=data_type,
+                version_id=str(meta["id"]),
+                version_stages=tuple(str(s) for s in meta.get("version_stages", [])),
+                created=_epoch(meta.get("create_time")),
+                source=self.name,
+                extra={"kms_key_id": str(meta.get("kms_key_id", ""))},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Unavailable(f"Huawei Cloud CSMS answered without {exc!s:.40}") from None
+
+    async def describe(self, name: str) -> SecretMetadata:
+        body = await self._call(f"/v1/{self.project_id}/secrets/{self._check(name)}", name=name)
+        secret = body.get("secret", {})
+        keys = ("kms_key_id", "state", "scheduled_delete_time")
+        return SecretMetadata(
+            name=name,
+            source=self.name,
+            created=_epoch(secret.get("create_time")),
+            versions=(),
+            extra={k: str(secret[k]) for k in keys if secret.get(k)},
+        )
+
+    async def list_names(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        marker = ""
+        while True:
+            query = {"limit": "200"} | ({"marker": marker} if marker else {})
+            body = await self._call(f"/v1/{self.project_id}/secrets", query)
+            names += [
+                str(s["name"])
+                for s in body.get("secrets", [])
+                if str(s.get("name", "")).startswith(prefix)
+            ]
+            marker = str((body.get("page_info") or {}).get("next_marker") or "")
+            if not marker:
+                return sorted(names)
+
+    async def check(self) -> None:
+        """A signed list proves credentials and reachability; a 403 proves them too."""
+        try:
+            await self._call(f"/v1/{self.project_id}/secrets", {"limit": "1"})
+        except AccessDenied:
+            return
+
+    def changes(self) -> AsyncIterator[Changed] | None:
+        return None
+
+    async def close(self) -> None:
+        await self.credentials.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _epoch(value: Any) -> float:
+    """CSMS times are epoch milliseconds (or ISO text in some answers)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, int | float):
+        return value / 1000 if value > 1e11 else float(value)
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
