@@ -99,6 +99,14 @@ async def diagnose(config: Config, name: str, environ: Mapping[str, str]) -> dic
         except AgentError as exc:
             step = _step_of(exc)
             details[step] = {"message": exc.message, "hint": exc.hint, "code": exc.code}
+            if step == "decrypt":  # name the key: describe needs no decryption
+                try:
+                    meta = await provider.describe(name)
+                    details[step]["key"] = meta.extra.get("kms_key_id") or meta.extra.get(
+                        "EncryptionKeyId", ""
+                    )
+                except AgentError:
+                    pass
             return _report(name, step, details)
         size = len(record.value)
         details["read"] = {"message": f"version {record.version_id} ({record.data_type}, {size} B)"}
@@ -114,6 +122,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  [{marks[step['status']]}] {step['step']:<11} {step['description']}")
         if step.get("message") and step["status"] != "not_checked":
             lines.append(f"         {step['message']}")
+        if step.get("key") and step["status"] == "failed":
+            lines.append(f"         key: {step['key']}")
         if step.get("hint") and step["status"] == "failed":
             lines.append(f"         fix: {step['hint']}")
     verdict = "the secret can be read" if report["ok"] else f"fails at: {report['failed_step']}"

@@ -148,3 +148,18 @@ async def _kms_url(aiohttp_server, kms) -> str:
     """The emulator serving on 127.0.0.1: KMS, STS and ECS metadata on one base URL."""
     server = await aiohttp_server(kms.app(), host="127.0.0.1")
     return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture(name="csms")
+def _csms():
+    """A fresh Huawei CSMS emulator (not yet serving)."""
+    from tests.emulators.huawei_csms import CsmsEmulator
+
+    return CsmsEmulator()
+
+
+@pytest.fixture(name="csms_url")
+async def _csms_url(aiohttp_server, csms) -> str:
+    """The CSMS emulator and its ECS metadata service on one 127.0.0.1 base URL."""
+    server = await aiohttp_server(csms.app(), host="127.0.0.1")
+    return f"http://127.0.0.1:{server.port}"

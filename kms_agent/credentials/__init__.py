@@ -29,6 +29,13 @@ MUST_REFRESH_BEFORE = 60
 MIN_REFRESH_INTERVAL = 60
 
 
+class StaleCredentials(BadCredentials):
+    """The store refused temporary credentials that looked valid (expired early, revoked):
+    the provider invalidates them, and the call is retried once with fresh ones."""
+
+    transient = True
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     access_key_id: str

@@ -25,7 +25,7 @@ import structlog
 import yarl
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.credentials import Credentials, Refreshing
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
 from kms_agent.credentials import alibaba as alibaba_credentials
 from kms_agent.errors import (
     AccessDenied,
@@ -62,12 +62,6 @@ _STAGE_ALIASES = {"AWSCURRENT": "ACSCurrent", "AWSPREVIOUS": "ACSPrevious"}
 _STALE_CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId.NotFound", "InvalidSecurityToken.Expired", "SecurityTokenExpired"}
 )
-
-
-class _StaleCredentials(BadCredentials):
-    """Temporary credentials the store no longer accepts: fetched anew and retried once."""
-
-    transient = True
 
 
 def policy_statement(action: str, resource: str) -> str:
@@ -262,7 +256,7 @@ class Provider:
             )
         if code in _STALE_CREDENTIAL_CODES and creds.security_token:
             self.credentials.invalidate(creds)
-            return _StaleCredentials(f"{said}: temporary credentials no longer accepted")
+            return StaleCredentials(f"{said}: temporary credentials no longer accepted")
         if code.startswith(
             (
                 "InvalidAccessKeyId",

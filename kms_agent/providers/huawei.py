@@ -23,7 +23,7 @@ import structlog
 import yarl
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.credentials import Credentials, Refreshing
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
 from kms_agent.credentials import huawei as huawei_credentials
 from kms_agent.errors import (
     AccessDenied,
@@ -209,8 +209,9 @@ class Provider:
             self.stats.throttled += 1
             return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
         if status == 401 or code.startswith(("APIGW.03", "APIG.03")):
-            if creds.security_token:
+            if creds.security_token and creds.expiration is not None:
                 self.credentials.invalidate(creds)
+                return StaleCredentials(f"{said}: temporary credentials no longer accepted")
             return BadCredentials(
                 f"{said}: the AK/SK signature or token was refused ({message[:80]})",
                 hint="check the AK/SK (or the agency of the ECS instance) and the host's clock",
