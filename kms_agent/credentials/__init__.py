@@ -79,18 +79,28 @@ class Refreshing:
     def expiration(self) -> float | None:
         return self._current.expiration if self._current is not None else None
 
+    def _windows(self, expiration: float) -> tuple[float, float]:
+        """(refresh in the background after, block callers after): short-lived credentials
+        get windows in proportion to their lifetime, not the fixed 15 and 1 minutes."""
+        lifetime = max(1.0, expiration - self._refreshed_at)
+        stale = min(self._stale_before, lifetime / 3)
+        must = min(MUST_REFRESH_BEFORE, lifetime / 10)
+        return expiration - stale, expiration - must
+
     async def get(self) -> Credentials:
         current = self._current
         now = self._clock()
-        if current is None or (
-            current.expiration is not None and now >= current.expiration - MUST_REFRESH_BEFORE
-        ):
+        if current is None:
+            return await self._refresh(current)
+        if current.expiration is None:
+            return current
+        stale_at, must_at = self._windows(current.expiration)
+        if now >= must_at:
             return await self._refresh(current)
         if (
-            current.expiration is not None
-            and now >= current.expiration - self._stale_before
+            now >= stale_at
             and (self._background is None or self._background.done())
-            and now - self._refreshed_at >= MIN_REFRESH_INTERVAL
+            and now - self._refreshed_at >= min(MIN_REFRESH_INTERVAL, current.expiration - stale_at)
         ):
             self._background = asyncio.get_running_loop().create_task(self._refresh_quietly())
         return current

@@ -15,7 +15,6 @@ import pytest
 from kms_agent import cli
 from kms_agent.agent import Agent
 from kms_agent.config import load
-from kms_agent.credentials import MIN_REFRESH_INTERVAL
 from tests.conftest import PLANTED, TOKEN
 
 H = {"X-KMS-Token": TOKEN}
@@ -120,7 +119,9 @@ async def test_rrsa_credentials_and_refresh_while_requests_continue(tmp_path, km
         statuses.append((await get(agent, "/secrets/aigw!secret-abc?refresh=true"))[0])
         agent.state.cache._forced.clear()
         credentials = agent.state.router.providers["alibaba"].credentials
-        credentials._refreshed_at -= MIN_REFRESH_INTERVAL  # as if a minute passed
+        # 450 s into their 600 s life: past the last third (background refresh), not yet in
+        # the last tenth (where callers would wait).
+        credentials._clock = lambda: time.time() + 450
         before = kms.sts_calls
         statuses.append((await get(agent, "/secrets/aigw!secret-abc?refresh=true"))[0])
         await credentials._background
