@@ -28,7 +28,7 @@ DEFAULT_TTL = 300.0
 DEFAULT_MAX_STALE = 3600.0
 DEFAULT_MAX_ENTRIES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-PROVIDERS = ("local", "alibaba", "huawei")
+PROVIDERS = ("local", "alibaba", "huawei", "aws", "vault")
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import secrets
 import time
 from collections import Counter
@@ -163,3 +164,97 @@ async def _csms_url(aiohttp_server, csms) -> str:
     """The CSMS emulator and its ECS metadata service on one 127.0.0.1 base URL."""
     server = await aiohttp_server(csms.app(), host="127.0.0.1")
     return f"http://127.0.0.1:{server.port}"
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_until(cmd: list[str], ready: str, env: dict[str, str] | None = None):
+    """Start a server and block until a line containing ``ready`` appears on its output."""
+    import os
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if ready in line:
+                seen.set()
+        seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not seen.wait(30) or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError(f"{cmd[0]} did not start: {''.join(lines[-20:])}")
+    return proc
+
+
+def _bin(name: str) -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed (test extras)")
+    return found
+
+
+@pytest.fixture(name="moto", scope="session")
+def _moto():
+    """A moto server on 127.0.0.1 that checks SigV4 signatures and IAM policies after
+    the first three calls, which create the IAM user whose keys the tests use."""
+    import boto3
+
+    port = _free_port()
+    proc = _start_until([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], "Running on",
+                        env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    url = f"http://127.0.0.1:{port}"
+    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="agent")
+    iam.put_user_policy(UserName="agent", PolicyName="sm", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:*"], "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="agent")["AccessKey"]
+    yield {"url": url, "ak": key["AccessKeyId"], "sk": key["SecretAccessKey"]}
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+
+
+@pytest.fixture(name="moto_open", scope="session")
+def _moto_open():
+    """A moto server that accepts any credentials (for STS exchanges)."""
+    port = _free_port()
+    proc = _start_until([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], "Running on")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+
+
+@pytest.fixture(name="bao", scope="session")
+def _bao():
+    """An OpenBao dev server on 127.0.0.1 (root token "root", KV v2 at secret/)."""
+    port = _free_port()
+    proc = _start_until([_bin("bao"), "server", "-dev", "-dev-root-token-id=root",
+                         f"-dev-listen-address=127.0.0.1:{port}"], "OpenBao server started")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()

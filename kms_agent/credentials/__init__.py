@@ -76,6 +76,11 @@ class Refreshing:
         self._refreshed_at = -1e18
 
     @property
+    def current(self) -> Credentials | None:
+        """The credentials held now (possibly about to be refreshed), if any."""
+        return self._current
+
+    @property
     def expiration(self) -> float | None:
         return self._current.expiration if self._current is not None else None
 

@@ -1,0 +1,278 @@
+"""AWS credentials, first configured wins: environment, shared credentials file, IRSA web
+identity (STS AssumeRoleWithWebIdentity), container credentials (EKS Pod Identity), IMDSv2."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from kms_agent.credentials import Credentials, Fetch
+from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.upstream import mapped_errors
+
+TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds")
+IMDS_ENDPOINT = "http://169.254.169.254"
+_KEYS = {
+    "type",
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "credentials_file",
+    "profile",
+    "role_arn",
+    "web_identity_token_file",
+    "role_session_name",
+    "sts_endpoint",
+    "container_uri",
+    "container_token_file",
+    "imds_endpoint",
+}
+_Session = Callable[[], aiohttp.ClientSession]
+#: Re-read the shared credentials file this often (it has no expiry of its own).
+FILE_RECHECK = 16 * 60
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8").strip()
+
+
+def resolve(
+    table: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    region: str,
+    session: Callable[[], aiohttp.ClientSession],
+    where: str,
+) -> tuple[str, Fetch]:
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}.{min(unknown)}: unknown setting; allowed: {', '.join(sorted(_KEYS))}"
+        )
+    kind = table.get("type", "auto")
+    if kind not in TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(TYPES)}")
+    if kind == "auto":
+        if "access_key_id" in table or environ.get("AWS_ACCESS_KEY_ID"):
+            kind = "static"
+        elif (
+            "credentials_file" in table
+            or environ.get("AWS_SHARED_CREDENTIALS_FILE")
+            or (Path.home() / ".aws" / "credentials").exists()
+        ):
+            kind = "shared_file"
+        elif "role_arn" in table or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+            kind = "web_identity"
+        elif "container_uri" in table or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            kind = "container"
+        else:
+            kind = "imds"
+    builders = {
+        "static": _static,
+        "shared_file": _shared_file,
+        "web_identity": _web_identity,
+        "container": _container,
+        "imds": _imds,
+    }
+    return kind, builders[kind](table, environ, region, session, where)
+
+
+def _static(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    ak = table.get("access_key_id") or environ.get("AWS_ACCESS_KEY_ID")
+    sk = table.get("secret_access_key") or environ.get("AWS_SECRET_ACCESS_KEY")
+    token = table.get("session_token") or environ.get("AWS_SESSION_TOKEN") or None
+    if not ak or not sk:
+        raise ConfigError(
+            f"{where}: static credentials need access_key_id and secret_access_key "
+            "(or $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY)"
+        )
+    creds = Credentials(str(ak), str(sk), token, origin="static")
+
+    async def static() -> Credentials:
+        return creds
+
+    return static
+
+
+def _shared_file(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    path = Path(
+        str(
+            table.get("credentials_file")
+            or environ.get("AWS_SHARED_CREDENTIALS_FILE")
+            or "~/.aws/credentials"
+        )
+    ).expanduser()
+    profile = str(table.get("profile") or environ.get("AWS_PROFILE") or "default")
+
+    async def from_file() -> Credentials:
+        parser = configparser.ConfigParser()
+        try:
+            parser.read_string(_read(path))
+            section = parser[profile]
+            ak, sk = section["aws_access_key_id"], section["aws_secret_access_key"]
+        except (OSError, KeyError, configparser.Error) as exc:
+            raise BadCredentials(
+                f"{path} has no [{profile}] aws_access_key_id/aws_secret_access_key "
+                f"({type(exc).__name__})"
+            ) from None
+        # Re-read periodically: an edited file is picked up without a restart.
+        return Credentials(
+            ak,
+            sk,
+            section.get("aws_session_token"),
+            time.time() + FILE_RECHECK,
+            origin="shared_file",
+        )
+
+    return from_file
+
+
+def _web_identity(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    role = table.get("role_arn") or environ.get("AWS_ROLE_ARN")
+    token_file = table.get("web_identity_token_file") or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    if not role or not token_file:
+        raise ConfigError(
+            f"{where}: web identity needs role_arn and web_identity_token_file "
+            "(or $AWS_ROLE_ARN and $AWS_WEB_IDENTITY_TOKEN_FILE, set by EKS IRSA)"
+        )
+    endpoint = str(
+        table.get("sts_endpoint")
+        or environ.get("AWS_ENDPOINT_URL_STS")
+        or f"https://sts.{region}.amazonaws.com"
+    ).rstrip("/")
+    name = str(
+        table.get("role_session_name") or environ.get("AWS_ROLE_SESSION_NAME") or "kms-agent"
+    )
+
+    async def assume() -> Credentials:
+        try:
+            token = _read(Path(str(token_file)))  # re-read: kubelet rotates it
+        except OSError as exc:
+            raise BadCredentials(
+                f"web identity token file {token_file} cannot be read ({type(exc).__name__})"
+            ) from None
+        form = {
+            "Action": "AssumeRoleWithWebIdentity",
+            "Version": "2011-06-15",
+            "RoleArn": str(role),
+            "RoleSessionName": name,
+            "WebIdentityToken": token,
+            "DurationSeconds": "3600",
+        }
+        with mapped_errors("AWS STS"):
+            async with session().post(
+                endpoint + "/",
+                data=urlencode(form),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ) as resp:
+                text = await resp.text()
+        found = {
+            k: _xml(text, k)
+            for k in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+        }
+        if resp.status != 200 or not all(found.values()):
+            raise BadCredentials(
+                f"STS AssumeRoleWithWebIdentity refused: {_xml(text, 'Code') or resp.status}",
+                hint="check the role's trust policy for this service account and the token "
+                "audience",
+            )
+        return Credentials(
+            found["AccessKeyId"],
+            found["SecretAccessKey"],
+            found["SessionToken"],
+            parse_time(found["Expiration"]),
+            origin="web_identity",
+        )
+
+    return assume
+
+
+def _container(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    uri = table.get("container_uri") or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    token_file = table.get("container_token_file") or environ.get(
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
+    )
+    if not uri:
+        raise ConfigError(
+            f"{where}: container credentials need $AWS_CONTAINER_CREDENTIALS_FULL_URI"
+        )
+
+    async def from_container() -> Credentials:
+        headers = {}
+        if token_file:
+            headers["Authorization"] = _read(Path(str(token_file)))  # re-read each time
+        with mapped_errors("the container credentials endpoint"):
+            async with session().get(str(uri), headers=headers) as resp:
+                body = await resp.json(content_type=None)
+        if resp.status != 200 or not isinstance(body, dict) or "AccessKeyId" not in body:
+            raise BadCredentials(f"the container credentials endpoint refused (HTTP {resp.status})")
+        return Credentials(
+            body["AccessKeyId"],
+            body["SecretAccessKey"],
+            body.get("Token"),
+            parse_time(body["Expiration"]),
+            origin="container",
+        )
+
+    return from_container
+
+
+def _imds(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    endpoint = str(table.get("imds_endpoint") or IMDS_ENDPOINT).rstrip("/")
+
+    async def from_imds() -> Credentials:
+        http = session()
+        with mapped_errors("the EC2 instance metadata service"):
+            async with http.put(
+                f"{endpoint}/latest/api/token",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            ) as resp:
+                if resp.status != 200:
+                    raise BadCredentials(f"IMDSv2 token request failed: HTTP {resp.status}")
+                token = (await resp.text()).strip()
+            headers = {"X-aws-ec2-metadata-token": token}
+            base = f"{endpoint}/latest/meta-data/iam/security-credentials/"
+            async with http.get(base, headers=headers) as resp:
+                if resp.status != 200:
+                    raise BadCredentials("no IAM role is attached to this instance")
+                role = (await resp.text()).strip().splitlines()[0]
+            async with http.get(base + role, headers=headers) as resp:
+                body = await resp.json(content_type=None)
+        if not isinstance(body, dict) or body.get("Code") != "Success":
+            raise BadCredentials(f"IMDS refused the credentials of role {role!r}")
+        return Credentials(
+            body["AccessKeyId"],
+            body["SecretAccessKey"],
+            body.get("Token"),
+            parse_time(body["Expiration"]),
+            origin="imds",
+        )
+
+    return from_imds
+
+
+def _xml(text: str, tag: str) -> str:
+    match = re.search(rf"<{tag}>([^<]*)</{tag}>", text)
+    return match.group(1) if match else ""

@@ -1,0 +1,318 @@
+"""The ``aws`` provider: AWS Secrets Manager over the JSON 1.1 protocol, signed with SigV4."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+import yarl
+
+from kms_agent.config import Config, SourceConfig
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
+from kms_agent.credentials import aws as aws_credentials
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    BadCredentials,
+    ConfigError,
+    DecryptDenied,
+    InvalidUpstreamRequest,
+    PendingDeletion,
+    SecretNotFound,
+    Throttled,
+    Unavailable,
+)
+from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.providers import Changed
+from kms_agent.signing import aws as sigv4
+from kms_agent.upstream import (
+    TokenBucket,
+    UpstreamStats,
+    check_endpoint,
+    mapped_errors,
+    new_session,
+    option,
+    with_retries,
+)
+
+log = structlog.get_logger("kms_agent.providers.aws")
+SERVICE = "secretsmanager"
+_STAGES = {"ACSCURRENT": "AWSCURRENT", "ACSPREVIOUS": "AWSPREVIOUS"}
+_CREDENTIAL_ERRORS = (
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "IncompleteSignature",
+    "InvalidClientTokenId",
+    "SignatureDoesNotMatch",
+)
+
+
+class Provider:
+    def __init__(
+        self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
+    ) -> None:
+        where = f"sources.{source.name}"
+        env = os.environ if environ is None else environ
+        opts = dict(source.options)
+        self.name = source.name
+        region = (
+            option(opts, "region", str, where, None)
+            or env.get("AWS_REGION")
+            or env.get("AWS_DEFAULT_REGION")
+        )
+        if not region:
+            raise ConfigError(f"{where}.region: required (or $AWS_REGION)")
+        self.region: str = str(region)
+        endpoint = option(opts, "endpoint", str, where, None) or env.get(
+            "AWS_ENDPOINT_URL_SECRETSMANAGER"
+        )
+        self.endpoint = check_endpoint(
+            endpoint or f"https://secretsmanager.{self.region}.amazonaws.com", f"{where}.endpoint"
+        )
+        qps = float(option(opts, "rate_limit_qps", (int, float), where, 50.0))
+        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
+        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        table = option(opts, "credentials", dict, where, {})
+        if opts:
+            raise ConfigError(
+                f"{where}.{min(opts)}: unknown setting; the aws provider takes region, endpoint, "
+                "rate_limit_qps, timeout_seconds, max_attempts, credentials"
+            )
+        self.host = yarl.URL(self.endpoint).raw_authority
+        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
+        self.stats = UpstreamStats()
+        self._session: aiohttp.ClientSession | None = None
+        self.credential_type, fetch = aws_credentials.resolve(
+            table, env, region=self.region, session=self._http, where=f"{where}.credentials"
+        )
+        self.credentials = Refreshing(fetch, self.name)
+
+    def __repr__(self) -> str:
+        return f"aws.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(
+                connect_timeout=min(3.0, self.timeout), total_timeout=self.timeout
+            )
+        return self._session
+
+    def credentials_expiry(self) -> float | None:
+        return self.credentials.expiration
+
+    async def open(self) -> None:
+        self._http()
+        log.info(
+            "aws_source_opened",
+            source=self.name,
+            endpoint=self.endpoint,
+            credentials=self.credential_type,
+        )
+
+    async def _request(
+        self, action: str, payload: dict[str, Any], timeout: float
+    ) -> tuple[int, Any, Credentials]:
+        creds = await self.credentials.get()
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        headers = {
+            "Host": self.host,
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Date": amz_date,
+            "X-Amz-Target": f"secretsmanager.{action}",
+        }
+        if creds.security_token:
+            headers["X-Amz-Security-Token"] = creds.security_token
+        headers["Authorization"] = sigv4.authorization(
+            method="POST",
+            path="/",
+            query={},
+            headers=headers,
+            body=body,
+            access_key_id=creds.access_key_id,
+            secret_access_key=creds.access_key_secret,
+            region=self.region,
+            service=SERVICE,
+            amz_date=amz_date,
+        )
+        with mapped_errors(f"AWS Secrets Manager at {self.host}"):
+            async with self._http().post(
+                yarl.URL(self.endpoint + "/"),
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                text = await resp.text()
+        if resp.status == 200:
+            return resp.status, json.loads(text), creds
+        return resp.status, _error_body(text), creds
+
+    async def _call(self, action: str, payload: dict[str, Any], name: str = "") -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+
+        async def attempt(remaining: float) -> dict[str, Any]:
+            if await self.limiter.acquire(deadline):
+                self.stats.rate_limited += 1
+            with mapped_errors(f"AWS Secrets Manager at {self.host}"):
+                status, body, creds = await self._request(action, payload, max(0.1, remaining))
+            if status == 200 and isinstance(body, dict):
+                return body
+            raise self._error(status, body, name, creds)
+
+        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+
+    def _error(
+        self, status: int, body: dict[str, str], name: str, creds: Credentials
+    ) -> AgentError:
+        code, message = body.get("code", f"HTTP{status}"), body.get("message", "")[:300]
+        said = f"AWS Secrets Manager: {code}"
+        if code == "ResourceNotFoundException":
+            return SecretNotFound(
+                f"{said}: secret {name!r} not found in {self.region}",
+                hint="check the name or ARN and the source's region",
+            )
+        if code == "InvalidRequestException" and "delet" in message.lower():
+            return PendingDeletion(
+                f"{said}: secret {name!r} is marked for deletion",
+                hint="restore it with RestoreSecret, or read another secret",
+            )
+        if code == "DecryptionFailure" or (
+            code == "AccessDeniedException" and "kms:Decrypt" in message
+        ):
+            return DecryptDenied(
+                f"{said}: the secret's KMS key does not allow Decrypt",
+                hint="allow kms:Decrypt on the secret's KMS key for this role "
+                "(key policy and IAM policy)",
+            )
+        if code == "AccessDeniedException":
+            return AccessDenied(
+                f"{said}: the identity may not read secret {name!r}",
+                hint="allow secretsmanager:GetSecretValue on the secret's ARN: "
+                + json.dumps(
+                    {
+                        "Effect": "Allow",
+                        "Action": "secretsmanager:GetSecretValue",
+                        "Resource": f"arn:aws:secretsmanager:{self.region}:*:secret:{name}-*",
+                    }
+                ),
+            )
+        if code in ("ThrottlingException", "TooManyRequestsException") or status == 429:
+            self.stats.throttled += 1
+            return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
+        if code in ("ExpiredTokenException", "ExpiredToken") and creds.expiration is not None:
+            self.credentials.invalidate(creds)
+            return StaleCredentials(f"{said}: temporary credentials expired")
+        if code in _CREDENTIAL_ERRORS or status in (401, 403):
+            return BadCredentials(
+                f"{said}: the credentials or signature were refused",
+                hint="check the credentials the agent uses and the host's clock",
+            )
+        if status >= 500:
+            return Unavailable(f"{said}: the service failed")
+        return InvalidUpstreamRequest(f"{said}: {message or 'request refused'}")
+
+    async def get(
+        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+    ) -> SecretRecord:
+        payload: dict[str, Any] = {"SecretId": name}
+        if version_id:
+            payload["VersionId"] = version_id
+        if version_stage:
+            payload["VersionStage"] = _STAGES.get(version_stage.upper(), version_stage)
+        elif not version_id:
+            payload["VersionStage"] = "AWSCURRENT"
+        body = await self._call("GetSecretValue", payload, name)
+        try:
+            binary = "SecretBinary" in body and "SecretString" not in body
+            data_type: DataType = "binary" if binary else "text"
+            raw = (
+                base64.b64decode(body["SecretBinary"])
+                if binary
+                else str(body["SecretString"]).encode()
+            )
+            return SecretRecord(
+                name=str(body.get("Name", name)),
+                value=SecretValue(raw),
+                data_type=data_type,
+                version_id=str(body["VersionId"]),
+                version_stages=tuple(str(s) for s in body.get("VersionStages", [])),
+                created=float(body.get("CreatedDate", 0)),
+                source=self.name,
+                extra={"arn": str(body.get("ARN", ""))},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Unavailable(f"AWS Secrets Manager answered without {exc!s:.40}") from None
+
+    async def describe(self, name: str) -> SecretMetadata:
+        body = await self._call("DescribeSecret", {"SecretId": name}, name)
+        versions = tuple(
+            (str(v), tuple(s)) for v, s in (body.get("VersionIdsToStages") or {}).items()
+        )
+        extra = {k: str(body[k]) for k in ("ARN", "KmsKeyId", "DeletedDate") if body.get(k)}
+        return SecretMetadata(
+            name=name,
+            source=self.name,
+            created=float(body.get("CreatedDate", 0)),
+            versions=versions,
+            extra=extra,
+        )
+
+    async def list_names(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        token = ""
+        while True:
+            payload: dict[str, Any] = {"MaxResults": 100}
+            if prefix:
+                payload["Filters"] = [{"Key": "name", "Values": [prefix]}]
+            if token:
+                payload["NextToken"] = token
+            body = await self._call("ListSecrets", payload)
+            names += [
+                str(s["Name"])
+                for s in body.get("SecretList", [])
+                if str(s.get("Name", "")).startswith(prefix)
+            ]
+            token = str(body.get("NextToken") or "")
+            if not token:
+                return sorted(names)
+
+    async def check(self) -> None:
+        try:
+            await self._call("ListSecrets", {"MaxResults": 1})
+        except AccessDenied:
+            return
+
+    def changes(self) -> AsyncIterator[Changed] | None:
+        return None
+
+    async def close(self) -> None:
+        await self.credentials.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _error_body(text: str) -> dict[str, str]:
+    """JSON 1.1 errors (``__type``), or the XML moto and gateways send for auth failures."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        code = re.search(r"<Code>([^<]*)</Code>", text)
+        message = re.search(r"<Message>([^<]*)</Message>", text)
+        return {
+            "code": code.group(1) if code else "",
+            "message": message.group(1) if message else "",
+        }
+    if not isinstance(body, dict):
+        return {}
+    return {
+        "code": str(body.get("__type", "")).rsplit("#", 1)[-1],
+        "message": str(body.get("message") or body.get("Message") or ""),
+    }

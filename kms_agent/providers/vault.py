@@ -1,0 +1,322 @@
+"""The ``vault`` provider: HashiCorp Vault / OpenBao KV version 2.
+
+A secret name is a KV path under ``mount``; the value served is the version's ``data``
+object as JSON (so ``?field=KEY`` reads one key). Stages map onto versions: the current
+stage is the latest version, the previous stage ``current_version - 1``.
+Auth: a token, AppRole, or a Kubernetes service-account JWT; tokens from a login are
+renewed (``renew-self``) before they expire, and logged in again when renewal fails or
+the server refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from kms_agent.config import Config, SourceConfig
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    BadCredentials,
+    ConfigError,
+    InvalidUpstreamRequest,
+    SecretNotFound,
+    Throttled,
+    Unavailable,
+)
+from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
+from kms_agent.providers import Changed
+from kms_agent.upstream import (
+    TokenBucket,
+    UpstreamStats,
+    check_endpoint,
+    mapped_errors,
+    new_session,
+    option,
+    with_retries,
+)
+
+log = structlog.get_logger("kms_agent.providers.vault")
+AUTH_METHODS = ("token", "approle", "kubernetes")
+K8S_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+_PREVIOUS = {"AWSPREVIOUS", "ACSPREVIOUS", "SYSPREVIOUS", "PREVIOUS"}
+_CURRENT = {"AWSCURRENT", "ACSCURRENT", "SYSCURRENT", "CURRENT"}
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+class Provider:
+    def __init__(
+        self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
+    ) -> None:
+        where = f"sources.{source.name}"
+        env = os.environ if environ is None else environ
+        opts = dict(source.options)
+        self.name = source.name
+        address = option(opts, "address", str, where, None) or env.get("VAULT_ADDR")
+        if not address:
+            raise ConfigError(
+                f"{where}.address: the Vault/OpenBao URL is required (or $VAULT_ADDR)"
+            )
+        self.address = check_endpoint(address, f"{where}.address")
+        self.mount = str(option(opts, "mount", str, where, "secret")).strip("/")
+        self.namespace = option(opts, "namespace", str, where, None)
+        self.auth = option(opts, "auth", str, where, "token")
+        if self.auth not in AUTH_METHODS:
+            raise ConfigError(
+                f"{where}.auth: {self.auth!r} is not one of {', '.join(AUTH_METHODS)}"
+            )
+        self.auth_mount = str(option(opts, "auth_mount", str, where, self.auth)).strip("/")
+        self._token = option(opts, "token", str, where, None) or env.get("VAULT_TOKEN")
+        self._token_file = option(opts, "token_file", str, where, None)
+        self._role_id = option(opts, "role_id", str, where, None)
+        self._secret_id = option(opts, "secret_id", str, where, None)
+        self._secret_id_file = option(opts, "secret_id_file", str, where, None)
+        self._role = option(opts, "role", str, where, None)
+        self._jwt_file = str(option(opts, "jwt_file", str, where, K8S_JWT))
+        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
+        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        qps = float(option(opts, "rate_limit_qps", (int, float), where, 100.0))
+        ca_file = option(opts, "ca_file", str, where, None)
+        if opts:
+            raise ConfigError(f"{where}.{min(opts)}: unknown setting of the vault provider")
+        if self.auth == "token" and not (self._token or self._token_file):
+            raise ConfigError(
+                f"{where}.token: token auth needs token or token_file (or $VAULT_TOKEN)"
+            )
+        if self.auth == "approle" and not (
+            self._role_id and (self._secret_id or self._secret_id_file)
+        ):
+            raise ConfigError(
+                f"{where}: approle auth needs role_id and secret_id (or secret_id_file)"
+            )
+        if self.auth == "kubernetes" and not self._role:
+            raise ConfigError(f"{where}.role: kubernetes auth needs the Vault role")
+        self._ca_file = ca_file
+        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
+        self.stats = UpstreamStats()
+        self._session: aiohttp.ClientSession | None = None
+        self._renewable = False
+        self.logins = 0
+        self.credentials = Refreshing(self._authenticate, self.name)
+
+    def __repr__(self) -> str:
+        return f"vault.Provider({self.name!r}, {self.address!r}, auth={self.auth})"
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(
+                connect_timeout=min(3.0, self.timeout),
+                total_timeout=self.timeout,
+                ca_file=self._ca_file,
+            )
+        return self._session
+
+    def credentials_expiry(self) -> float | None:
+        return self.credentials.expiration
+
+    async def open(self) -> None:
+        self._http()
+        log.info("vault_source_opened", source=self.name, address=self.address, auth=self.auth)
+
+    # ------------------------------------------------------------------ auth
+
+    async def _authenticate(self) -> Credentials:
+        """Renew the current login token if possible, else log in (or read the token)."""
+        if self.auth == "token":
+            token = self._token or _read(str(self._token_file))
+            return Credentials("vault-token", token, origin="token")
+        current = self.credentials.current  # the token being refreshed, if any
+        if current is not None and self._renewable:
+            status, body = await self._raw(
+                "POST", "/v1/auth/token/renew-self", current.access_key_secret
+            )
+            if status == 200 and isinstance(body.get("auth"), dict):
+                return self._from_auth(body["auth"], "renewed")
+            log.info("vault_renew_failed", source=self.name, status=status)
+        if self.auth == "approle":
+            secret_id = self._secret_id or _read(str(self._secret_id_file))
+            payload = {"role_id": self._role_id, "secret_id": secret_id}
+        else:
+            payload = {"role": self._role, "jwt": _read(self._jwt_file)}
+        status, body = await self._raw("POST", f"/v1/auth/{self.auth_mount}/login", None, payload)
+        if status != 200 or not isinstance(body.get("auth"), dict):
+            errors = "; ".join(str(e) for e in body.get("errors", []))[:200]
+            raise BadCredentials(
+                f"Vault {self.auth} login refused (HTTP {status}: {errors})",
+                hint="check the role and its credentials, and the auth mount path",
+            )
+        self.logins += 1
+        return self._from_auth(body["auth"], self.auth)
+
+    def _from_auth(self, auth: dict[str, Any], origin: str) -> Credentials:
+        lease = int(auth.get("lease_duration") or 0)
+        self._renewable = bool(auth.get("renewable"))
+        expiration = time.time() + lease if lease > 0 else None
+        return Credentials(
+            "vault-token", str(auth["client_token"]), expiration=expiration, origin=origin
+        )
+
+    async def _raw(
+        self, method: str, path: str, token: str | None, payload: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        headers = {"X-Vault-Request": "true"}
+        if token:
+            headers["X-Vault-Token"] = token
+        if self.namespace:
+            headers["X-Vault-Namespace"] = self.namespace
+        with mapped_errors(f"Vault at {self.address}"):
+            async with self._http().request(
+                method, self.address + path, headers=headers, json=payload
+            ) as resp:
+                text = await resp.text()
+        try:
+            body = json.loads(text) if text.strip() else {}
+        except ValueError:
+            raise Unavailable(f"Vault at {self.address} answered with a non-JSON body") from None
+        return resp.status, body if isinstance(body, dict) else {}
+
+    # ------------------------------------------------------------------ calls
+
+    async def _call(self, path: str, name: str = "") -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+
+        async def attempt(_remaining: float) -> dict[str, Any]:
+            if await self.limiter.acquire(deadline):
+                self.stats.rate_limited += 1
+            creds = await self.credentials.get()
+            status, body = await self._raw("GET", path, creds.access_key_secret)
+            if status == 200:
+                return body
+            raise self._error(status, body, name, creds)
+
+        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+
+    def _error(
+        self, status: int, body: dict[str, Any], name: str, creds: Credentials
+    ) -> AgentError:
+        errors = "; ".join(str(e) for e in body.get("errors", []))[:200]
+        said = f"Vault: HTTP {status}"
+        if status == 404:
+            meta = (body.get("data") or {}).get("metadata") or {}
+            if meta.get("destroyed") or meta.get("deletion_time"):
+                return SecretNotFound(
+                    f"{said}: that version of {name!r} was deleted",
+                    hint="undelete it (kv undelete) or read another version",
+                )
+            return SecretNotFound(
+                f"{said}: no secret at {self.mount}/{name}",
+                hint=f"check the path under the KV v2 mount {self.mount!r}",
+            )
+        if status == 403:
+            if self.auth != "token":
+                self.credentials.invalidate(creds)
+                return StaleCredentials(f"{said}: the token was refused ({errors})")
+            return AccessDenied(
+                f"{said}: the token may not read {self.mount}/{name} ({errors})",
+                hint=f'the token\'s policy needs: path "{self.mount}/data/{name}" '
+                '{ capabilities = ["read"] }',
+            )
+        if status == 429:
+            self.stats.throttled += 1
+            return Throttled(f"{said}: rate limited by Vault")
+        if status >= 500:
+            return Unavailable(f"{said}: {errors or 'the server failed'} (sealed or in standby?)")
+        return InvalidUpstreamRequest(f"{said}: {errors or 'request refused'}")
+
+    # ------------------------------------------------------------------ interface
+
+    def _path(self, name: str) -> str:
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise InvalidUpstreamRequest(
+                f"{name!r} is not a KV path", hint="no empty, . or .. segments"
+            )
+        return quote(name, safe="/")
+
+    async def get(
+        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+    ) -> SecretRecord:
+        path = self._path(name)
+        version = version_id
+        stage = (version_stage or "").upper()
+        if version is not None and not version.isdigit():
+            raise InvalidUpstreamRequest(f"Vault KV versions are numbers, not {version!r}")
+        if version is None and stage in _PREVIOUS:
+            meta = await self._call(f"/v1/{self.mount}/metadata/{path}", name)
+            current = int(meta["data"]["current_version"])
+            if current < 2:
+                raise SecretNotFound(f"{name!r} has no previous version")
+            version = str(current - 1)
+        elif version is None and stage and stage not in _CURRENT:
+            raise InvalidUpstreamRequest(f"Vault has no stage {version_stage!r}; use a version id")
+        query = f"?version={version}" if version else ""
+        body = await self._call(f"/v1/{self.mount}/data/{path}{query}", name)
+        try:
+            data = body["data"]["data"]
+            meta = body["data"]["metadata"]
+            stages = ("AWSCURRENT",) if version is None else ()
+            return SecretRecord(
+                name=name,
+                value=SecretValue(json.dumps(data, separators=(",", ":")).encode()),
+                data_type="text",
+                version_id=str(meta["version"]),
+                version_stages=stages,
+                created=_epoch(meta.get("created_time")),
+                source=self.name,
+            )
+        except (KeyError, TypeError) as exc:
+            raise Unavailable(f"Vault answered without {exc!s:.40}") from None
+
+    async def describe(self, name: str) -> SecretMetadata:
+        body = await self._call(f"/v1/{self.mount}/metadata/{self._path(name)}", name)
+        data = body.get("data", {})
+        versions = tuple((str(v), ()) for v in sorted(data.get("versions", {}), key=int))
+        return SecretMetadata(
+            name=name, source=self.name, created=_epoch(data.get("created_time")), versions=versions
+        )
+
+    async def list_names(self, prefix: str) -> list[str]:
+        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        path = f"/v1/{self.mount}/metadata/{quote(directory, safe='/')}?list=true"
+        try:
+            body = await self._call(path)
+        except SecretNotFound:
+            return []
+        keys = body.get("data", {}).get("keys", [])
+        base = f"{directory}/" if directory else ""
+        return sorted(
+            base + k for k in keys if not k.endswith("/") and (base + k).startswith(prefix)
+        )
+
+    async def check(self) -> None:
+        await self._call("/v1/auth/token/lookup-self")
+
+    def changes(self) -> AsyncIterator[Changed] | None:
+        return None
+
+    async def close(self) -> None:
+        await self.credentials.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _epoch(value: Any) -> float:
+    if not value:
+        return 0.0
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
