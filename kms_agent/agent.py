@@ -249,7 +249,13 @@ class Agent:
                 return _Refuse503()
             return handler()
 
-        server = await self._bind(factory, server_cfg.address)
+        try:
+            server = await self._bind(factory, server_cfg.address)
+        except OSError as exc:
+            raise ConfigError(
+                f"server.listen: cannot listen on {server_cfg.listen} ({exc.strerror or exc})",
+                hint="another process (another kms-agent?) may hold it; pick another with --listen",
+            ) from None
         self._servers.append(server)
         self.addresses = _addresses(server)
         if server_cfg.address.unix_path:
@@ -265,7 +271,14 @@ class Agent:
                 if metrics_address.unix_path
                 else web.TCPSite(self._metrics_runner, metrics_address.host, metrics_address.port)
             )
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics.listen: cannot listen on {config.metrics.listen} "
+                    f"({exc.strerror or exc})",
+                    hint='pick another address, or metrics.listen = "" to turn metrics off',
+                ) from None
             self.metrics_addresses = [_format_address(a) for a in self._metrics_runner.addresses]
 
     @staticmethod

@@ -59,7 +59,8 @@ def native_stale(record: SecretRecord, age: float) -> bytes:
 
 
 def arn(record: SecretRecord) -> str:
-    return f"kms-agent:{record.source}:secret/{record.name}"
+    """The store's own ARN when it gave one (AWS), else a kms-agent resource name."""
+    return record.extra.get("arn") or f"kms-agent:{record.source}:secret/{record.name}"
 
 
 def aws(record: SecretRecord) -> bytes:

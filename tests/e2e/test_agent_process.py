@@ -201,3 +201,15 @@ def test_token_file_is_reloaded_on_change(agent_factory, tmp_path):
     log = "\n".join(agent.lines)
     assert old not in log
     assert new not in log
+
+
+def test_listen_address_in_use_is_a_clear_error(agent):
+    """A taken port ends the process with exit 2 and one line naming the key, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = agent.cli("run", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert f"server.listen: cannot listen on 127.0.0.1:{port}" in result.stderr.decode()
+    assert b"Traceback" not in result.stderr + result.stdout

@@ -82,6 +82,7 @@ async def test_rotation_refresh_ahead_previous_stage_and_refresh_now(tmp_path, m
     async with agent_for(tmp_path, aws_source(moto)) as agent:
         status, body = await get(agent, f"/secretsmanager/get?secretId={name}")
         assert (status, json.loads(body)["SecretString"]) == (200, PLANTED + "-v1")
+        assert json.loads(body)["ARN"].startswith("arn:aws:secretsmanager:us-east-1:")
         await asyncio.to_thread(client.put_secret_value, SecretId=name, SecretString=PLANTED + "-v2")
         entry = agent.state.cache.peek(("aws", name, None, None))
         entry.refresh_at = 0  # the entry enters its refresh window
