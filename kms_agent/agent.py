@@ -95,7 +95,16 @@ class _Refuse503(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(self.RESPONSE)
-        transport.close()
+        # Half-close, and close once the client has sent its request and hung up: closing
+        # with its request unread would make the kernel answer RST, losing the 503.
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(5.0, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        return None  # the request is not read: the answer is the same for all
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
 
 
 class Agent:
@@ -197,6 +206,7 @@ class Agent:
         watching.append(self._rewatch())
         for event in watching:  # changes made after readiness must not be missed
             await event.wait()
+        self._tasks.append(asyncio.create_task(self._summarise_hits(), name="hit-summary"))
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
         # Listening now: systemd may consider us started. /readyz waits for the sources.
@@ -410,6 +420,18 @@ class Agent:
             self.notifier.ready()
             return True
 
+    def log_hit_summary(self) -> None:
+        """One line for the cache hits not logged one by one since the last call."""
+        state = self.state
+        if state.hit_counts:
+            counts, state.hit_counts = state.hit_counts, {}
+            log.info("cache_hits", hits=counts, total=sum(counts.values()))
+
+    async def _summarise_hits(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.logging.hit_summary_interval)
+            self.log_hit_summary()
+
     async def _watchdog(self, interval: float) -> None:
         while True:
             self.notifier.watchdog()
@@ -448,6 +470,8 @@ class Agent:
             await self._runner.cleanup()  # idle connections closed, in-flight ones awaited
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if state is not None:
+            self.log_hit_summary()  # the last interval's hits
         if self._watch_task is not None:
             self._tasks.append(self._watch_task)
         for task in self._tasks:

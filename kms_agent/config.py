@@ -130,6 +130,8 @@ class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
     access_log: bool = True
+    log_hits: bool = False
+    hit_summary_interval: float = field(default=60.0, metadata=_meta(lo=1, hi=86400, duration=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,8 @@ class AgentState:
     not_ready_reason: str = "starting"
     request_prefix: str = field(default_factory=lambda: secrets.token_hex(4))
     request_counter: int = 0
+    #: Cache hits not logged one by one, by route, since the last summary line.
+    hit_counts: dict[str, int] = field(default_factory=dict)
 
     def next_request_id(self) -> str:
         self.request_counter += 1
@@ -225,7 +227,10 @@ async def guard(
     outcome = ctx.get("cache")
     if outcome is not None:
         state.metrics.cache_outcome(outcome)
-    if state.config.logging.access_log or resp.status >= 400 or outcome not in (None, "hit"):
+    logging_cfg = state.config.logging
+    if outcome == "hit" and not logging_cfg.log_hits and resp.status < 400:
+        state.hit_counts[route] = state.hit_counts.get(route, 0) + 1
+    elif logging_cfg.access_log or resp.status >= 400 or outcome is not None:
         log.info(
             "request",
             request_id=request_id,

@@ -265,18 +265,31 @@ async def test_upstream_errors_map_to_their_status(client, provider, error, stat
     assert err.get("hint") == error.hint
 
 
-async def test_access_log_line_per_request_without_values(client, log_capture):
-    """One access line per request, with route template, status, cache outcome."""
+async def test_access_log_line_per_miss_and_hits_counted(client, state, log_capture):
+    """Misses get their own access line (route template, status, cache outcome, duration);
+    hits are counted for the periodic summary instead of a line each."""
     before = len(log_capture.getvalue())
+    await client.get("/secrets/aigw!secret-abc?format=raw", headers=H)
     await client.get("/secrets/aigw!secret-abc?format=raw", headers=H)
     await client.get("/secrets/aigw!secret-abc?format=raw", headers=H)
     lines = [json.loads(x) for x in log_capture.getvalue()[before:].splitlines()]
     access = [x for x in lines if x["event"] == "request"]
-    assert [(x["route"], x["status"], x["cache"]) for x in access] == [
-        ("/secrets/{name}", 200, "miss"),
-        ("/secrets/{name}", 200, "hit"),
-    ]
-    assert all(isinstance(x["duration_ms"], float) for x in access)
+    assert [(x["route"], x["status"], x["cache"]) for x in access] == [("/secrets/{name}", 200, "miss")]
+    assert isinstance(access[0]["duration_ms"], float)
+    assert state.hit_counts == {"/secrets/{name}": 2}
+
+
+async def test_every_hit_logged_when_asked(aiohttp_client, provider, clock, log_capture):
+    """logging.log_hits = true writes a line for every hit too."""
+    provider.values["db"] = PLANTED
+    state = make_state(provider, clock)
+    state.config = replace(state.config, logging=replace(state.config.logging, log_hits=True))
+    client = await aiohttp_client(create_app(state))
+    before = len(log_capture.getvalue())
+    for _ in range(2):
+        await client.get("/secrets/db", headers=H)
+    lines = [json.loads(x) for x in log_capture.getvalue()[before:].splitlines()]
+    assert [x["cache"] for x in lines if x["event"] == "request"] == ["miss", "hit"]
 
 
 _path_chars = st.text(

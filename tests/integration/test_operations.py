@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -249,6 +250,8 @@ async def test_connections_over_the_limit_get_503(tmp_path, provider):
         for reader, _ in held:
             assert (await reader.readline()).startswith(b"HTTP/1.1 200")
         reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # unread, yet no RST
+        await writer.drain()
         answer = await reader.read()
         assert answer.startswith(b"HTTP/1.1 503")
         assert b"TooManyConnections" in answer
@@ -301,3 +304,19 @@ async def test_not_ready_until_the_source_check_passes(tmp_path, provider):
         await agent.ready_event.wait()  # the retry loop finds the source healthy
         async with aiohttp.ClientSession() as s, s.get(url(agent, "/readyz")) as resp:
             assert resp.status == 200
+
+
+async def test_hit_summary_line(tmp_path, provider, log_capture):
+    """Hits not logged one by one come out as one cache_hits line with counts per route."""
+    provider.values["db"] = PLANTED
+    async with running(tmp_path, provider) as agent:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):
+                assert (await s.get(url(agent, "/secrets/db"), headers=H)).status == 200
+            assert (await s.get(url(agent, "/v1/db"), headers=H)).status == 200
+        before = len(log_capture.getvalue())
+        agent.log_hit_summary()
+        summary = [json.loads(x) for x in log_capture.getvalue()[before:].splitlines()]
+    assert summary[0]["event"] == "cache_hits"
+    assert summary[0]["hits"] == {"/secrets/{name}": 3, "/v1/{name}": 1}
+    assert summary[0]["total"] == 4

@@ -1,0 +1,328 @@
+"""kms-agent benchmarks, every figure paired with baselines measured in the same run.
+
+    python bench/run.py [--seconds 3] [--rounds 3] [--quick]
+
+Needs Debian's wrk and nginx. Servers, each measured in interleaved rounds (this VM's core
+speed drifts; only ratios within one run mean anything):
+  nginx    1 worker, answering the agent's own response bytes behind the same token check
+  minimal  a bare aiohttp handler doing the same, on the event loop the agent uses
+  agent    kms-agent serving a cached secret from the embedded store
+Also: the herd (1,000 concurrent cold requests -> upstream calls), idle RSS and RSS with
+10,000 cached 1 KiB secrets, and start-to-ready time. Results: bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kms_agent.store import LocalStore  # noqa: E402
+
+TOKEN = "bench-token-0123456789abcdef"
+NAME = "bench/secret"
+VALUE = "x" * 120
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+MINIMAL = textwrap.dedent(
+    """
+    import asyncio, sys
+    from aiohttp import web
+    BODY = open(sys.argv[2], "rb").read()
+    TOKEN = sys.argv[3]
+    async def handler(request):
+        if request.headers.get("X-Aws-Parameters-Secrets-Token") != TOKEN:
+            return web.Response(status=403)
+        return web.Response(body=BODY, content_type="application/json")
+    app = web.Application()
+    app.router.add_get("/secretsmanager/get", handler)
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(web._run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None,
+                                access_log=None))
+    """
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 20) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"{url} never answered 200")
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+         "-H", f"X-Aws-Parameters-Secrets-Token: {TOKEN}", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    def lat(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        if not m:
+            return float("nan")
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": requests,
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+        "p50_ms": lat("50"),
+        "p99_ms": lat("99"),
+    }
+
+
+class Servers:
+    def __init__(self, tmp: Path, quick: bool) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.urls: dict[str, str] = {}
+        self.cpu_pids: dict[str, list[int]] = {}
+        self.quick = quick
+
+    def start_agent(self, name: str = "agent", extra_env: dict[str, str] | None = None) -> float:
+        port, metrics = free_port(), free_port()
+        data = self.tmp / f"{name}-data"
+        store = LocalStore(data)
+        store.init()
+        store.put(NAME, VALUE.encode())
+        store.put(NAME + "-cold", VALUE.encode())
+        env = {**os.environ, "KMS_TOKEN": TOKEN, "KMS_AGENT_DATA_DIR": str(data),
+               "KMS_AGENT_RUNTIME_DIR": str(self.tmp / f"{name}-run"),
+               "KMS_AGENT_METRICS_LISTEN": f"127.0.0.1:{metrics}",
+               "KMS_AGENT_CACHE_MAX_ENTRIES": "20000",
+               "KMS_AGENT_SERVER_MAX_CONNECTIONS": "4000", **(extra_env or {})}  # fmt: skip
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kms_agent", "run", "--listen", f"127.0.0.1:{port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{metrics}/readyz")
+        ready = time.monotonic() - start
+        self.procs[name] = proc
+        self.urls[name] = f"http://127.0.0.1:{port}/secretsmanager/get?secretId={NAME}"
+        self.urls[name + ":metrics"] = f"http://127.0.0.1:{metrics}/metrics"
+        self.cpu_pids[name] = [proc.pid]
+        return ready
+
+    def body(self) -> bytes:
+        req = urllib.request.Request(self.urls["agent"], headers={"X-Aws-Parameters-Secrets-Token": TOKEN})
+        with urllib.request.urlopen(req) as resp:
+            return resp.read()
+
+    def start_minimal(self, body: Path) -> None:
+        port = free_port()
+        script = self.tmp / "minimal.py"
+        script.write_text(MINIMAL)
+        proc = subprocess.Popen([sys.executable, str(script), str(port), str(body), TOKEN])
+        self.urls["minimal"] = f"http://127.0.0.1:{port}/secretsmanager/get?secretId={NAME}"
+        wait_http(self.urls["minimal"], {"X-Aws-Parameters-Secrets-Token": TOKEN})
+        self.procs["minimal"] = proc
+        self.cpu_pids["minimal"] = [proc.pid]
+
+    def start_nginx(self, body: bytes) -> None:
+        port = free_port()
+        conf = self.tmp / "nginx.conf"
+        escaped = body.decode().replace("\\", "\\\\").replace("'", "\\'")
+        conf.write_text(textwrap.dedent(f"""
+            worker_processes 1;
+            pid {self.tmp}/nginx.pid;
+            error_log {self.tmp}/nginx-error.log;
+            events {{ worker_connections 2048; }}
+            http {{
+              access_log off;
+              client_body_temp_path {self.tmp}/nb; proxy_temp_path {self.tmp}/np;
+              fastcgi_temp_path {self.tmp}/nf; uwsgi_temp_path {self.tmp}/nu; scgi_temp_path {self.tmp}/ns;
+              server {{
+                listen 127.0.0.1:{port};
+                location /secretsmanager/get {{
+                  if ($http_x_aws_parameters_secrets_token != "{TOKEN}") {{ return 403; }}
+                  default_type application/json;
+                  return 200 '{escaped}';
+                }}
+              }}
+            }}
+        """))  # fmt: skip
+        proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-c", str(conf), "-g", "daemon off;"])
+        self.urls["nginx"] = f"http://127.0.0.1:{port}/secretsmanager/get?secretId={NAME}"
+        wait_http(self.urls["nginx"], {"X-Aws-Parameters-Secrets-Token": TOKEN})
+        self.procs["nginx"] = proc
+        self.cpu_pids["nginx"] = [proc.pid, *children(proc.pid)]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.wait(10)
+
+
+def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, seconds: int) -> dict:
+    samples: dict[str, list[dict[str, float]]] = {}
+    for r in range(rounds):
+        for c in conns:
+            order = names if r % 2 == 0 else list(reversed(names))  # interleave
+            for name in order:
+                before = cpu_ticks(servers.cpu_pids[name])
+                result = wrk(servers.urls[name], c, seconds)
+                used = cpu_ticks(servers.cpu_pids[name]) - before
+                result["cpu_us_per_req"] = used / CLK_TCK * 1e6 / max(1, result["requests"])
+                samples.setdefault(f"{name}@c{c}", []).append(result)
+    return {k: {m: statistics.median(s[m] for s in v) for m in v[0]} for k, v in samples.items()}
+
+
+async def herd(url: str, metrics: str) -> int:
+    import aiohttp
+
+    def upstream_calls() -> float:
+        text = urllib.request.urlopen(metrics).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kms_agent_upstream_requests_total{"))  # fmt: skip
+
+    before = upstream_calls()
+    cold = url.replace(NAME, NAME + "-cold")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def one() -> int:
+            async with s.get(cold, headers={"X-Aws-Parameters-Secrets-Token": TOKEN}) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(1000)))
+    assert set(statuses) == {200}, set(statuses)
+    return int(upstream_calls() - before)
+
+
+async def fill(url: str, count: int) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem, s.get(url.replace(NAME, f"fill/s{i}"),
+                                  headers={"X-Aws-Parameters-Secrets-Token": TOKEN}) as r:  # fmt: skip
+                await r.read()
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round, c=32 only, no memory fill")
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench needs {tool}: apt-get install wrk nginx")
+    conns = [32] if args.quick else [1, 32, 256]
+    rounds = 1 if args.quick else args.rounds
+    tmp = Path(tempfile.mkdtemp(prefix="kms-bench-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
+    servers = Servers(tmp, args.quick)
+    results: dict = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                                 "kernel": os.uname().release}, "label": args.label}  # fmt: skip
+    try:
+        results["startup_s"] = round(servers.start_agent(), 3)
+        body = servers.body()
+        (tmp / "body.json").write_bytes(body)
+        results["body_bytes"] = len(body)
+        servers.start_minimal(tmp / "body.json")
+        servers.start_nginx(body)
+        results["idle_rss_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
+        results["throughput"] = measure(servers, ["nginx", "minimal", "agent"], conns, rounds, args.seconds)
+        results["herd_upstream_calls"] = asyncio.run(herd(servers.urls["agent"], servers.urls["agent:metrics"]))
+        if not args.quick:
+            store = LocalStore(tmp / "agent-data")
+            for i in range(10_000):
+                store.put(f"fill/s{i}", os.urandom(512).hex().encode())
+            asyncio.run(fill(servers.urls["agent"], 10_000))
+            results["rss_10k_1KiB_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
+    finally:
+        servers.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results)
+
+
+def report(results: dict) -> None:
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{time.strftime('%Y%m%dT%H%M%S')}{'-' + results['label'] if results['label'] else ''}.json"
+    path.write_text(json.dumps(results, indent=2))
+    t = results["throughput"]
+    print(f"kms-agent bench ({results['machine']}) body {results['body_bytes']} B -> {path.name}")
+    print(f"{'server@conns':<16}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
+          f"{'x nginx':>9}{'x minimal':>11}")  # fmt: skip
+    for key in sorted(t, key=lambda k: (int(k.split("@c")[1]), k)):
+        row = t[key]
+        c = key.split("@")[1]
+        vs_nginx = row["rps"] / t[f"nginx@{c}"]["rps"]
+        vs_min = row["rps"] / t[f"minimal@{c}"]["rps"]
+        print(f"{key:<16}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+              f"{row['cpu_us_per_req']:>12.0f}{vs_nginx:>9.2f}{vs_min:>11.2f}")  # fmt: skip
+    agent_cpu = [t[k]["cpu_us_per_req"] / t[k.replace("agent", "minimal")]["cpu_us_per_req"]
+                 for k in t if k.startswith("agent@")]  # fmt: skip
+    print(f"agent CPU per request / minimal aiohttp's: {', '.join(f'{x:.2f}' for x in agent_cpu)}")
+    print(f"herd: 1000 concurrent cold requests -> {results['herd_upstream_calls']} upstream call(s)")
+    print(f"startup to ready: {results['startup_s']} s; idle RSS {results['idle_rss_mb']} MB"
+          + (f"; with 10,000 cached 1 KiB secrets {results['rss_10k_1KiB_mb']} MB" if "rss_10k_1KiB_mb" in results else ""))
+
+
+if __name__ == "__main__":
+    main()
