@@ -172,10 +172,23 @@ def _secret_response(request: web.Request, body: bytes, content_type: str) -> we
 # --------------------------------------------------------------------------- middleware
 
 
-@web.middleware
-async def guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def guarded(route: str, handler: Handler) -> Handler:
+    """The request checks, error rendering, metrics and access line around one handler.
+
+    A wrapper per route rather than an aiohttp middleware: no middleware chain is built
+    per request, and the route template is a constant here instead of a lookup.
+    """
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        return await guard(request, handler, route)
+
+    return wrapper
+
+
+async def guard(request: web.Request, handler: Handler, route: str) -> web.StreamResponse:
     state = request.app[STATE]
     start = time.perf_counter()
     request_id = state.next_request_id()
@@ -220,8 +233,6 @@ async def guard(
         if reason is not None:
             state.metrics.auth_failures.labels(reason).inc()
     resp.headers["X-Request-Id"] = request_id
-    info = request.match_info.route.resource
-    route = info.canonical if info is not None else "unmatched"
     elapsed = time.perf_counter() - start
     state.metrics.observe_request(route, resp.status, elapsed)
     outcome = ctx.get("cache")
@@ -371,15 +382,27 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "not_ready", "reason": reason}, status=503)
 
 
+async def no_route(_request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("/secrets/{name:.+}", "/secrets/{name}", get_secret),
+    ("/secrets", "/secrets", list_secrets),
+    ("/secretsmanager/get", "/secretsmanager/get", secretsmanager_get),
+    ("/v1/{name:.+}", "/v1/{name}", v1_get),
+    ("/healthz", "/healthz", healthz),
+    ("/ping", "/ping", ping),
+    ("/readyz", "/readyz", readyz),
+)
+
+
 def create_app(state: AgentState) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=1024)
+    app = web.Application(client_max_size=1024)
     app[STATE] = state
-    add = app.router.add_get
-    add("/secrets/{name:.+}", get_secret, allow_head=False)
-    add("/secrets", list_secrets, allow_head=False)
-    add("/secretsmanager/get", secretsmanager_get, allow_head=False)
-    add("/v1/{name:.+}", v1_get, allow_head=False)
-    add("/healthz", healthz, allow_head=False)
-    add("/ping", ping, allow_head=False)
-    add("/readyz", readyz, allow_head=False)
+    # Every method reaches the guard, which answers non-GET with our 405; anything else
+    # falls through to a catch-all that the guard turns into our JSON 404.
+    for path, template, handler in ROUTES:
+        app.router.add_route("*", path, guarded(template, handler))
+    app.router.add_route("*", "/{tail:.*}", guarded("unmatched", no_route))
     return app
