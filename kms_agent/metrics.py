@@ -7,10 +7,17 @@ and an increment. Cache size is read at scrape time by a collector, not on the h
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from kms_agent import __version__
@@ -65,23 +72,61 @@ class _SourceCollector(Collector):
         yield expiry
 
 
+class _HotPathCollector(Collector):
+    """Per-request counters kept as plain ints by the event-loop thread (no locks on the
+    hot path), turned into metric families at scrape time, which runs on the same loop."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, list[Any]] = {}  # route -> [bucket counts, sum]
+        self.cache: dict[str, int] = dict.fromkeys(CACHE_OUTCOMES, 0)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.durations.get(route)
+        if hist is None:
+            hist = self.durations[route] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        hist[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        hist[1] += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "kms_agent_requests", "Requests answered, by route template and status code.",
+            labels=["route", "code"],
+        )  # fmt: skip
+        for (route, status), count in sorted(self.requests.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "kms_agent_request_duration_seconds", "Time to answer a request, by route template.",
+            labels=["route"],
+        )  # fmt: skip
+        for route, (counts, total) in sorted(self.durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(
+                    ("+Inf" if bound == float("inf") else repr(float(bound)), cumulative)
+                )
+            durations.add_metric([route], buckets, total)
+        yield durations
+        cache = CounterMetricFamily(
+            "kms_agent_cache_requests", "Secret reads by how the cache served them.",
+            labels=["outcome"],
+        )  # fmt: skip
+        for outcome, count in self.cache.items():
+            cache.add_metric([outcome], count)
+        yield cache
+
+
 class Metrics:
     """Every metric of one agent, registered on its own registry."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "kms_agent_requests", "Requests answered, by route template and status code.",
-            ["route", "code"], registry=r,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            "kms_agent_request_duration_seconds", "Time to answer a request, by route template.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.cache_requests = Counter(
-            "kms_agent_cache_requests", "Secret reads by how the cache served them.",
-            ["outcome"], registry=r,
-        )  # fmt: skip
+        self._hot = _HotPathCollector()
+        r.register(self._hot)
         self.cache_evictions = Counter(
             "kms_agent_cache_evictions", "Entries removed from the cache, by reason.",
             ["reason"], registry=r,
@@ -119,11 +164,6 @@ class Metrics:
         )  # fmt: skip
         build.labels(__version__, platform.python_version()).set(1)
 
-        # Children resolved once: the request path only looks them up.
-        self._cache_children = {o: self.cache_requests.labels(o) for o in CACHE_OUTCOMES}
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-        for outcome in CACHE_OUTCOMES:
-            self._cache_children[outcome].inc(0)
         for reason in EVICTION_REASONS:
             self.cache_evictions.labels(reason)
         for result in ("success", "error"):
@@ -140,18 +180,10 @@ class Metrics:
         self.registry.register(_CacheCollector(size))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        children = self._request_children.get((route, status))
-        if children is None:
-            children = (
-                self.requests.labels(route, str(status)),
-                self.request_duration.labels(route),
-            )
-            self._request_children[(route, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self._hot.observe(route, status, seconds)
 
     def cache_outcome(self, outcome: str) -> None:
-        self._cache_children[outcome].inc()
+        self._hot.cache[outcome] += 1
 
     def eviction(self, reason: str, count: int) -> None:
         self.cache_evictions.labels(reason).inc(count)

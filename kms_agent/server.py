@@ -175,7 +175,7 @@ def _secret_response(request: web.Request, body: bytes, content_type: str) -> we
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def guarded(route: str, handler: Handler) -> Handler:
+def guarded(route: str, handler: Handler, *, public: bool = False) -> Handler:
     """The request checks, error rendering, metrics and access line around one handler.
 
     A wrapper per route rather than an aiohttp middleware: no middleware chain is built
@@ -183,12 +183,14 @@ def guarded(route: str, handler: Handler) -> Handler:
     """
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
-        return await guard(request, handler, route)
+        return await guard(request, handler, route, public)
 
     return wrapper
 
 
-async def guard(request: web.Request, handler: Handler, route: str) -> web.StreamResponse:
+async def guard(
+    request: web.Request, handler: Handler, route: str, public: bool
+) -> web.StreamResponse:
     state = request.app[STATE]
     start = time.perf_counter()
     request_id = state.next_request_id()
@@ -203,7 +205,7 @@ async def guard(request: web.Request, handler: Handler, route: str) -> web.Strea
                 "requests carrying X-Forwarded-For or Forwarded are refused",
                 hint="call the agent directly on loopback, not through a proxy",
             )
-        if request.path not in PUBLIC_PATHS:
+        if not public:
             state.auth.check(headers)
         if request.method != "GET":
             raise MethodNotAllowed(
@@ -403,6 +405,7 @@ def create_app(state: AgentState) -> web.Application:
     # Every method reaches the guard, which answers non-GET with our 405; anything else
     # falls through to a catch-all that the guard turns into our JSON 404.
     for path, template, handler in ROUTES:
-        app.router.add_route("*", path, guarded(template, handler))
+        public = template in PUBLIC_PATHS
+        app.router.add_route("*", path, guarded(template, handler, public=public))
     app.router.add_route("*", "/{tail:.*}", guarded("unmatched", no_route))
     return app
