@@ -118,21 +118,36 @@ class Cache:
     def peek(self, key: Key) -> Entry | None:
         return self._entries.get(key)
 
+    def fresh(self, key: Key) -> Entry | None:
+        """The hot path: the entry if it is within its TTL (a hit), else None. Synchronous,
+        so a hit costs no coroutine; starts the background refresh when one is due."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.expires_at:
+            return None
+        self._entries.move_to_end(key)
+        entry.read = True
+        if now >= entry.refresh_at and key not in self._inflight:
+            self._start(key, background=True)
+        return entry
+
     async def get(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
         """The entry for ``key`` and how it was obtained; raises AgentError on failure."""
+        if not force_refresh and (hit := self.fresh(key)) is not None:
+            return hit, Outcome.HIT
         now = self._clock()
         entry = self._entries.get(key)
-        if entry is not None and not force_refresh:
-            if now < entry.expires_at:
-                self._entries.move_to_end(key)
-                entry.read = True
-                if now >= entry.refresh_at and key not in self._inflight:
-                    self._start(key, background=True)
-                return entry, Outcome.HIT
-            if now < entry.retry_at and now < entry.stale_until:
-                # A refresh failed moments ago: serve stale without making the caller wait.
-                self._entries.move_to_end(key)
-                return entry, Outcome.STALE
+        if (
+            entry is not None
+            and not force_refresh
+            and now < entry.retry_at
+            and now < entry.stale_until
+        ):
+            # A refresh failed moments ago: serve stale without making the caller wait.
+            self._entries.move_to_end(key)
+            return entry, Outcome.STALE
         if force_refresh:
             self._check_forced(key, now)
         elif (negative := self._negatives.get(key)) is not None:

@@ -146,6 +146,9 @@ async def lookup(
     key: Key = (provider.name, name, version_id, version_stage)
     ctx = request[_CTX]
     ctx["source"] = provider.name
+    if not refresh and (hit := state.cache.fresh(key)) is not None:
+        ctx["cache"] = "hit"
+        return hit
     entry, outcome = await state.cache.get(key, force_refresh=refresh)
     ctx["cache"] = outcome.value
     if outcome is Outcome.STALE:

@@ -63,11 +63,24 @@ def create(
 class Router:
     """First source whose ``match`` globs accept the name wins."""
 
+    #: Names whose route is remembered (routing is glob matching: too slow per request).
+    MEMO_SIZE = 10_000
+
     def __init__(self, sources: list[tuple[tuple[str, ...], Provider]]) -> None:
         self._sources = sources
         self.providers = {provider.name: provider for _, provider in sources}
+        self._memo: dict[str, Provider] = {}
 
     def route(self, name: str) -> Provider:
+        provider = self._memo.get(name)
+        if provider is None:
+            provider = self._route(name)
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[name] = provider
+        return provider
+
+    def _route(self, name: str) -> Provider:
         for globs, provider in self._sources:
             for glob in globs:
                 if fnmatchcase(name, glob):
