@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -40,16 +40,12 @@ from kms_agent.errors import (
     Unavailable,
 )
 from kms_agent.model import STAGE_CURRENT, DataType, SecretMetadata, SecretRecord, SecretValue
-from kms_agent.providers import Changed
+from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import alibaba as acs3
 from kms_agent.upstream import (
-    TokenBucket,
-    UpstreamStats,
     check_endpoint,
     mapped_errors,
-    new_session,
     option,
-    with_retries,
 )
 
 log = structlog.get_logger("kms_agent.providers.alibaba")
@@ -115,7 +111,7 @@ class SharedGateway:
         return resp.status, body, creds
 
 
-class Provider:
+class Provider(CloudProvider):
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -137,15 +133,10 @@ class Provider:
         self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
         self.region = self.region or "cn-hangzhou"
         self.account_id = str(option(opts, "account_id", (str, int), where, "*"))
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, DEFAULT_QPS))
-        if not 0 < qps <= SHARED_GATEWAY_QPS:
-            raise ConfigError(
-                f"{where}.rate_limit_qps: {qps:g} must be above 0 and at most "
-                f"{SHARED_GATEWAY_QPS:g}, the shared gateway's GetSecretValue quota per account "
-                "(shared by all its clients)"
-            )
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        self._limits(
+            opts, where, default_qps=DEFAULT_QPS, max_qps=SHARED_GATEWAY_QPS,
+            why_max="the shared gateway's GetSecretValue quota per account (shared by all clients)",
+        )  # fmt: skip
         table = option(opts, "credentials", dict, where, {})
         if opts:
             raise ConfigError(
@@ -153,9 +144,6 @@ class Provider:
                 "network, endpoint, account_id, rate_limit_qps, timeout_seconds, max_attempts, "
                 "credentials"
             )
-        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
-        self.stats = UpstreamStats()
-        self._session: aiohttp.ClientSession | None = None
         self.credential_type, fetch = alibaba_credentials.resolve(
             table,
             os.environ if environ is None else environ,
@@ -169,16 +157,6 @@ class Provider:
 
     def __repr__(self) -> str:
         return f"alibaba.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session(
-                connect_timeout=min(3.0, self.timeout), total_timeout=self.timeout
-            )
-        return self._session
-
-    def credentials_expiry(self) -> float | None:
-        return self.credentials.expiration
 
     async def open(self) -> None:
         self.gateway = SharedGateway(self.endpoint, self.credentials, self._http())
@@ -194,23 +172,14 @@ class Provider:
     async def _call(self, action: str, params: dict[str, str], name: str = "") -> dict[str, Any]:
         assert self.gateway is not None, "open() first"
         gateway = self.gateway
-        deadline = time.monotonic() + self.timeout
 
         async def attempt(remaining: float) -> dict[str, Any]:
-            if await self.limiter.acquire(deadline):
-                self.stats.rate_limited += 1
-            left = max(0.1, min(remaining, deadline - time.monotonic()))
-            status, body, creds = await gateway.call(action, params, left)
+            status, body, creds = await gateway.call(action, params, remaining)
             if status == 200 and "Code" not in body:
                 return body
             raise self._error(status, body, name, creds)
 
-        return await with_retries(
-            attempt,
-            deadline=deadline,
-            attempts=self.attempts,
-            retryable=lambda e: e.transient,
-        )
+        return await self._limited(attempt)
 
     def _error(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -350,15 +319,6 @@ class Provider:
             await self._call("ListSecrets", {"PageNumber": "1", "PageSize": "1"})
         except AccessDenied:
             return
-
-    def changes(self) -> AsyncIterator[Changed] | None:
-        return None
-
-    async def close(self) -> None:
-        await self.credentials.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _parse_time(text: Any) -> float:

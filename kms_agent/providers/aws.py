@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -30,16 +30,12 @@ from kms_agent.errors import (
     Unavailable,
 )
 from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
-from kms_agent.providers import Changed
+from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import aws as sigv4
 from kms_agent.upstream import (
-    TokenBucket,
-    UpstreamStats,
     check_endpoint,
     mapped_errors,
-    new_session,
     option,
-    with_retries,
 )
 
 log = structlog.get_logger("kms_agent.providers.aws")
@@ -54,7 +50,7 @@ _CREDENTIAL_ERRORS = (
 )
 
 
-class Provider:
+class Provider(CloudProvider):
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -76,9 +72,7 @@ class Provider:
         self.endpoint = check_endpoint(
             endpoint or f"https://secretsmanager.{self.region}.amazonaws.com", f"{where}.endpoint"
         )
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, 50.0))
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        self._limits(opts, where, default_qps=50.0)
         table = option(opts, "credentials", dict, where, {})
         if opts:
             raise ConfigError(
@@ -86,9 +80,6 @@ class Provider:
                 "rate_limit_qps, timeout_seconds, max_attempts, credentials"
             )
         self.host = yarl.URL(self.endpoint).raw_authority
-        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
-        self.stats = UpstreamStats()
-        self._session: aiohttp.ClientSession | None = None
         self.credential_type, fetch = aws_credentials.resolve(
             table, env, region=self.region, session=self._http, where=f"{where}.credentials"
         )
@@ -96,16 +87,6 @@ class Provider:
 
     def __repr__(self) -> str:
         return f"aws.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session(
-                connect_timeout=min(3.0, self.timeout), total_timeout=self.timeout
-            )
-        return self._session
-
-    def credentials_expiry(self) -> float | None:
-        return self.credentials.expiration
 
     async def open(self) -> None:
         self._http()
@@ -155,18 +136,14 @@ class Provider:
         return resp.status, _error_body(text), creds
 
     async def _call(self, action: str, payload: dict[str, Any], name: str = "") -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-
         async def attempt(remaining: float) -> dict[str, Any]:
-            if await self.limiter.acquire(deadline):
-                self.stats.rate_limited += 1
             with mapped_errors(f"AWS Secrets Manager at {self.host}"):
-                status, body, creds = await self._request(action, payload, max(0.1, remaining))
+                status, body, creds = await self._request(action, payload, remaining)
             if status == 200 and isinstance(body, dict):
                 return body
             raise self._error(status, body, name, creds)
 
-        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+        return await self._limited(attempt)
 
     def _error(
         self, status: int, body: dict[str, str], name: str, creds: Credentials
@@ -288,15 +265,6 @@ class Provider:
             await self._call("ListSecrets", {"MaxResults": 1})
         except AccessDenied:
             return
-
-    def changes(self) -> AsyncIterator[Changed] | None:
-        return None
-
-    async def close(self) -> None:
-        await self.credentials.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _error_body(text: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -38,16 +38,12 @@ from kms_agent.errors import (
     Unavailable,
 )
 from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
-from kms_agent.providers import Changed
+from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import huawei as sdk_hmac
 from kms_agent.upstream import (
-    TokenBucket,
-    UpstreamStats,
     check_endpoint,
     mapped_errors,
-    new_session,
     option,
-    with_retries,
 )
 
 log = structlog.get_logger("kms_agent.providers.huawei")
@@ -66,7 +62,7 @@ _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
 STALE_BEFORE = 40 * 60
 
 
-class Provider:
+class Provider(CloudProvider):
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -86,11 +82,7 @@ class Provider:
                 raise ConfigError(f"{where}.region: give the region (like 'cn-north-4')")
             endpoint = f"https://kms.{self.region}.myhuaweicloud.com"
         self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, 50.0))
-        if qps <= 0:
-            raise ConfigError(f"{where}.rate_limit_qps: must be above 0")
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        self._limits(opts, where, default_qps=50.0)
         table = option(opts, "credentials", dict, where, {})
         if opts:
             raise ConfigError(
@@ -98,9 +90,6 @@ class Provider:
                 "project_id, endpoint, rate_limit_qps, timeout_seconds, max_attempts, credentials"
             )
         self.host = yarl.URL(self.endpoint).raw_authority
-        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
-        self.stats = UpstreamStats()
-        self._session: aiohttp.ClientSession | None = None
         self.credential_type, fetch = huawei_credentials.resolve(
             table, env, session=self._http, where=f"{where}.credentials"
         )
@@ -108,16 +97,6 @@ class Provider:
 
     def __repr__(self) -> str:
         return f"huawei.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session(
-                connect_timeout=min(3.0, self.timeout), total_timeout=self.timeout
-            )
-        return self._session
-
-    def credentials_expiry(self) -> float | None:
-        return self.credentials.expiration
 
     async def open(self) -> None:
         self._http()
@@ -167,17 +146,13 @@ class Provider:
     async def _call(
         self, path: str, query: dict[str, str] | None = None, name: str = ""
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-
         async def attempt(remaining: float) -> dict[str, Any]:
-            if await self.limiter.acquire(deadline):
-                self.stats.rate_limited += 1
-            status, body, creds = await self._request(path, query or {}, max(0.1, remaining))
+            status, body, creds = await self._request(path, query or {}, remaining)
             if status == 200:
                 return body
             raise self._error(status, body, name, creds)
 
-        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+        return await self._limited(attempt)
 
     def _error(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -304,15 +279,6 @@ class Provider:
             await self._call(f"/v1/{self.project_id}/secrets", {"limit": "1"})
         except AccessDenied:
             return
-
-    def changes(self) -> AsyncIterator[Changed] | None:
-        return None
-
-    async def close(self) -> None:
-        await self.credentials.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _epoch(value: Any) -> float:

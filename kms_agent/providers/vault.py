@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import structlog
 
 from kms_agent.config import Config, SourceConfig
@@ -35,15 +34,11 @@ from kms_agent.errors import (
     Unavailable,
 )
 from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
-from kms_agent.providers import Changed
+from kms_agent.providers._cloud import CloudProvider
 from kms_agent.upstream import (
-    TokenBucket,
-    UpstreamStats,
     check_endpoint,
     mapped_errors,
-    new_session,
     option,
-    with_retries,
 )
 
 log = structlog.get_logger("kms_agent.providers.vault")
@@ -57,7 +52,7 @@ def _read(path: str) -> str:
     return Path(path).read_text(encoding="utf-8").strip()
 
 
-class Provider:
+class Provider(CloudProvider):
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -86,10 +81,8 @@ class Provider:
         self._secret_id_file = option(opts, "secret_id_file", str, where, None)
         self._role = option(opts, "role", str, where, None)
         self._jwt_file = str(option(opts, "jwt_file", str, where, K8S_JWT))
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, 100.0))
-        ca_file = option(opts, "ca_file", str, where, None)
+        self._limits(opts, where, default_qps=100.0)
+        self.ca_file = option(opts, "ca_file", str, where, None)
         if opts:
             raise ConfigError(f"{where}.{min(opts)}: unknown setting of the vault provider")
         if self.auth == "token" and not (self._token or self._token_file):
@@ -104,28 +97,12 @@ class Provider:
             )
         if self.auth == "kubernetes" and not self._role:
             raise ConfigError(f"{where}.role: kubernetes auth needs the Vault role")
-        self._ca_file = ca_file
-        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
-        self.stats = UpstreamStats()
-        self._session: aiohttp.ClientSession | None = None
         self._renewable = False
         self.logins = 0
         self.credentials = Refreshing(self._authenticate, self.name)
 
     def __repr__(self) -> str:
         return f"vault.Provider({self.name!r}, {self.address!r}, auth={self.auth})"
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session(
-                connect_timeout=min(3.0, self.timeout),
-                total_timeout=self.timeout,
-                ca_file=self._ca_file,
-            )
-        return self._session
-
-    def credentials_expiry(self) -> float | None:
-        return self.credentials.expiration
 
     async def open(self) -> None:
         self._http()
@@ -191,18 +168,14 @@ class Provider:
     # ------------------------------------------------------------------ calls
 
     async def _call(self, path: str, name: str = "") -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-
         async def attempt(_remaining: float) -> dict[str, Any]:
-            if await self.limiter.acquire(deadline):
-                self.stats.rate_limited += 1
             creds = await self.credentials.get()
             status, body = await self._raw("GET", path, creds.access_key_secret)
             if status == 200:
                 return body
             raise self._error(status, body, name, creds)
 
-        return await with_retries(attempt, deadline=deadline, attempts=self.attempts)
+        return await self._limited(attempt)
 
     def _error(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -302,15 +275,6 @@ class Provider:
 
     async def check(self) -> None:
         await self._call("/v1/auth/token/lookup-self")
-
-    def changes(self) -> AsyncIterator[Changed] | None:
-        return None
-
-    async def close(self) -> None:
-        await self.credentials.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _epoch(value: Any) -> float:

@@ -1,0 +1,74 @@
+"""What the cloud providers share: their settings for limits and deadlines, one keep-alive
+session per source, the quota limiter, retries inside the call's deadline, and the
+credentials they keep fresh."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+
+from kms_agent.credentials import Refreshing
+from kms_agent.errors import ConfigError
+from kms_agent.providers import Changed
+from kms_agent.upstream import TokenBucket, UpstreamStats, new_session, option, with_retries
+
+_T = TypeVar("_T")
+
+
+class CloudProvider:
+    """Base of the alibaba, huawei, aws and vault providers (not a provider by itself)."""
+
+    name: str
+    credentials: Refreshing
+    ca_file: str | None = None
+
+    def _limits(
+        self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,
+        why_max: str = "",
+    ) -> None:  # fmt: skip
+        """Read rate_limit_qps, timeout_seconds and max_attempts out of ``opts``."""
+        qps = float(option(opts, "rate_limit_qps", (int, float), where, default_qps))
+        if qps <= 0 or (max_qps is not None and qps > max_qps):
+            bound = f" and at most {max_qps:g}, {why_max}" if max_qps is not None else ""
+            raise ConfigError(f"{where}.rate_limit_qps: {qps:g} must be above 0{bound}")
+        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
+        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+        self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
+        self.stats = UpstreamStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session(
+                connect_timeout=min(3.0, self.timeout),
+                total_timeout=self.timeout,
+                ca_file=self.ca_file,
+            )
+        return self._session
+
+    async def _limited(self, attempt: Callable[[float], Awaitable[_T]]) -> _T:
+        """Run ``attempt(remaining_seconds)`` under the quota limiter, retrying what is
+        retryable with jittered backoff, all inside ``timeout_seconds``."""
+        deadline = time.monotonic() + self.timeout
+
+        async def limited(remaining: float) -> _T:
+            if await self.limiter.acquire(deadline):
+                self.stats.rate_limited += 1
+            return await attempt(max(0.1, min(remaining, deadline - time.monotonic())))
+
+        return await with_retries(limited, deadline=deadline, attempts=self.attempts)
+
+    def credentials_expiry(self) -> float | None:
+        return self.credentials.expiration
+
+    def changes(self) -> AsyncIterator[Changed] | None:
+        return None
+
+    async def close(self) -> None:
+        await self.credentials.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
