@@ -8,6 +8,7 @@ appears in one. End-to-end agents check their own process logs the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import secrets
@@ -258,3 +259,27 @@ def _bao():
     proc.terminate()
     proc.wait(10)
     proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- in-process agent
+
+
+@contextlib.asynccontextmanager
+async def running_agent(tmp_path, text: str = "", env=None, sources=None, loader: bool = False):
+    """A started Agent from config ``text`` on 127.0.0.1 ephemeral ports, stopped after."""
+    from kms_agent.agent import Agent
+    from kms_agent.config import load
+
+    path = tmp_path / "kms.toml"
+    path.write_text(text)
+    environ = {"KMS_TOKEN": TOKEN, "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
+               "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0", "KMS_AGENT_DATA_DIR": str(tmp_path / "d"),
+               **(env or {})}
+    agent = Agent(load(path, environ=environ), environ=environ, sources=sources,
+                  loader=(lambda: load(path, environ=environ)) if loader else None)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        if not agent.state.draining:
+            await agent.stop()

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from kms_agent.errors import AgentError, BadCredentials
+from kms_agent.errors import AgentError, BadCredentials, ConfigError
 
 log = structlog.get_logger("kms_agent.credentials")
 
@@ -27,6 +28,20 @@ MUST_REFRESH_BEFORE = 60
 #: Background refreshes are at least this far apart (short-lived credentials would
 #: otherwise sit in their refresh window and be refreshed on every call).
 MIN_REFRESH_INTERVAL = 60
+
+
+def credential_kind(
+    table: Mapping[str, Any], keys: set[str], kinds: tuple[str, ...], where: str
+) -> str:
+    """Check a ``credentials`` table's keys and return its ``type`` (default "auto")."""
+    unknown = set(table) - keys
+    if unknown:
+        allowed = ", ".join(sorted(keys))
+        raise ConfigError(f"{where}.{min(unknown)}: unknown setting; allowed: {allowed}")
+    kind = table.get("type", "auto")
+    if kind not in kinds:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(kinds)}")
+    return str(kind)
 
 
 class StaleCredentials(BadCredentials):

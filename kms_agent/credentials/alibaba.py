@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from kms_agent.credentials import Credentials, Fetch
+from kms_agent.credentials import Credentials, Fetch, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.upstream import check_endpoint, mapped_errors
 
@@ -65,14 +65,7 @@ def resolve(
     where: str,
 ) -> tuple[str, Fetch]:
     """(description, fetch function) for the configured or discovered credentials."""
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(
-            f"{where}.{min(unknown)}: unknown setting; allowed: {', '.join(sorted(_KEYS))}"
-        )
-    kind = table.get("type", "auto")
-    if kind not in TYPES:
-        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(TYPES)}")
+    kind = credential_kind(table, _KEYS, TYPES, where)
     if kind == "auto":
         if "access_key_id" in table or "credentials_file" in table or environ.get(ENV_AK):
             kind = "access_key"

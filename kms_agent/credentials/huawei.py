@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from kms_agent.credentials import Credentials, Fetch
+from kms_agent.credentials import Credentials, Fetch, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.upstream import mapped_errors
 
@@ -33,13 +33,7 @@ def resolve(
     session: Callable[[], aiohttp.ClientSession],
     where: str,
 ) -> tuple[str, Fetch]:
-    unknown = set(table) - _KEYS
-    if unknown:
-        allowed = ", ".join(sorted(_KEYS))
-        raise ConfigError(f"{where}.{min(unknown)}: unknown setting; allowed: {allowed}")
-    kind = table.get("type", "auto")
-    if kind not in TYPES:
-        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(TYPES)}")
+    kind = credential_kind(table, _KEYS, TYPES, where)
     if kind == "auto":
         kind = "aksk" if ("ak" in table or environ.get(ENV_AK)) else "ecs"
     if kind == "aksk":

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from kms_agent import cli
 from kms_agent.agent import Agent
-from kms_agent.config import load
-from tests.conftest import PLANTED, TOKEN
+from tests.conftest import PLANTED, TOKEN, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 AIGW_ONLY = {
@@ -43,23 +39,7 @@ match = ["*"]
 """
 
 
-@contextlib.asynccontextmanager
-async def agent_for(tmp_path: Path, text: str, env: dict[str, str]) -> AsyncIterator[Agent]:
-    path = tmp_path / "kms.toml"
-    path.write_text(text)
-    environ = {
-        "KMS_TOKEN": TOKEN,
-        "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
-        "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0",
-        "KMS_AGENT_DATA_DIR": str(tmp_path / "data"),
-        **env,
-    }
-    agent = Agent(load(path, environ=environ), environ=environ)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.stop()
+agent_for = running_agent
 
 
 def ak_env(kms) -> dict[str, str]:

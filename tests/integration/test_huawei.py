@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from kms_agent import cli
 from kms_agent.agent import Agent
-from kms_agent.config import load
-from tests.conftest import PLANTED, TOKEN
+from tests.conftest import PLANTED, TOKEN, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -33,18 +29,7 @@ match = ["*"]
 """
 
 
-@contextlib.asynccontextmanager
-async def agent_for(tmp_path: Path, text: str, env: dict[str, str]) -> AsyncIterator[Agent]:
-    path = tmp_path / "kms.toml"
-    path.write_text(text)
-    environ = {"KMS_TOKEN": TOKEN, "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
-               "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0", "KMS_AGENT_DATA_DIR": str(tmp_path / "d"), **env}
-    agent = Agent(load(path, environ=environ), environ=environ)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.stop()
+agent_for = running_agent
 
 
 def aksk(csms, readable=("*",)) -> dict[str, str]:

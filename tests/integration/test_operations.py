@@ -7,14 +7,12 @@ can hold requests in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,10 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kms_agent.agent import Agent
-from kms_agent.config import Config, SourceConfig, load
+from kms_agent.config import SourceConfig, load
 from kms_agent.errors import Unavailable
 from kms_agent.providers.local import Provider as LocalProvider
-from tests.conftest import PLANTED, TOKEN, ScriptedProvider
+from tests.conftest import PLANTED, TOKEN, ScriptedProvider, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -43,22 +41,9 @@ def agent_config(tmp_path: Path, text: str = "", **env: str) -> tuple[Path, dict
     return path, environ
 
 
-@contextlib.asynccontextmanager
-async def running(
-    tmp_path: Path, provider: ScriptedProvider, text: str = "", **env: str
-) -> AsyncIterator[Agent]:
-    path, environ = agent_config(tmp_path, text, **env)
-
-    def loader() -> Config:
-        return load(path, environ=environ)
-
-    agent = Agent(loader(), loader=loader, environ=environ, sources=[(("*",), provider)])
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        if not agent.state.draining:
-            await agent.stop()
+def running(tmp_path: Path, provider: ScriptedProvider, text: str = "", **env: str):
+    """The agent in process with ``provider`` behind every name, reloadable from ``text``."""
+    return running_agent(tmp_path, text, env, sources=[(("*",), provider)], loader=True)
 
 
 def url(agent: Agent, path: str) -> str:

@@ -8,35 +8,20 @@ import base64
 import contextlib
 import json
 import secrets as pysecrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import boto3
 import pytest
 
 from kms_agent.agent import Agent
-from kms_agent.config import load
 from kms_agent.signing import aws as sigv4
 from kms_agent.store import LocalStore
-from tests.conftest import PLANTED, TOKEN
+from tests.conftest import PLANTED, TOKEN, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 
 
-@contextlib.asynccontextmanager
-async def agent_for(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> AsyncIterator[Agent]:
-    path = tmp_path / "kms.toml"
-    path.write_text(text)
-    environ = {"KMS_TOKEN": TOKEN, "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
-               "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0", "KMS_AGENT_DATA_DIR": str(tmp_path / "d"),
-               **(env or {})}
-    agent = Agent(load(path, environ=environ), environ=environ)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.stop()
+agent_for = running_agent
 
 
 async def get(agent: Agent, path: str) -> tuple[int, bytes]:
