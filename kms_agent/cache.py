@@ -137,6 +137,11 @@ class Cache:
         """The entry for ``key`` and how it was obtained; raises AgentError on failure."""
         if not force_refresh and (hit := self.fresh(key)) is not None:
             return hit, Outcome.HIT
+        return await self.load(key, force_refresh=force_refresh)
+
+    async def load(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
+        """Everything but a fresh hit (for callers that ran :meth:`fresh` already): stale
+        after a recent failure, the negative cache, or a (shared) fetch."""
         now = self._clock()
         entry = self._entries.get(key)
         if (

@@ -149,7 +149,7 @@ async def lookup(
     if not refresh and (hit := state.cache.fresh(key)) is not None:
         ctx["cache"] = "hit"
         return hit
-    entry, outcome = await state.cache.get(key, force_refresh=refresh)
+    entry, outcome = await state.cache.load(key, force_refresh=refresh)
     ctx["cache"] = outcome.value
     if outcome is Outcome.STALE:
         ctx["age"] = state.cache.now() - entry.fetched_at

@@ -87,7 +87,6 @@ class Refreshing:
         self._current: Credentials | None = None
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
-        self.refreshes = 0
         self._refreshed_at = -1e18
 
     @property
@@ -144,7 +143,6 @@ class Refreshing:
                 ) from exc
             self._current = fresh
             self._refreshed_at = self._clock()
-            self.refreshes += 1
             log.info(
                 "credentials_refreshed",
                 source=self.name,
