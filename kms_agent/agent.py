@@ -37,6 +37,7 @@ from kms_agent.auth import (
 from kms_agent.cache import Cache, Key
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
+from kms_agent.fastpath import AgentRunner, FastServer
 from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
 from kms_agent.server import STATE, AgentState, create_app, healthz, readyz
@@ -130,7 +131,7 @@ class Agent:
         self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
         self._watch_task: asyncio.Task[None] | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: AgentRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._state: AgentState | None = None
@@ -240,7 +241,7 @@ class Agent:
     async def _listen(self, state: AgentState) -> None:
         config = state.config
         server_cfg = config.server
-        self._runner = web.AppRunner(
+        self._runner = AgentRunner(
             create_app(state),
             shutdown_timeout=server_cfg.shutdown_grace,
             access_log=None,
@@ -252,12 +253,12 @@ class Agent:
         )
         await self._runner.setup()
         handler = self._runner.server
-        assert handler is not None
+        assert isinstance(handler, FastServer)
 
         def factory() -> asyncio.BaseProtocol:
-            if len(handler.connections) >= state.config.server.max_connections:
+            if handler.open_connections() >= state.config.server.max_connections:
                 return _Refuse503()
-            return handler()
+            return handler()  # type: ignore[no-any-return]
 
         try:
             server = await self._bind(factory, server_cfg.address)

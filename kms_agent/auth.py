@@ -139,11 +139,13 @@ def ensure_generated_token(runtime_dir: Path) -> Path:
 class Authenticator:
     """Checks a request's token headers against the current token set."""
 
-    __slots__ = ("_headers", "_tokens")
+    __slots__ = ("_headers", "_tokens", "header_keys")
 
     def __init__(self, headers: tuple[str, ...], tokens: TokenSet) -> None:
         self._headers = headers
         self._tokens = tokens
+        #: The token headers as lower-case bytes, for callers holding raw headers.
+        self.header_keys = tuple(h.lower().encode("latin-1") for h in headers)
 
     def __repr__(self) -> str:
         return f"Authenticator(headers={self._headers!r}, {self._tokens!r})"
@@ -157,6 +159,15 @@ class Authenticator:
         self._tokens = tokens
         if headers is not None:
             self._headers = headers
+            self.header_keys = tuple(h.lower().encode("latin-1") for h in headers)
+
+    def accepts(self, candidate: bytes) -> bool:
+        """Whether ``candidate`` is one of the tokens. Every token is compared, in constant
+        time, so the answer's timing says nothing about which (or how much) matched."""
+        ok = False
+        for token in self._tokens.tokens:
+            ok |= hmac.compare_digest(candidate, token)
+        return ok
 
     def check(self, headers: Mapping[str, str]) -> None:
         """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted."""
@@ -171,11 +182,7 @@ class Authenticator:
                 hint=f"send the token in the {self._headers[0]} header; "
                 "it is in the agent's token file",
             )
-        candidate = presented.encode("utf-8", "surrogateescape")
-        ok = False
-        for token in self._tokens.tokens:  # every token compared: timing says nothing
-            ok |= hmac.compare_digest(candidate, token)
-        if not ok:
+        if not self.accepts(presented.encode("utf-8", "surrogateescape")):
             raise Forbidden(
                 "the token is not valid",
                 hint="re-read the token file; it may have been rotated",

@@ -98,6 +98,7 @@ class ServerConfig:
     drain_delay: float = field(default=0.0, metadata=_meta(lo=0, hi=600, duration=True))
     keepalive_timeout: float = field(default=15.0, metadata=_meta(lo=0, hi=3600, duration=True))
     max_header_bytes: int = field(default=8190, metadata=_meta(lo=1024, hi=65536))
+    fast_path: bool = True
 
     @property
     def address(self) -> ListenAddress:

@@ -44,7 +44,7 @@ errlog = structlog.get_logger("kms_agent.server")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/ping", "/readyz"})
 NO_STORE = "no-store"
-_VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TRUE = {"true": True, "false": False, "1": True, "0": False}
 
 
@@ -125,7 +125,7 @@ def _version_part(params: Mapping[str, str], key: str) -> str | None:
     text = params.get(key)
     if text is None:
         return None
-    if _VERSION_RE.fullmatch(text) is None:
+    if VERSION_RE.fullmatch(text) is None:
         raise BadRequest(
             f"query parameter {key}={text[:80]!r} is not valid",
             hint="version ids and stages are 1-128 letters, digits, '.', '_' or '-'",
@@ -156,9 +156,11 @@ async def lookup(
     return entry
 
 
-def _body(entry: Entry, shape: str, build: Callable[[SecretRecord], bytes]) -> bytes:
+def shape_body(entry: Entry, shape: str) -> bytes:
+    """``entry``'s body in ``shape`` ("native" or a compat shape), rendered once per entry."""
     body = entry.bodies.get(shape)
     if body is None:
+        build = render.native if shape == "native" else render.COMPAT[shape]
         body = entry.bodies[shape] = build(entry.record)
     return body
 
@@ -292,7 +294,7 @@ async def get_secret(request: web.Request) -> web.StreamResponse:
         return _secret_response(
             request, render.native_stale(record, request[_CTX]["age"]), render.JSON_TYPE
         )
-    return _secret_response(request, _body(entry, "native", render.native), render.JSON_TYPE)
+    return _secret_response(request, shape_body(entry, "native"), render.JSON_TYPE)
 
 
 def _field_response(
@@ -340,7 +342,7 @@ async def _compat(request: web.Request, name: str, params: Mapping[str, str]) ->
         _flag(params, "refreshNow"),
     )
     shape = state.config.server.response_type
-    return _secret_response(request, _body(entry, shape, render.COMPAT[shape]), render.JSON_TYPE)
+    return _secret_response(request, shape_body(entry, shape), render.JSON_TYPE)
 
 
 async def secretsmanager_get(request: web.Request) -> web.StreamResponse:

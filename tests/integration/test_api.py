@@ -9,6 +9,7 @@ from dataclasses import replace
 from urllib.parse import quote
 
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from kms_agent.config import AuthConfig, Config, ServerConfig
 from kms_agent.errors import AccessDenied, Unavailable, UpstreamTimeout
 from kms_agent.model import SecretRecord, SecretValue
 from kms_agent.providers import Router
+from kms_agent.fastpath import AgentRunner
 from kms_agent.server import AgentState, create_app
 from tests.conftest import PLANTED, TOKEN, FakeClock, ScriptedProvider
 
@@ -44,9 +46,29 @@ def _state(provider, clock):
     return make_state(provider, clock)
 
 
+class AgentTestServer(TestServer):
+    """aiohttp's test server with the agent's runner: the fast path in front of the app."""
+
+    async def _make_runner(self, **kwargs):
+        return AgentRunner(self.app, **kwargs)
+
+
+@pytest.fixture(name="serve", params=["fast", "aiohttp"])
+def _serve(request, aiohttp_client):
+    """Serve a state the way the agent does; every test here runs with the fast path in
+    front of the aiohttp application and again with aiohttp alone (server.fast_path)."""
+    fast = request.param == "fast"
+
+    async def serve(state: AgentState):
+        state.config = replace(state.config, server=replace(state.config.server, fast_path=fast))
+        return await aiohttp_client(AgentTestServer(create_app(state)))
+
+    return serve
+
+
 @pytest.fixture(name="client")
-async def _client(aiohttp_client, state):
-    return await aiohttp_client(create_app(state))
+async def _client(serve, state):
+    return await serve(state)
 
 
 async def error_of(resp, status: int, code: str) -> dict:
@@ -116,10 +138,10 @@ async def test_v1_path_form(client):
 
 
 @pytest.mark.parametrize("shape", ["kms", "vault"])
-async def test_compat_response_types(aiohttp_client, provider, clock, shape):
+async def test_compat_response_types(serve, provider, clock, shape):
     """server.response_type switches the compat shape to Alibaba KMS or Vault KV v2."""
     provider.values["db"] = json.dumps({"password": PLANTED})
-    client = await aiohttp_client(create_app(make_state(provider, clock, response_type=shape)))
+    client = await serve(make_state(provider, clock, response_type=shape))
     body = await (await client.get("/secretsmanager/get?secretId=db", headers=H)).json()
     if shape == "kms":
         assert body["SecretName"] == "db"
@@ -131,7 +153,7 @@ async def test_compat_response_types(aiohttp_client, provider, clock, shape):
         assert "version" in body["data"]["metadata"]
 
 
-async def test_binary_secret_raw_and_base64(aiohttp_client, clock):
+async def test_binary_secret_raw_and_base64(serve, clock):
     """Binary values: raw bytes as octet-stream; base64 in JSON and SecretBinary."""
     blob = bytes(range(256))
 
@@ -139,7 +161,7 @@ async def test_binary_secret_raw_and_base64(aiohttp_client, clock):
         async def get(self, name, *, version_id=None, version_stage=None):
             return SecretRecord(name, SecretValue(blob), "binary", "v1", ("ACSCurrent",), 0.0, self.name)
 
-    client = await aiohttp_client(create_app(make_state(BinaryProvider(), clock)))
+    client = await serve(make_state(BinaryProvider(), clock))
     resp = await client.get("/secrets/cert?format=raw", headers=H)
     assert resp.content_type == "application/octet-stream"
     assert await resp.read() == blob
@@ -279,12 +301,12 @@ async def test_access_log_line_per_miss_and_hits_counted(client, state, log_capt
     assert state.hit_counts == {"/secrets/{name}": 2}
 
 
-async def test_every_hit_logged_when_asked(aiohttp_client, provider, clock, log_capture):
+async def test_every_hit_logged_when_asked(serve, provider, clock, log_capture):
     """logging.log_hits = true writes a line for every hit too."""
     provider.values["db"] = PLANTED
     state = make_state(provider, clock)
     state.config = replace(state.config, logging=replace(state.config.logging, log_hits=True))
-    client = await aiohttp_client(create_app(state))
+    client = await serve(state)
     before = len(log_capture.getvalue())
     for _ in range(2):
         await client.get("/secrets/db", headers=H)
@@ -321,12 +343,12 @@ async def test_fuzz_never_answers_500(client, route, tail, query):
 
 
 async def test_1000_concurrent_http_requests_for_a_cold_key_make_one_provider_call(
-    aiohttp_client, provider, clock
+    serve, provider, clock
 ):
     """Acceptance: 1,000 concurrent requests for a cold key cause exactly one provider call."""
     provider.values["cold"] = PLANTED
     provider.gate = asyncio.Event()
-    client = await aiohttp_client(create_app(make_state(provider, clock)))
+    client = await serve(make_state(provider, clock))
 
     async def one() -> tuple[int, bytes]:
         resp = await client.get("/secrets/cold?format=raw", headers=H)

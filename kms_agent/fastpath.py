@@ -1,0 +1,381 @@
+"""The cache-hit fast path: hot GETs answered from the cache before aiohttp sees them.
+
+A node agent spends most of its life answering cache hits, and aiohttp's request machinery
+costs more per hit than everything the agent itself does. So each connection starts on a
+small protocol that parses with llhttp (``httptools``) and answers, from bytes prebuilt per
+cache entry, exactly the requests whose answer is a fresh cache hit:
+
+* one complete ``GET`` in HTTP/1.1 with keep-alive, no body, no ``Expect``, no forwarding
+  headers, no repeated header, within the header limits;
+* a token that the :class:`~kms_agent.auth.Authenticator` accepts;
+* ``/secrets/{name}``, ``/secretsmanager/get`` or ``/v1/{name}`` with plain parameters
+  (no percent-escapes, each ``key=value`` once, values that pass the same checks);
+* a key the cache holds fresh (no refresh, no stale value, no ``field=``).
+
+Anything else — a miss, an error, a forced refresh, a pipelined or partial request, a
+parse error, any doubt — hands the connection over to aiohttp's own protocol with every
+byte of the unanswered request, and aiohttp serves that connection from then on. So every
+answer but a fresh hit comes from the aiohttp application, unchanged, and a fast answer
+carries the same status, headers and body the application would have sent (a test compares
+them). It never parses HTTP by hand and never answers anything it is unsure of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from email.utils import formatdate
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from kms_agent import render
+from kms_agent.cache import Entry
+from kms_agent.errors import AgentError
+from kms_agent.model import NAME_RE
+from kms_agent.server import STATE, VERSION_RE, AgentState, shape_body
+
+_REFUSED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"expect"})
+_NATIVE = frozenset({b"version_id", b"version_stage", b"refresh", b"format", b"field"})
+_COMPAT = frozenset({b"secretId", b"versionId", b"versionStage", b"refreshNow"})
+_V1 = frozenset({b"versionId", b"versionStage", b"refreshNow"})
+_FALSE = frozenset({b"false", b"0", b"False", b"FALSE"})
+_SERVER = SERVER_SOFTWARE.encode()
+#: Bytes of one unanswered request kept before handing over to aiohttp regardless.
+_MAX_PENDING = 16384
+
+
+class FastServer(web.Server):
+    """aiohttp's server with the fast path in front of each new connection.
+
+    It counts fast connections beside aiohttp's, closes them on shutdown as aiohttp closes
+    its idle ones, and closes those idle past ``keepalive_timeout`` as aiohttp would.
+    """
+
+    def __init__(self, *args: Any, state: AgentState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = state
+        self.fast: dict[FastConnection, None] = {}
+        #: Requests answered by the fast path (read by tests and the bench).
+        self.served = 0
+        self.keepalive_timeout = float(kwargs.get("keepalive_timeout", 75.0))
+        self.max_line = int(kwargs.get("max_line_size", 8190))
+        self.max_field = int(kwargs.get("max_field_size", 8190))
+        self.max_headers = int(kwargs.get("max_headers", 32))
+        self._date_at = 0
+        self._tail = b""
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> Any:
+        if not self.state.config.server.fast_path:
+            return super().__call__()
+        return FastConnection(self)
+
+    def handler(self) -> asyncio.Protocol:
+        """A fresh aiohttp protocol, for a connection the fast path hands over."""
+        return super().__call__()
+
+    def open_connections(self) -> int:
+        return len(self.connections) + len(self.fast)
+
+    def pre_shutdown(self) -> None:
+        # Fast connections are idle between requests by construction: close them all.
+        for conn in list(self.fast):
+            conn.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        super().pre_shutdown()
+
+    # ------------------------------------------------------------------ connections
+
+    def opened(self, conn: FastConnection) -> None:
+        self.fast[conn] = None
+        if self._sweep is None and self.keepalive_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(self.keepalive_timeout / 2, self._close_idle)
+
+    def _close_idle(self) -> None:
+        deadline = time.monotonic() - self.keepalive_timeout
+        for conn in [c for c in self.fast if c.last_active < deadline]:
+            conn.close()
+        self._sweep = None
+        if self.fast:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(self.keepalive_timeout / 2, self._close_idle)
+
+    def tail(self) -> bytes:
+        """``Date`` and ``Server`` and the blank line, rebuilt once a second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._tail = b"\r\nDate: %s\r\nServer: %s\r\n\r\n" % (
+                formatdate(now, usegmt=True).encode(),
+                _SERVER,
+            )
+        return self._tail
+
+    # ------------------------------------------------------------------ the answer
+
+    def answer(self, url: bytes, headers: dict[bytes, bytes]) -> bytes | None:
+        """The whole response for a fresh cache hit, or None to let aiohttp answer."""
+        state = self.state
+        start = time.perf_counter()
+        if not _REFUSED_HEADERS.isdisjoint(headers) or state.config.logging.log_hits:
+            return None
+        auth = state.auth
+        presented = None
+        for name in auth.header_keys:
+            presented = headers.get(name)
+            if presented is not None:
+                break
+        if presented is None or not auth.accepts(presented):
+            return None
+        if not url.startswith(b"/") or b"%" in url or b"+" in url or b"#" in url:
+            return None
+        path, _, query = url.partition(b"?")
+        if b"//" in path or b"/." in path:
+            return None  # aiohttp normalises such paths: let it
+        params = _params(query)
+        if params is None:
+            return None
+        get = params.get
+        if path.startswith(b"/secrets/"):
+            route, name = "/secrets/{name}", path[9:]
+            fmt = get(b"format", b"json")
+            if (
+                not params.keys() <= _NATIVE
+                or get(b"refresh", b"false") not in _FALSE
+                or fmt not in (b"json", b"raw")
+            ):
+                return None
+            entry = self._lookup(name, get(b"version_id"), get(b"version_stage"))
+            shape = "raw" if fmt == b"raw" else "native"
+        else:
+            if path.startswith(b"/v1/"):
+                route, allowed, name = "/v1/{name}", _V1, path[4:]
+            elif path == b"/secretsmanager/get":
+                route, allowed, name = "/secretsmanager/get", _COMPAT, get(b"secretId", b"")
+            else:
+                return None
+            if not params.keys() <= allowed or get(b"refreshNow", b"false") not in _FALSE:
+                return None
+            entry = self._lookup(name, get(b"versionId"), get(b"versionStage"))
+            shape = state.config.server.response_type
+        if entry is None:
+            return None
+        bodies = entry.bodies
+        head = bodies.get("head:" + shape) or _prebuild(entry, shape)
+        body = entry.record.value.reveal() if shape == "raw" else bodies[shape]
+        response = b"".join((head, state.next_request_id().encode(), self.tail(), body))
+        metrics = state.metrics
+        metrics.observe_request(route, 200, time.perf_counter() - start)
+        metrics.cache_outcome("hit")
+        hits = state.hit_counts
+        hits[route] = hits.get(route, 0) + 1
+        self.served += 1
+        return response
+
+    def _lookup(
+        self, name_bytes: bytes, version_id: bytes | None, version_stage: bytes | None
+    ) -> Entry | None:
+        """The fresh cache entry for this name and version, after the handlers' checks."""
+        if not name_bytes.isascii():
+            return None
+        name = name_bytes.decode()
+        if NAME_RE.fullmatch(name) is None:
+            return None
+        selectors: list[str | None] = []
+        for part in (version_id, version_stage):
+            if part is None:
+                selectors.append(None)
+                continue
+            text = part.decode("latin-1")
+            if VERSION_RE.fullmatch(text) is None:
+                return None
+            selectors.append(text)
+        state = self.state
+        try:
+            provider = state.router.route(name)
+        except AgentError:
+            return None
+        return state.cache.fresh((provider.name, name, selectors[0], selectors[1]))
+
+
+def _params(query: bytes) -> dict[bytes, bytes] | None:
+    """``k=v&k=v`` with each key once and nothing unusual, else None (aiohttp decides)."""
+    out: dict[bytes, bytes] = {}
+    if not query:
+        return out
+    for part in query.split(b"&"):
+        key, eq, value = part.partition(b"=")
+        if not key or not eq or key in out:
+            return None
+        out[key] = value
+    return out
+
+
+def _prebuild(entry: Entry, shape: str) -> bytes:
+    """The status line and fixed headers of a hit in ``shape``, kept with the entry; the
+    request id, date and body follow it. The same headers aiohttp writes for the handler's
+    response, in the same order."""
+    record = entry.record
+    if shape == "raw":
+        size = len(record.value)
+        content_type = (
+            b"text/plain; charset=utf-8"
+            if record.data_type == "text"
+            else b"application/octet-stream"
+        )
+    else:
+        size = len(shape_body(entry, shape))
+        content_type = render.JSON_TYPE.encode()
+    head = (
+        b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: %s\r\n"
+        b"Content-Length: %d\r\nX-Request-Id: " % (content_type, size)
+    )
+    entry.bodies["head:" + shape] = head
+    return head
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, on the fast path until a request needs aiohttp."""
+
+    __slots__ = (
+        "_begun",
+        "_done",
+        "_headers",
+        "_odd",
+        "_parser",
+        "_pending",
+        "_server",
+        "_transport",
+        "_url",
+        "last_active",
+    )
+
+    def __init__(self, server: FastServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending = b""
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._begun = 0
+        self._done = 0
+        self._odd = False
+        self.last_active = time.monotonic()
+
+    # ------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)  # uvloop's is no subclass
+        self._server.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.fast.pop(self, None)
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        pending = self._pending + data if self._pending else data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._hand_over(pending)
+            return
+        if self._done == 0 and not self._odd and len(pending) <= _MAX_PENDING:
+            self._pending = pending  # the rest of the request is still to come
+            return
+        server = self._server
+        response = None
+        if self._done == 1 and self._begun == 1 and not self._odd:
+            try:
+                response = server.answer(self._url, self._headers)
+            except Exception:  # never answer a request wrongly: aiohttp answers it instead
+                response = None
+        if response is None:
+            self._hand_over(pending)
+            return
+        transport = self._transport
+        assert transport is not None
+        transport.write(response)
+        self._pending = b""
+        self._url = b""
+        self._headers = {}
+        self._begun = self._done = 0
+        self.last_active = time.monotonic()
+
+    # ------------------------------------------------------------------ llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._server.max_line:
+            self._odd = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        headers = self._headers
+        if (
+            key in headers
+            or len(headers) >= self._server.max_headers
+            or len(name) + len(value) + 2 > self._server.max_field
+        ):
+            self._odd = True
+        headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if (
+            parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+        ):
+            self._odd = True
+
+    def on_body(self, body: bytes) -> None:
+        self._odd = True
+
+    def on_message_complete(self) -> None:
+        self._done += 1
+
+    # ------------------------------------------------------------------ hand-over
+
+    def _hand_over(self, pending: bytes) -> None:
+        """aiohttp serves this connection from here on, starting with ``pending``."""
+        transport = self._transport
+        server = self._server
+        server.fast.pop(self, None)
+        if transport is None or transport.is_closing():
+            return
+        self._transport = None
+        handler = server.handler()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if pending:
+            handler.data_received(pending)
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
+
+
+class AgentRunner(web.AppRunner):
+    """An AppRunner whose server is a :class:`FastServer`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return FastServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            loop=asyncio.get_running_loop(),
+            state=self.app[STATE],
+            **self._kwargs,
+        )
