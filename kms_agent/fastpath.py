@@ -10,14 +10,18 @@ cache entry, exactly the requests whose answer is a fresh cache hit:
 * a token that the :class:`~kms_agent.auth.Authenticator` accepts;
 * ``/secrets/{name}``, ``/secretsmanager/get`` or ``/v1/{name}`` with plain parameters
   (no percent-escapes, each ``key=value`` once, values that pass the same checks);
-* a key the cache holds fresh (no refresh, no stale value, no ``field=``).
+* no forced refresh and no ``field=``.
 
-Anything else — a miss, an error, a forced refresh, a pipelined or partial request, a
-parse error, any doubt — hands the connection over to aiohttp's own protocol with every
-byte of the unanswered request, and aiohttp serves that connection from then on. So every
-answer but a fresh hit comes from the aiohttp application, unchanged, and a fast answer
-carries the same status, headers and body the application would have sent (a test compares
-them). It never parses HTTP by hand and never answers anything it is unsure of.
+A fresh hit is answered at once. A miss is loaded through the cache (single flight, as
+always); if that gives a fresh value it is answered the same way, so an application's
+connection stays on the fast path after its first read of a secret. Anything else — an
+error or a stale value from that load, a forced refresh, a pipelined request, a parse
+error, any doubt — hands the connection over to aiohttp's own protocol with every byte of
+the unanswered request (and the load's outcome, so nothing is fetched twice), and aiohttp
+serves that connection from then on. Every answer but a fresh value therefore comes from
+the aiohttp application, unchanged, and a fast answer carries the same status, headers and
+body the application would have sent (a test compares them). Metrics and access lines go
+through the same :func:`~kms_agent.server.account`. It never parses HTTP by hand.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -33,13 +38,13 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from kms_agent import render
-from kms_agent.cache import Entry
+from kms_agent.cache import Entry, Key, Outcome
 from kms_agent.errors import AgentError
 from kms_agent.model import NAME_RE
-from kms_agent.server import STATE, VERSION_RE, AgentState, shape_body
+from kms_agent.server import STATE, VERSION_RE, AgentState, Loaded, account, shape_body
 
 _REFUSED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"expect"})
-_NATIVE = frozenset({b"version_id", b"version_stage", b"refresh", b"format", b"field"})
+_NATIVE = frozenset({b"version_id", b"version_stage", b"refresh", b"format"})  # no field=
 _COMPAT = frozenset({b"secretId", b"versionId", b"versionStage", b"refreshNow"})
 _V1 = frozenset({b"versionId", b"versionStage", b"refreshNow"})
 _FALSE = frozenset({b"false", b"0", b"False", b"FALSE"})
@@ -68,6 +73,9 @@ class FastServer(web.Server):
         self._date_at = 0
         self._tail = b""
         self._sweep: asyncio.TimerHandle | None = None
+        #: Misses being loaded for fast connections; awaited at shutdown.
+        self.loading: set[asyncio.Task[None]] = set()
+        self.closing = False
 
     def __call__(self) -> Any:
         if not self.state.config.server.fast_path:
@@ -82,13 +90,26 @@ class FastServer(web.Server):
         return len(self.connections) + len(self.fast)
 
     def pre_shutdown(self) -> None:
-        # Fast connections are idle between requests by construction: close them all.
+        # Idle connections close now; one loading a miss closes once it has answered.
+        self.closing = True
         for conn in list(self.fast):
-            conn.close()
+            if conn.idle:
+                conn.close()
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
         super().pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """In-flight fast loads finish first (within ``timeout``), then aiohttp's."""
+        if self.loading:
+            await asyncio.wait(list(self.loading), timeout=timeout)
+        await super().shutdown(timeout)
+
+    def load(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.loading.add(task)
+        task.add_done_callback(self.loading.discard)
 
     # ------------------------------------------------------------------ connections
 
@@ -100,8 +121,11 @@ class FastServer(web.Server):
 
     def _close_idle(self) -> None:
         deadline = time.monotonic() - self.keepalive_timeout
-        for conn in [c for c in self.fast if c.last_active < deadline]:
+        for conn in [c for c in self.fast if c.idle and c.last_active < deadline]:
             conn.close()
+        handed = self.state.handed
+        for transport in [t for t in handed if cast("asyncio.Transport", t).is_closing()]:
+            del handed[transport]  # aiohttp refused the request before its lookup
         self._sweep = None
         if self.fast:
             loop = asyncio.get_running_loop()
@@ -120,10 +144,9 @@ class FastServer(web.Server):
 
     # ------------------------------------------------------------------ the answer
 
-    def answer(self, url: bytes, headers: dict[bytes, bytes]) -> bytes | None:
-        """The whole response for a fresh cache hit, or None to let aiohttp answer."""
+    def route(self, url: bytes, headers: dict[bytes, bytes]) -> tuple[str, Key, str] | None:
+        """``(route, cache key, shape)`` for a request the fast path may answer, else None."""
         state = self.state
-        start = time.perf_counter()
         if not _REFUSED_HEADERS.isdisjoint(headers) or state.config.logging.log_hits:
             return None
         auth = state.auth
@@ -152,7 +175,7 @@ class FastServer(web.Server):
                 or fmt not in (b"json", b"raw")
             ):
                 return None
-            entry = self._lookup(name, get(b"version_id"), get(b"version_stage"))
+            key = self._key(name, get(b"version_id"), get(b"version_stage"))
             shape = "raw" if fmt == b"raw" else "native"
         else:
             if path.startswith(b"/v1/"):
@@ -163,26 +186,16 @@ class FastServer(web.Server):
                 return None
             if not params.keys() <= allowed or get(b"refreshNow", b"false") not in _FALSE:
                 return None
-            entry = self._lookup(name, get(b"versionId"), get(b"versionStage"))
+            key = self._key(name, get(b"versionId"), get(b"versionStage"))
             shape = state.config.server.response_type
-        if entry is None:
+        if key is None:
             return None
-        bodies = entry.bodies
-        head = bodies.get("head:" + shape) or _prebuild(entry, shape)
-        body = entry.record.value.reveal() if shape == "raw" else bodies[shape]
-        response = b"".join((head, state.next_request_id().encode(), self.tail(), body))
-        metrics = state.metrics
-        metrics.observe_request(route, 200, time.perf_counter() - start)
-        metrics.cache_outcome("hit")
-        hits = state.hit_counts
-        hits[route] = hits.get(route, 0) + 1
-        self.served += 1
-        return response
+        return route, key, shape
 
-    def _lookup(
+    def _key(
         self, name_bytes: bytes, version_id: bytes | None, version_stage: bytes | None
-    ) -> Entry | None:
-        """The fresh cache entry for this name and version, after the handlers' checks."""
+    ) -> Key | None:
+        """The cache key for this name and version, after the handlers' checks."""
         if not name_bytes.isascii():
             return None
         name = name_bytes.decode()
@@ -197,12 +210,34 @@ class FastServer(web.Server):
             if VERSION_RE.fullmatch(text) is None:
                 return None
             selectors.append(text)
-        state = self.state
         try:
-            provider = state.router.route(name)
+            provider = self.state.router.route(name)
         except AgentError:
             return None
-        return state.cache.fresh((provider.name, name, selectors[0], selectors[1]))
+        return (provider.name, name, selectors[0], selectors[1])
+
+    def response(
+        self, route: str, entry: Entry, shape: str, start: float, outcome: str = "hit"
+    ) -> bytes:
+        """The whole 200 response for ``entry`` in ``shape``, accounted like the handlers'."""
+        state = self.state
+        bodies = entry.bodies
+        head = bodies.get("head:" + shape) or _prebuild(entry, shape)
+        body = entry.record.value.reveal() if shape == "raw" else bodies[shape]
+        request_id = state.next_request_id()
+        response = b"".join((head, request_id.encode(), self.tail(), body))
+        elapsed = time.perf_counter() - start
+        if outcome == "hit":  # the common case, inline: what account() does for a hit
+            metrics = state.metrics
+            metrics.observe_request(route, 200, elapsed)
+            metrics.cache_outcome("hit")
+            hits = state.hit_counts
+            hits[route] = hits.get(route, 0) + 1
+        else:
+            ctx = {"source": entry.key[0], "cache": outcome}
+            account(state, route, request_id, "GET", entry.key[1], 200, elapsed, ctx)
+        self.served += 1
+        return response
 
 
 def _params(query: bytes) -> dict[bytes, bytes] | None:
@@ -247,7 +282,9 @@ class FastConnection(asyncio.Protocol):
     __slots__ = (
         "_begun",
         "_done",
+        "_extra",
         "_headers",
+        "_loading",
         "_odd",
         "_parser",
         "_pending",
@@ -267,6 +304,8 @@ class FastConnection(asyncio.Protocol):
         self._begun = 0
         self._done = 0
         self._odd = False
+        self._loading = False
+        self._extra = b""
         self.last_active = time.monotonic()
 
     # ------------------------------------------------------------------ asyncio
@@ -280,6 +319,10 @@ class FastConnection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._loading:  # reading is paused; a transport may still deliver what it had
+            self._extra += data
+            return
+        start = time.perf_counter()
         pending = self._pending + data if self._pending else data
         try:
             self._parser.feed_data(data)
@@ -290,15 +333,28 @@ class FastConnection(asyncio.Protocol):
             self._pending = pending  # the rest of the request is still to come
             return
         server = self._server
-        response = None
+        hot = None
         if self._done == 1 and self._begun == 1 and not self._odd:
             try:
-                response = server.answer(self._url, self._headers)
+                hot = server.route(self._url, self._headers)
             except Exception:  # never answer a request wrongly: aiohttp answers it instead
-                response = None
-        if response is None:
+                hot = None
+        if hot is None:
             self._hand_over(pending)
             return
+        route, key, shape = hot
+        entry = server.state.cache.fresh(key)
+        if entry is None:
+            self._pending = pending
+            self._loading = True
+            transport = self._transport
+            assert transport is not None
+            transport.pause_reading()
+            server.load(self._load(route, key, shape, start))
+            return
+        self._answered(server.response(route, entry, shape, start))
+
+    def _answered(self, response: bytes) -> None:
         transport = self._transport
         assert transport is not None
         transport.write(response)
@@ -307,6 +363,30 @@ class FastConnection(asyncio.Protocol):
         self._headers = {}
         self._begun = self._done = 0
         self.last_active = time.monotonic()
+        if self._server.closing:
+            transport.close()
+
+    async def _load(self, route: str, key: Key, shape: str, start: float) -> None:
+        """A miss: load through the cache; answer a fresh value, hand over anything else."""
+        state = self._server.state
+        result: Entry | AgentError
+        try:
+            result, outcome = await state.cache.load(key)
+        except AgentError as exc:
+            result, outcome = exc, Outcome.MISS
+        self._loading = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the caller left; the cache keeps what was loaded
+        transport.resume_reading()
+        extra, self._extra = self._extra, b""
+        if isinstance(result, Entry) and outcome in (Outcome.MISS, Outcome.COALESCED):
+            self._answered(self._server.response(route, result, shape, start, outcome.value))
+            if extra and not transport.is_closing():
+                self.data_received(extra)
+            return
+        state.handed[transport] = Loaded(key, result, outcome)
+        self._hand_over(self._pending + extra)
 
     # ------------------------------------------------------------------ llhttp callbacks
 
@@ -359,6 +439,10 @@ class FastConnection(asyncio.Protocol):
         handler.connection_made(transport)
         if pending:
             handler.data_received(pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._loading
 
     def close(self) -> None:
         transport = self._transport

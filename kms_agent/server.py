@@ -48,6 +48,17 @@ VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TRUE = {"true": True, "false": False, "1": True, "0": False}
 
 
+@dataclass(slots=True, frozen=True)
+class Loaded:
+    """The outcome of a load the fast path awaited but does not answer (an error or a
+    stale value): handed with the connection to aiohttp, which answers it without
+    loading again."""
+
+    key: Key
+    result: Entry | AgentError
+    outcome: Outcome
+
+
 @dataclass(slots=True)
 class AgentState:
     """What the handlers share. Swapped attributes (config, cache settings) are atomic."""
@@ -64,6 +75,8 @@ class AgentState:
     request_counter: int = 0
     #: Cache hits not logged one by one, by route, since the last summary line.
     hit_counts: dict[str, int] = field(default_factory=dict)
+    #: Loads handed over by the fast path, by transport, until aiohttp's lookup takes them.
+    handed: dict[object, Loaded] = field(default_factory=dict)
 
     def next_request_id(self) -> str:
         self.request_counter += 1
@@ -146,10 +159,17 @@ async def lookup(
     key: Key = (provider.name, name, version_id, version_stage)
     ctx = request[_CTX]
     ctx["source"] = provider.name
-    if not refresh and (hit := state.cache.fresh(key)) is not None:
+    # A request the fast path loaded already, then handed over for aiohttp to answer.
+    handed = state.handed.pop(request.transport, None) if state.handed else None
+    if handed is not None and handed.key == key and not refresh:
+        if isinstance(handed.result, AgentError):
+            raise handed.result
+        entry, outcome = handed.result, handed.outcome
+    elif not refresh and (hit := state.cache.fresh(key)) is not None:
         ctx["cache"] = "hit"
         return hit
-    entry, outcome = await state.cache.load(key, force_refresh=refresh)
+    else:
+        entry, outcome = await state.cache.load(key, force_refresh=refresh)
     ctx["cache"] = outcome.value
     if outcome is Outcome.STALE:
         ctx["age"] = state.cache.now() - entry.fetched_at
@@ -240,26 +260,48 @@ async def guard(
         if reason is not None:
             state.metrics.auth_failures.labels(reason).inc()
     resp.headers["X-Request-Id"] = request_id
-    elapsed = time.perf_counter() - start
-    state.metrics.observe_request(route, resp.status, elapsed)
+    account(
+        state,
+        route,
+        request_id,
+        request.method,
+        request.match_info.get("name") or request.query.get("secretId"),
+        resp.status,
+        time.perf_counter() - start,
+        ctx,
+    )
+    return resp
+
+
+def account(
+    state: AgentState,
+    route: str,
+    request_id: str,
+    method: str,
+    name: str | None,
+    status: int,
+    elapsed: float,
+    ctx: dict[str, Any],
+) -> None:
+    """Metrics and the access line for one answered request (both listeners' paths)."""
+    state.metrics.observe_request(route, status, elapsed)
     outcome = ctx.get("cache")
     if outcome is not None:
         state.metrics.cache_outcome(outcome)
     logging_cfg = state.config.logging
-    if outcome == "hit" and not logging_cfg.log_hits and resp.status < 400:
+    if outcome == "hit" and not logging_cfg.log_hits and status < 400:
         state.hit_counts[route] = state.hit_counts.get(route, 0) + 1
-    elif logging_cfg.access_log or resp.status >= 400 or outcome is not None:
+    elif logging_cfg.access_log or status >= 400 or outcome is not None:
         log.info(
             "request",
             request_id=request_id,
-            method=request.method,
+            method=method,
             route=route,
-            name=request.match_info.get("name") or request.query.get("secretId"),
-            status=resp.status,
+            name=name,
+            status=status,
             duration_ms=round(elapsed * 1000, 3),
             **ctx,
         )
-    return resp
 
 
 # --------------------------------------------------------------------------- handlers
