@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 from kms_agent import logging as agent_logging
 from kms_agent.config import LoggingConfig
 from kms_agent.errors import AgentError, SecretNotFound
+from kms_agent.fastpath import AgentRunner
 from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
 
 #: A marker in every secret value the tests store. It must never reach a log line.
@@ -262,6 +264,13 @@ def _bao():
 
 
 # --------------------------------------------------------------------------- in-process agent
+
+
+class AgentTestServer(TestServer):
+    """aiohttp's test server with the agent's runner: the fast path in front of the app."""
+
+    async def _make_runner(self, **kwargs):
+        return AgentRunner(self.app, **kwargs)
 
 
 @contextlib.asynccontextmanager

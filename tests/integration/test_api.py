@@ -9,7 +9,6 @@ from dataclasses import replace
 from urllib.parse import quote
 
 import pytest
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +18,8 @@ from kms_agent.config import AuthConfig, Config, ServerConfig
 from kms_agent.errors import AccessDenied, Unavailable, UpstreamTimeout
 from kms_agent.model import SecretRecord, SecretValue
 from kms_agent.providers import Router
-from kms_agent.fastpath import AgentRunner
 from kms_agent.server import AgentState, create_app
-from tests.conftest import PLANTED, TOKEN, FakeClock, ScriptedProvider
+from tests.conftest import PLANTED, TOKEN, AgentTestServer, FakeClock, ScriptedProvider
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -44,13 +42,6 @@ def _state(provider, clock):
         }
     )
     return make_state(provider, clock)
-
-
-class AgentTestServer(TestServer):
-    """aiohttp's test server with the agent's runner: the fast path in front of the app."""
-
-    async def _make_runner(self, **kwargs):
-        return AgentRunner(self.app, **kwargs)
 
 
 @pytest.fixture(name="serve", params=["fast", "aiohttp"])
