@@ -136,7 +136,9 @@ class Servers:
         self.cpu_pids: dict[str, list[int]] = {}
         self.quick = quick
 
-    def start_agent(self, name: str = "agent", extra_env: dict[str, str] | None = None) -> float:
+    def start_agent(
+        self, name: str = "agent", extra_env: dict[str, str] | None = None, config: Path | None = None
+    ) -> float:
         port, metrics = free_port(), free_port()
         data = self.tmp / f"{name}-data"
         store = LocalStore(data)
@@ -149,14 +151,17 @@ class Servers:
                "KMS_AGENT_CACHE_MAX_ENTRIES": "20000",
                "KMS_AGENT_SERVER_MAX_CONNECTIONS": "4000", **(extra_env or {})}  # fmt: skip
         start = time.monotonic()
+        cmd = [sys.executable, "-m", "kms_agent", *(["--config", str(config)] if config else []),
+               "run", "--listen", f"127.0.0.1:{port}"]  # fmt: skip
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kms_agent", "run", "--listen", f"127.0.0.1:{port}"],
+            cmd,
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{metrics}/readyz")
         ready = time.monotonic() - start
         self.procs[name] = proc
         self.urls[name] = f"http://127.0.0.1:{port}/secretsmanager/get?secretId={NAME}"
+        self.urls[name + ":base"] = f"http://127.0.0.1:{port}"
         self.urls[name + ":metrics"] = f"http://127.0.0.1:{metrics}/metrics"
         self.cpu_pids[name] = [proc.pid]
         return ready
@@ -262,6 +267,146 @@ async def fill(url: str, count: int) -> None:
         await asyncio.gather(*(one(i) for i in range(count)))
 
 
+async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
+    """Cold-miss latency through the agent minus the same upstream call made directly.
+
+    The upstream is the Alibaba KMS emulator (signatures checked) in its own process; the
+    direct call uses the agent's own provider code and HTTP client from this process, so the
+    difference is what the agent adds on a miss: HTTP in, routing, cache, single flight."""
+    import aiohttp
+
+    from kms_agent import providers
+    from kms_agent.config import load
+
+    port = free_port()
+    emu = subprocess.Popen(
+        [sys.executable, "-m", "tests.emulators.alibaba_kms", "--port", str(port),
+         "--qps", "1000000", "--secrets", str(2 * samples + 2)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    servers.procs["emulator"] = emu
+    assert emu.stdout is not None
+    env = dict(line.strip().split("=", 1) for line in (emu.stdout.readline(), emu.stdout.readline()))
+    emu.stdout.readline()
+    conf = servers.tmp / "alibaba.toml"
+    conf.write_text(textwrap.dedent(f"""
+        [[sources]]
+        name = "alibaba"
+        provider = "alibaba"
+        region = "cn-hangzhou"
+        endpoint = "http://127.0.0.1:{port}"
+        rate_limit_qps = 450
+        match = ["*"]
+    """))  # fmt: skip
+    servers.start_agent("agent-alibaba", env, config=conf)
+    base = servers.urls["agent-alibaba:base"]
+    cfg = load(conf, environ=env)
+    direct = providers.create(cfg.sources[0], cfg, env)
+    await direct.open()
+    agent_ms: list[float] = []
+    direct_ms: list[float] = []
+    headers = {"X-KMS-Token": TOKEN}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def via_agent(name: str) -> float:
+                t0 = time.perf_counter()
+                async with session.get(f"{base}/secrets/{name}?format=raw", headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                return (time.perf_counter() - t0) * 1000
+
+            async def via_direct(name: str) -> float:
+                t0 = time.perf_counter()
+                await direct.get(name)
+                return (time.perf_counter() - t0) * 1000
+
+            await via_agent(f"bench/s{2 * samples}")  # open both keep-alive connections
+            await via_direct(f"bench/s{2 * samples + 1}")
+            for i in range(samples):
+                pair = [(via_agent, agent_ms, 2 * i), (via_direct, direct_ms, 2 * i + 1)]
+                for fn, out, n in pair if i % 2 else reversed(pair):
+                    out.append(await fn(f"bench/s{n}"))
+                await asyncio.sleep(0.004)  # ~250 pairs/s: under each side's 450/s limiter
+    finally:
+        await direct.close()
+    def q(xs: list[float], p: float) -> float:
+        return statistics.quantiles(xs, n=100)[p - 1]
+    return {
+        "samples": samples,
+        "agent_p50_ms": statistics.median(agent_ms), "agent_p90_ms": q(agent_ms, 90),
+        "direct_p50_ms": statistics.median(direct_ms), "direct_p90_ms": q(direct_ms, 90),
+        "overhead_p50_ms": statistics.median(agent_ms) - statistics.median(direct_ms),
+    }  # fmt: skip
+
+
+def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str, float]:
+    """A Python keep-alive client's round trip to the agent (raw value, and the AWS JSON
+    parsed) against aws-secretsmanager-caching's cache hit, in interleaved rounds."""
+    import http.client
+    import json as jsonlib
+
+    try:
+        import boto3
+        from aws_secretsmanager_caching import SecretCache
+    except ImportError:
+        return {"skipped": "pip install '.[bench]' (boto3, aws-secretsmanager-caching)"}
+    moto = free_port()
+    moto_bin = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(moto)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    servers.procs["moto"] = proc
+    wait_http(f"http://127.0.0.1:{moto}/moto-api/")
+    client = boto3.client("secretsmanager", endpoint_url=f"http://127.0.0.1:{moto}",
+                          region_name="us-east-1", aws_access_key_id="bench",
+                          aws_secret_access_key="bench")  # fmt: skip
+    client.create_secret(Name=NAME, SecretString=VALUE)
+    cache = SecretCache(client=client)
+    assert cache.get_secret_string(NAME) == VALUE
+
+    def library() -> None:
+        cache.get_secret_string(NAME)
+
+    conns = {}
+    for name in ("agent", "agent-aiohttp"):
+        host, port = servers.urls[name + ":base"].removeprefix("http://").split(":")
+        conns[name] = http.client.HTTPConnection(host, int(port))
+    headers = {"X-KMS-Token": TOKEN}
+
+    def raw(name: str):
+        conn = conns[name]
+
+        def call() -> None:
+            conn.request("GET", f"/secrets/{NAME}?format=raw", headers=headers)
+            resp = conn.getresponse()
+            resp.read().decode()
+        return call
+
+    def parsed(name: str):
+        conn = conns[name]
+
+        def call() -> None:
+            conn.request("GET", f"/secretsmanager/get?secretId={NAME}", headers=headers)
+            resp = conn.getresponse()
+            jsonlib.loads(resp.read())["SecretString"]
+        return call
+
+    calls = {"library_hit": library, "agent_raw": raw("agent"), "agent_json": parsed("agent"),
+             "agent_aiohttp_raw": raw("agent-aiohttp")}  # fmt: skip
+    for fn in calls.values():
+        fn()  # warm: connections open, entries cached
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        for key in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            fn = calls[key]
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            times[key].append((time.perf_counter() - t0) / per_round * 1e6)
+    out = {f"{k}_us": statistics.median(v) for k, v in times.items()}
+    out["agent_raw_vs_library"] = out["agent_raw_us"] / out["library_hit_us"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=3)
@@ -280,14 +425,17 @@ def main() -> None:
                                  "kernel": os.uname().release}, "label": args.label}  # fmt: skip
     try:
         results["startup_s"] = round(servers.start_agent(), 3)
+        servers.start_agent("agent-aiohttp", {"KMS_AGENT_SERVER_FAST_PATH": "false"})
         body = servers.body()
         (tmp / "body.json").write_bytes(body)
         results["body_bytes"] = len(body)
         servers.start_minimal(tmp / "body.json")
         servers.start_nginx(body)
         results["idle_rss_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
-        results["throughput"] = measure(servers, ["nginx", "minimal", "agent"], conns, rounds, args.seconds)
+        results["throughput"] = measure(servers, ["nginx", "minimal", "agent-aiohttp", "agent"], conns, rounds, args.seconds)
         results["herd_upstream_calls"] = asyncio.run(herd(servers.urls["agent"], servers.urls["agent:metrics"]))
+        results["python_client"] = client_vs_library(servers, 3 if args.quick else 7, 2000)
+        results["miss"] = asyncio.run(miss_overhead(servers, 50 if args.quick else 300))
         if not args.quick:
             store = LocalStore(tmp / "agent-data")
             for i in range(10_000):
@@ -307,18 +455,29 @@ def report(results: dict) -> None:
     path.write_text(json.dumps(results, indent=2))
     t = results["throughput"]
     print(f"kms-agent bench ({results['machine']}) body {results['body_bytes']} B -> {path.name}")
-    print(f"{'server@conns':<16}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
+    print(f"{'server@conns':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
           f"{'x nginx':>9}{'x minimal':>11}")  # fmt: skip
     for key in sorted(t, key=lambda k: (int(k.split("@c")[1]), k)):
         row = t[key]
         c = key.split("@")[1]
         vs_nginx = row["rps"] / t[f"nginx@{c}"]["rps"]
         vs_min = row["rps"] / t[f"minimal@{c}"]["rps"]
-        print(f"{key:<16}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+        print(f"{key:<20}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
               f"{row['cpu_us_per_req']:>12.0f}{vs_nginx:>9.2f}{vs_min:>11.2f}")  # fmt: skip
     agent_cpu = [t[k]["cpu_us_per_req"] / t[k.replace("agent", "minimal")]["cpu_us_per_req"]
                  for k in t if k.startswith("agent@")]  # fmt: skip
     print(f"agent CPU per request / minimal aiohttp's: {', '.join(f'{x:.2f}' for x in agent_cpu)}")
+    pc = results["python_client"]
+    if "skipped" in pc:
+        print(f"python client vs aws-secretsmanager-caching: skipped ({pc['skipped']})")
+    else:
+        print(f"python keep-alive client, per call: agent raw {pc['agent_raw_us']:.0f} us, agent AWS JSON "
+              f"parsed {pc['agent_json_us']:.0f} us, agent with fast_path=false {pc['agent_aiohttp_raw_us']:.0f} us; "
+              f"aws-secretsmanager-caching hit {pc['library_hit_us']:.0f} us (agent raw / library: "
+              f"{pc['agent_raw_vs_library']:.2f})")
+    m = results["miss"]
+    print(f"cold miss over the Alibaba emulator: agent p50 {m['agent_p50_ms']:.2f} ms, direct call p50 "
+          f"{m['direct_p50_ms']:.2f} ms -> agent overhead {m['overhead_p50_ms']:.2f} ms ({m['samples']} each)")
     print(f"herd: 1000 concurrent cold requests -> {results['herd_upstream_calls']} upstream call(s)")
     print(f"startup to ready: {results['startup_s']} s; idle RSS {results['idle_rss_mb']} MB"
           + (f"; with 10,000 cached 1 KiB secrets {results['rss_10k_1KiB_mb']} MB" if "rss_10k_1KiB_mb" in results else ""))

@@ -135,13 +135,14 @@ class Cache:
 
     async def get(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
         """The entry for ``key`` and how it was obtained; raises AgentError on failure."""
-        if not force_refresh and (hit := self.fresh(key)) is not None:
-            return hit, Outcome.HIT
         return await self.load(key, force_refresh=force_refresh)
 
     async def load(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
-        """Everything but a fresh hit (for callers that ran :meth:`fresh` already): stale
-        after a recent failure, the negative cache, or a (shared) fetch."""
+        """A fresh hit, else stale after a recent failure, the negative cache, or a (shared)
+        fetch. Callers on the hot path try :meth:`fresh` first; the check is repeated here
+        because a caller that found nothing may run later (a task), after a fetch landed."""
+        if not force_refresh and (hit := self.fresh(key)) is not None:
+            return hit, Outcome.HIT
         now = self._clock()
         entry = self._entries.get(key)
         if (

@@ -49,6 +49,8 @@ _COMPAT = frozenset({b"secretId", b"versionId", b"versionStage", b"refreshNow"})
 _V1 = frozenset({b"versionId", b"versionStage", b"refreshNow"})
 _FALSE = frozenset({b"false", b"0", b"False", b"FALSE"})
 _SERVER = SERVER_SOFTWARE.encode()
+#: Load outcomes the fast path answers itself: a fresh value (stale ones go to aiohttp).
+_ANSWERED = frozenset({Outcome.HIT, Outcome.MISS, Outcome.COALESCED})
 #: Bytes of one unanswered request kept before handing over to aiohttp regardless.
 _MAX_PENDING = 16384
 
@@ -380,7 +382,7 @@ class FastConnection(asyncio.Protocol):
             return  # the caller left; the cache keeps what was loaded
         transport.resume_reading()
         extra, self._extra = self._extra, b""
-        if isinstance(result, Entry) and outcome in (Outcome.MISS, Outcome.COALESCED):
+        if isinstance(result, Entry) and outcome in _ANSWERED:
             self._answered(self._server.response(route, result, shape, start, outcome.value))
             if extra and not transport.is_closing():
                 self.data_received(extra)

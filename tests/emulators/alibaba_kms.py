@@ -539,15 +539,20 @@ class KmsEmulator:
 def main() -> None:  # pragma: no cover - for local development
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8443)
+    parser.add_argument("--qps", type=int, default=GET_SECRET_VALUE_QPS,
+                        help="GetSecretValue quota (the real one by default; the bench raises it)")
+    parser.add_argument("--secrets", type=int, default=0, help="also create bench/s0..N-1")
     args = parser.parse_args()
-    emulator = KmsEmulator()
+    emulator = KmsEmulator(qps=args.qps)
+    for i in range(args.secrets):
+        emulator.add_secret(f"bench/s{i}", "x" * 120)
     ak, sk = emulator.add_access_key(
         {"Statement": [{"Effect": "Allow", "Action": ["kms:GetSecretValue", "kms:List*", "kms:DescribeSecret"], "Resource": ["*"]}]}
     )
     emulator.add_secret("aigw!secret-abc", "demo-value", product="aigw")
     emulator.add_secret("db-password", "hunter2")
     print(f"ALIBABA_CLOUD_ACCESS_KEY_ID={ak}\nALIBABA_CLOUD_ACCESS_KEY_SECRET={sk}")
-    print(f'endpoint = "http://127.0.0.1:{args.port}"')
+    print(f'endpoint = "http://127.0.0.1:{args.port}"', flush=True)
     web.run_app(emulator.app(), host="127.0.0.1", port=args.port)
 
 

@@ -44,6 +44,18 @@ async def test_miss_then_hit_calls_upstream_once(provider, clock):
     assert provider.calls["db"] == 1
 
 
+async def test_a_load_that_runs_after_the_fetch_landed_is_a_hit(provider, clock):
+    """A caller that found nothing fresh and loads later (as the fast path's task does) gets
+    the entry a concurrent fetch stored meanwhile, not a second upstream call."""
+    provider.values["db"] = PLANTED
+    cache = make_cache(provider, clock)
+    assert cache.fresh(key("db")) is None  # this caller looks, and will load later
+    first, _ = await cache.get(key("db"))  # another caller's fetch lands first
+    entry, outcome = await cache.load(key("db"))
+    assert (entry, outcome) == (first, Outcome.HIT)
+    assert provider.calls["db"] == 1
+
+
 async def test_expired_entry_is_fetched_again(provider, clock):
     """After the TTL the next read goes upstream and sees the new value."""
     provider.values["db"] = "one"
