@@ -36,16 +36,18 @@ from kms_agent.errors import (
     UpstreamError,
 )
 from kms_agent.model import SecretRecord
+from kms_agent.render import Rendered
 
 log = structlog.get_logger("kms_agent.cache")
 
 Key = tuple[str, str, str | None, str | None]
 Fetch = Callable[[Key], Awaitable[SecretRecord]]
 
-#: Bytes an entry costs beyond its value: the record, the key, up to three rendered bodies.
+#: Bytes an entry costs beyond its value: the record, the key, the rendered bodies' frames.
 ENTRY_OVERHEAD = 768
-#: An entry's value is held once raw and in up to three rendered response bodies.
-VALUE_COPIES = 4
+#: An entry's value is held once raw and, at worst (values the shapes escape or encode), in
+#: two rendered bodies besides; long plain values are referenced by them, not copied.
+VALUE_COPIES = 3
 #: Back-off after a failed refresh: 1 s doubling to this, jittered.
 MAX_RETRY_BACKOFF = 30.0
 
@@ -71,7 +73,7 @@ class Entry:
     failures: int = 0
     retry_at: float = 0.0
     #: Response bodies rendered from this record, by shape; filled by the server.
-    bodies: dict[str, bytes] = field(default_factory=dict)
+    bodies: dict[str, Rendered] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, version={self.record.version_id!r}, size={self.size})"

@@ -41,7 +41,8 @@ from kms_agent import render
 from kms_agent.cache import Entry, Key, Outcome
 from kms_agent.errors import AgentError
 from kms_agent.model import NAME_RE
-from kms_agent.server import STATE, VERSION_RE, AgentState, Loaded, account, shape_body
+from kms_agent.render import Rendered
+from kms_agent.server import STATE, VERSION_RE, AgentState, Loaded, account, rendered
 
 _REFUSED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"expect"})
 _NATIVE = frozenset({b"version_id", b"version_stage", b"refresh", b"format"})  # no field=
@@ -223,11 +224,15 @@ class FastServer(web.Server):
     ) -> bytes:
         """The whole 200 response for ``entry`` in ``shape``, accounted like the handlers'."""
         state = self.state
-        bodies = entry.bodies
-        head = bodies.get("head:" + shape) or _prebuild(entry, shape)
-        body = entry.record.value.reveal() if shape == "raw" else bodies[shape]
+        body = entry.bodies.get(shape) or rendered(entry, shape)
+        head = body.head or _head(entry, body, shape)
         request_id = state.next_request_id()
-        response = b"".join((head, request_id.encode(), self.tail(), body))
+        if body.after is None:
+            response = b"".join((head, request_id.encode(), self.tail(), body.before))
+        else:
+            value = entry.record.value.reveal()
+            parts = (head, request_id.encode(), self.tail(), body.before, value, body.after)
+            response = b"".join(parts)
         elapsed = time.perf_counter() - start
         if outcome == "hit":  # the common case, inline: what account() does for a hit
             metrics = state.metrics
@@ -255,27 +260,20 @@ def _params(query: bytes) -> dict[bytes, bytes] | None:
     return out
 
 
-def _prebuild(entry: Entry, shape: str) -> bytes:
-    """The status line and fixed headers of a hit in ``shape``, kept with the entry; the
-    request id, date and body follow it. The same headers aiohttp writes for the handler's
-    response, in the same order."""
-    record = entry.record
+def _head(entry: Entry, body: Rendered, shape: str) -> bytes:
+    """The status line and fixed headers of a hit in ``shape``, kept with the body; the
+    request id, date and body follow it. The headers aiohttp writes for the handler's
+    response (the order of differently named fields carries no meaning)."""
     if shape == "raw":
-        size = len(record.value)
-        content_type = (
-            b"text/plain; charset=utf-8"
-            if record.data_type == "text"
-            else b"application/octet-stream"
-        )
+        text = entry.record.data_type == "text"
+        content_type = b"text/plain; charset=utf-8" if text else b"application/octet-stream"
     else:
-        size = len(shape_body(entry, shape))
         content_type = render.JSON_TYPE.encode()
-    head = (
+    body.head = (
         b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: %s\r\n"
-        b"Content-Length: %d\r\nX-Request-Id: " % (content_type, size)
+        b"Content-Length: %d\r\nX-Request-Id: " % (content_type, body.size)
     )
-    entry.bodies["head:" + shape] = head
-    return head
+    return body.head
 
 
 class FastConnection(asyncio.Protocol):

@@ -1,19 +1,50 @@
 """Response bodies built from a secret record, in each shape the API speaks.
 
-Bodies are bytes, built once per cache entry and shape (see ``Entry.bodies``), so a cache
-hit only looks them up.
+Bodies are built once per cache entry and shape (see ``Entry.bodies``), so a cache hit only
+looks them up. A long text value that appears verbatim in its body is not held twice: the
+entry keeps the bytes before and after it, and a response joins them around the value.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kms_agent.model import SecretRecord
 
 JSON_TYPE = "application/json"
+#: Values at least this long are referenced by their rendered bodies, not copied into them.
+SHARE_MIN = 128
+
+
+@dataclass(slots=True)
+class Rendered:
+    """One shape's body for one record: ``before + value + after``, or ``before`` alone
+    when ``after`` is None (a short value, or one the shape escapes or encodes)."""
+
+    before: bytes
+    after: bytes | None
+    size: int
+    #: The fast path's status line and fixed headers for this body, built on first use.
+    head: bytes = b""
+
+    def body(self, value: bytes) -> bytes:
+        return self.before if self.after is None else b"".join((self.before, value, self.after))
+
+
+def rendered(record: SecretRecord, shape: str) -> Rendered:
+    """``record`` in ``shape``: "raw" (the value), "native", or one of :data:`COMPAT`."""
+    raw = record.value.reveal()
+    if shape == "raw":
+        return Rendered(b"", b"", len(raw))
+    body = native(record) if shape == "native" else COMPAT[shape](record)
+    at = body.find(raw) if len(raw) >= SHARE_MIN and record.data_type == "text" else -1
+    if at >= 0 and body.find(raw, at + 1) < 0:  # exactly once: the split is exact
+        return Rendered(body[:at], body[at + len(raw) :], len(body))
+    return Rendered(body, None, len(body))
 
 
 def _dumps(obj: Any) -> bytes:

@@ -176,13 +176,16 @@ async def lookup(
     return entry
 
 
+def rendered(entry: Entry, shape: str) -> render.Rendered:
+    """``entry``'s body in ``shape`` ("raw", "native" or a compat shape), built once."""
+    found = entry.bodies.get(shape)
+    if found is None:
+        found = entry.bodies[shape] = render.rendered(entry.record, shape)
+    return found
+
+
 def shape_body(entry: Entry, shape: str) -> bytes:
-    """``entry``'s body in ``shape`` ("native" or a compat shape), rendered once per entry."""
-    body = entry.bodies.get(shape)
-    if body is None:
-        build = render.native if shape == "native" else render.COMPAT[shape]
-        body = entry.bodies[shape] = build(entry.record)
-    return body
+    return rendered(entry, shape).body(entry.record.value.reveal())
 
 
 def _secret_response(request: web.Request, body: bytes, content_type: str) -> web.Response:
