@@ -29,10 +29,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms_agent.errors import BadRequest, SecretNotFound, StoreCorrupt
 from kms_agent.model import (
@@ -105,6 +105,20 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
+def _aead(key: bytes) -> AESGCM:
+    """AES-256-GCM from cryptography, imported at first use: its OpenSSL costs ~7 MB of
+    RSS, which an agent serving only cloud sources never needs."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+    return AESGCM(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag  # noqa: PLC0415
+
+    return InvalidTag
+
+
 class LocalStore:
     """Synchronous access to one store directory. Safe for one writer at a time per host."""
 
@@ -113,7 +127,8 @@ class LocalStore:
         self.source = source
         self.key_path = self.root / "keys" / "default.json"
         self.secrets_dir = self.root / "secrets"
-        self._key: tuple[KeyInfo, AESGCM] | None = None
+        self._key: tuple[KeyInfo, bytes] | None = None
+        self._kek: AESGCM | None = None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -132,7 +147,7 @@ class LocalStore:
                 "alias": DEFAULT_KEY_ALIAS,
                 "created": created,
                 "spec": "AES_256",
-                "material": _b64(AESGCM.generate_key(bit_length=256)),
+                "material": _b64(secrets.token_bytes(32)),  # what AESGCM.generate_key does
             }
             data = json.dumps(body, indent=2).encode()
             # O_EXCL: two processes racing to create the key must not both win.
@@ -150,7 +165,7 @@ class LocalStore:
     def key_info(self) -> KeyInfo:
         return self._load_key()[0]
 
-    def _load_key(self) -> tuple[KeyInfo, AESGCM]:
+    def _load_key(self) -> tuple[KeyInfo, bytes]:
         if self._key is not None:
             return self._key
         path = self.key_path
@@ -171,8 +186,14 @@ class LocalStore:
                 f"store key {path} is damaged ({type(exc).__name__})",
                 hint="restore the key file from backup",
             ) from None
-        self._key = (info, AESGCM(material))
+        self._key = (info, material)
         return self._key
+
+    def _key_cipher(self) -> tuple[KeyInfo, AESGCM]:
+        info, material = self._load_key()
+        if self._kek is None:
+            self._kek = _aead(material)
+        return info, self._kek
 
     # ------------------------------------------------------------------ files
 
@@ -263,7 +284,7 @@ class LocalStore:
     def _open(self, doc: dict[str, Any], version: dict[str, Any]) -> SecretRecord:
         name = doc["name"]
         path = self.path_for(name)
-        info, kek = self._load_key()
+        info, kek = self._key_cipher()
         try:
             vid = str(version["id"])
             data_type = version["type"]
@@ -280,14 +301,14 @@ class LocalStore:
             dek = kek.decrypt(
                 wrapped[:_NONCE], wrapped[_NONCE:], _aad("dek", info.key_id, name, vid, data_type)
             )
-            plain = AESGCM(dek).decrypt(
+            plain = _aead(dek).decrypt(
                 sealed[:_NONCE], sealed[_NONCE:], _aad("data", info.key_id, name, vid, data_type)
             )
             stages = tuple(str(s) for s in version.get("stages", ()))
             created = float(version["created"])
         except StoreCorrupt:
             raise
-        except InvalidTag:
+        except _invalid_tag():
             raise StoreCorrupt(
                 f"store file {path}: version {version.get('id')!r} of {name!r} "
                 "failed authentication; "
@@ -355,7 +376,7 @@ class LocalStore:
                     "the value is not UTF-8 text", hint="store bytes with --binary"
                 ) from None
         with self._write_lock():
-            info, kek = self._load_key()
+            info, kek = self._key_cipher()
             doc = self._read_doc(name) or {
                 "format": FORMAT,
                 "name": name,
@@ -363,10 +384,10 @@ class LocalStore:
                 "versions": [],
             }
             vid = str(uuid.uuid4())
-            dek = AESGCM.generate_key(bit_length=256)
+            dek = secrets.token_bytes(32)
             n1, n2 = secrets.token_bytes(_NONCE), secrets.token_bytes(_NONCE)
             wrapped = n1 + kek.encrypt(n1, dek, _aad("dek", info.key_id, name, vid, data_type))
-            sealed = n2 + AESGCM(dek).encrypt(
+            sealed = n2 + _aead(dek).encrypt(
                 n2, value, _aad("data", info.key_id, name, vid, data_type)
             )
             versions: list[dict[str, Any]] = []
