@@ -326,8 +326,8 @@ class FastConnection(asyncio.Protocol):
         pending = self._pending + data if self._pending else data
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._hand_over(pending)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_over(pending)  # aiohttp answers malformed and upgrade requests
             return
         if self._done == 0 and not self._odd and len(pending) <= _MAX_PENDING:
             self._pending = pending  # the rest of the request is still to come

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 import uuid
@@ -287,8 +288,8 @@ class LocalStore:
         info, kek = self._key_cipher()
         try:
             vid = str(version["id"])
-            data_type = version["type"]
-            if data_type not in ("text", "binary"):
+            data_type: DataType = "text" if version["type"] == "text" else "binary"
+            if version["type"] != data_type:
                 raise ValueError("bad type")
             if version.get("key_id") != info.key_id:
                 raise StoreCorrupt(
@@ -304,7 +305,8 @@ class LocalStore:
             plain = _aead(dek).decrypt(
                 sealed[:_NONCE], sealed[_NONCE:], _aad("data", info.key_id, name, vid, data_type)
             )
-            stages = tuple(str(s) for s in version.get("stages", ()))
+            # Interned: a cache of many secrets holds one copy of each label, not one each.
+            stages = tuple(sys.intern(str(s)) for s in version.get("stages", ()))
             created = float(version["created"])
         except StoreCorrupt:
             raise

@@ -253,6 +253,8 @@ async def test_pipelined_split_and_http10_requests(provider, clock):
         assert await raw_exchange(server, [old], 1) == [b"200 " + PLANTED.encode() + b"-a"]
         assert fast_server.served == served + 1
         assert (await raw_exchange(server, [b"GET /secrets/a HTTP/1.1\r\nBad Header\r\n\r\n"], 1))[0].startswith(b"400 ")
+        upgrade = get("/secrets/a?format=raw", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        assert await raw_exchange(server, [upgrade], 1) == [b"200 " + PLANTED.encode() + b"-a"]
         assert fast_server.served == served + 1
 
 
