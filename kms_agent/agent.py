@@ -58,6 +58,10 @@ RESTART_KEYS = (
     "sources",
 )
 TOKEN_FILE_MODE = 0o640
+#: Connections the kernel queues before accept(). asyncio's default is 100, few for a node
+#: agent whose pods all reconnect at once (a dropped SYN is retried only after a second).
+#: The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 def resolve_tokens(config: Config, environ: Mapping[str, str]) -> TokenSet:
@@ -299,8 +303,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         if address.unix_path:
             _remove_stale_socket(address.unix_path)
-            return await loop.create_unix_server(factory, address.unix_path)
-        return await loop.create_server(factory, address.host, address.port, reuse_address=True)
+            return await loop.create_unix_server(factory, address.unix_path, backlog=LISTEN_BACKLOG)
+        return await loop.create_server(
+            factory, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
 
     def _check_files(self, tokens: TokenSet) -> None:
         metrics = self.state.metrics
