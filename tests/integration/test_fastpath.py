@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from dataclasses import replace
 
 import aiohttp
+import httptools
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from kms_agent.errors import Unavailable
@@ -293,3 +297,157 @@ async def test_shutdown_finishes_a_loading_request_then_closes(provider, clock):
     await closing
     idle_w.close()
     busy_w.close()
+
+
+# --------------------------------------------------------------------------- differential fuzz
+
+
+class FixedProvider(ScriptedProvider):
+    """Scripted values with a fixed creation time, so two agents render identical bodies."""
+
+    async def get(self, name, *, version_id=None, version_stage=None):
+        record = await super().get(name, version_id=version_id, version_stage=version_stage)
+        return replace(record, created=1_700_000_000.0)
+
+
+_FAST_ANSWERS = [0]  # requests the fast path answered during the fuzz, across examples
+#: Request ids (in headers and error bodies) and the Date header's value.
+_VARYING = re.compile(rb"\b[0-9a-f]{8}-[0-9a-f]+\b|(?<=Date: )[^\r]*")
+
+
+def responses(stream: bytes) -> list[tuple]:
+    """The responses in a byte stream, without what differs by design (date, request id)."""
+    out: list[tuple] = []
+    # Blanked, not removed: lengths stay right, and a HEAD answer's stream parses as sent.
+    stream = _VARYING.sub(lambda m: b"0" * len(m[0]), stream)
+
+    class Collect:
+        def on_message_begin(self):
+            self.headers, self.body = [], b""
+
+        def on_header(self, name, value):
+            self.headers.append((name.lower(), value))
+
+        def on_body(self, body):
+            self.body += body
+
+        def on_message_complete(self):
+            out.append((parser.get_status_code(), sorted(self.headers), self.body))
+
+    parser = httptools.HttpResponseParser(Collect())
+    try:
+        parser.feed_data(stream)
+    except httptools.HttpParserError:
+        out.append(("unparsable", stream[-200:]))
+    return out
+
+
+_TOKEN_HEADERS = [f"X-KMS-Token: {TOKEN}", f"x-kms-token: {TOKEN}", f"X-Vault-Token: {TOKEN}",
+                  f"X-Aws-Parameters-Secrets-Token: {TOKEN}", "X-KMS-Token: wrong-token-0123456789"]
+_OTHER_HEADERS = ["Host: x", "Connection: close", "Connection: keep-alive", "Connection: Upgrade",
+                  "Upgrade: websocket", "Expect: 100-continue", "X-Forwarded-For: 10.0.0.1",
+                  "Forwarded: for=1.2.3.4", "Content-Length: 0", "Accept: */*", "X-Long: " + "l" * 9000,
+                  "Bad Header", "X-Fold: a\r\n b", f"X-KMS-Token:{TOKEN}", "Transfer-Encoding: chunked"]
+_TARGETS = st.tuples(
+    st.sampled_from(["/secrets/", "/v1/", "/secretsmanager/get?secretId=", "/secrets?prefix=", "/", "/healthz",
+                     "http://x/secrets/", "//secrets/"]),
+    st.sampled_from(["db", "aigw!secret-abc", "db/json", "missing", "long", ""]),
+    st.sampled_from([""] * 6) | st.text(alphabet=list("%+#?&=;./!-_~ \x7fé"), max_size=6),
+    st.lists(st.sampled_from(["format=raw", "format=json", "format=xml", "refresh=false", "refresh=true",
+                              "refreshNow=0", "versionStage=AWSCURRENT", "version_id=v1", "field=password",
+                              "x=1", "secretId=db", ""]), max_size=3),
+).map(lambda t: t[0] + t[1] + t[2] + (("&" if "?" in t[0] + t[2] else "?") + "&".join(t[3]) if t[3] else ""))
+
+
+#: Headers that must send a request to aiohttp: drawn more often than the rest.
+_RISKY = ["X-Forwarded-For: 10.0.0.1", "Forwarded: for=1.2.3.4", "Connection: close",
+          "Expect: 100-continue", "Content-Length: 0\r\nContent-Length: 0"]
+_GOOD_TARGETS = st.tuples(
+    st.sampled_from(["/secrets/", "/v1/", "/secretsmanager/get?secretId="]),
+    st.sampled_from(["db", "aigw!secret-abc", "db/json", "long"]),
+    st.sampled_from(["", "?format=raw", "?versionStage=AWSCURRENT", "?format=json&refresh=false"]),
+).map(lambda t: t[0] + t[1] + (t[2].replace("?", "&") if "?" in t[0] else t[2]))
+_MUTATIONS = ["method", "version", "token", "header", "target", "body"]
+
+
+@st.composite
+def raw_requests(draw) -> bytes:
+    """A request the fast path would answer, with up to two things changed."""
+    changes = draw(st.lists(st.sampled_from(_MUTATIONS), max_size=2))
+    method, version, target = "GET", "HTTP/1.1", draw(_GOOD_TARGETS)
+    headers = ["Host: x", draw(st.sampled_from(_TOKEN_HEADERS[:4]))]
+    body = b""
+    for change in changes:
+        if change == "method":
+            method = draw(st.sampled_from(["POST", "HEAD", "get", "G ET", "PUT"]))
+        elif change == "version":
+            version = draw(st.sampled_from(["HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "HTTP/1.1 x"]))
+        elif change == "token":
+            headers[1] = draw(st.sampled_from([*_TOKEN_HEADERS, "X-Other: 1"]))
+        elif change == "header":
+            headers.append(draw(st.sampled_from(_OTHER_HEADERS + _RISKY * 4)))
+        elif change == "target":
+            target = draw(_TARGETS)
+        elif "Content-Length: 0" not in headers and not body:
+            headers.append("Content-Length: 3")
+            body = b"abc"
+    if "Transfer-Encoding: chunked" in headers:
+        body = b"0\r\n\r\n"
+    headers = draw(st.permutations(headers))
+    head = f"{method} {target} {version}\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+    return head.encode("utf-8") + body
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``; once something comes back, a closing /ping (sent with ``data`` it would
+    make every request a pipelined one); everything the agent sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        try:  # a request still waiting for bytes gets no answer: go on after a while
+            first = await asyncio.wait_for(reader.read(65536), 0.5)
+        except TimeoutError:
+            first = b""
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        return first + await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+@pytest.fixture(name="twin_servers")
+async def _twin_servers(clock):
+    """Two agents on identical providers: one with the fast path, one aiohttp only."""
+    values = {"db": PLANTED, "aigw!secret-abc": PLANTED + "-aigw",
+              "db/json": json.dumps({"password": PLANTED}), "long": PLANTED + "L" * 400}
+    servers = []
+    _FAST_ANSWERS[0] = 0
+    for fast in (True, False):
+        provider = FixedProvider()
+        provider.values.update(values)
+        state = make_state(provider, clock)
+        set_fast(state, fast)
+        server = AgentTestServer(create_app(state))
+        await server.start_server()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        await server.close()
+    assert _FAST_ANSWERS[0] > 20, "the fuzz hardly reached the fast path"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=raw_requests(), second=st.one_of(st.none(), st.none(), raw_requests()))
+async def test_fuzz_the_fast_path_answers_every_byte_stream_as_aiohttp_does(twin_servers, first, second):
+    """Arbitrary (well-framed or not) requests, alone or pipelined, get the same responses,
+    status for status and byte for byte (date and request ids aside), from the agent with
+    the fast path as from aiohttp alone — and never a 5xx."""
+    data = first + (second or b"")
+    fast, slow = twin_servers
+    before = fast.runner.server.served
+    stream = await exchange(fast.port, data)
+    _FAST_ANSWERS[0] += fast.runner.server.served - before
+    assert responses(stream) == responses(await exchange(slow.port, data)), data
+    assert re.search(rb"HTTP/1\.[01] 5\d\d ", stream) is None, stream
