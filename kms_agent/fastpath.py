@@ -52,6 +52,8 @@ _FALSE = frozenset({b"false", b"0", b"False", b"FALSE"})
 _SERVER = SERVER_SOFTWARE.encode()
 #: Load outcomes the fast path answers itself: a fresh value (stale ones go to aiohttp).
 _ANSWERED = frozenset({Outcome.HIT, Outcome.MISS, Outcome.COALESCED})
+#: Handed-over loads kept before those of closed connections are swept.
+_HANDED_SWEEP = 64
 #: Bytes of one unanswered request kept before handing over to aiohttp regardless.
 _MAX_PENDING = 16384
 
@@ -126,9 +128,6 @@ class FastServer(web.Server):
         deadline = time.monotonic() - self.keepalive_timeout
         for conn in [c for c in self.fast if c.idle and c.last_active < deadline]:
             conn.close()
-        handed = self.state.handed
-        for transport in [t for t in handed if cast("asyncio.Transport", t).is_closing()]:
-            del handed[transport]  # aiohttp refused the request before its lookup
         self._sweep = None
         if self.fast:
             loop = asyncio.get_running_loop()
@@ -369,11 +368,13 @@ class FastConnection(asyncio.Protocol):
     async def _load(self, route: str, key: Key, shape: str, start: float) -> None:
         """A miss: load through the cache; answer a fresh value, hand over anything else."""
         state = self._server.state
-        result: Entry | AgentError
+        result: Entry | AgentError | None
         try:
             result, outcome = await state.cache.load(key)
         except AgentError as exc:
             result, outcome = exc, Outcome.MISS
+        except Exception:  # a bug: aiohttp's handler meets it again and answers 500
+            result, outcome = None, Outcome.MISS
         self._loading = False
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -385,7 +386,12 @@ class FastConnection(asyncio.Protocol):
             if extra and not transport.is_closing():
                 self.data_received(extra)
             return
-        state.handed[transport] = Loaded(key, result, outcome)
+        if result is not None:
+            handed = state.handed
+            if len(handed) >= _HANDED_SWEEP:  # requests aiohttp refused before its lookup
+                for gone in [t for t in handed if cast("asyncio.Transport", t).is_closing()]:
+                    del handed[gone]
+            handed[transport] = Loaded(key, result, outcome)
         self._hand_over(self._pending + extra)
 
     # ------------------------------------------------------------------ llhttp callbacks

@@ -31,6 +31,13 @@ def _redact(
     return event
 
 
+#: Tracebacks as JSON, without local variables: structlog's default ``dict_tracebacks``
+#: renders every frame's locals, and on a request path those hold tokens and values. (The
+#: console format gets the plain traceback text, which has no locals either.)
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
 _stream: list[TextIO] = []
 
 
@@ -50,7 +57,7 @@ def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
-            structlog.processors.dict_tracebacks,
+            structlog.processors.format_exc_info if cfg.format == "console" else _TRACEBACKS,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[cfg.level]),

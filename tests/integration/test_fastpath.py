@@ -451,3 +451,21 @@ async def test_fuzz_the_fast_path_answers_every_byte_stream_as_aiohttp_does(twin
     _FAST_ANSWERS[0] += fast.runner.server.served - before
     assert responses(stream) == responses(await exchange(slow.port, data)), data
     assert re.search(rb"HTTP/1\.[01] 5\d\d ", stream) is None, stream
+
+
+async def test_a_bug_while_loading_is_answered_by_aiohttp_not_left_hanging(provider, clock, monkeypatch):
+    """If the cache itself fails unexpectedly during a fast load, the connection is handed
+    to aiohttp, whose guard answers the JSON 500 with a request id; nothing hangs."""
+    provider.values["db"] = PLANTED
+    state = make_state(provider, clock)
+
+    async def broken(key, *, force_refresh=False):
+        raise RuntimeError("cache bug")
+
+    monkeypatch.setattr(state.cache, "load", broken)
+    async with serving(state) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(get("/secrets/db?format=raw"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 500 ")
+        writer.close()
