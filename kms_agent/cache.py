@@ -23,7 +23,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -72,8 +72,9 @@ class Entry:
     read: bool = False
     failures: int = 0
     retry_at: float = 0.0
-    #: Response bodies rendered from this record, by shape; filled by the server.
-    bodies: dict[str, Rendered] = field(default_factory=dict)
+    #: Response bodies rendered from this record, one per shape asked for, filled by the
+    #: server (a tuple: most entries are read in one shape, and a dict costs ~180 B each).
+    bodies: tuple[Rendered, ...] = ()
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, version={self.record.version_id!r}, size={self.size})"

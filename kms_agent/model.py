@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 from kms_agent.errors import BadRequest
@@ -24,6 +26,14 @@ STAGE_ALIASES = {
 }
 
 DataType = Literal["text", "binary"]
+
+#: The ``extra`` of records that have none: one shared read-only mapping, not a dict each
+#: (a cache of many secrets holds many records).
+NO_EXTRA: Mapping[str, str] = MappingProxyType({})
+
+
+def _no_extra() -> Mapping[str, str]:
+    return NO_EXTRA
 
 
 def check_name(name: str) -> str:
@@ -75,7 +85,7 @@ class SecretRecord:
     created: float  # epoch seconds
     source: str
     secret_type: str = "Generic"  # noqa: S105
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: Mapping[str, str] = field(default_factory=_no_extra)
 
     def text(self) -> str:
         """The value as text (only meaningful when ``data_type == "text"``)."""

@@ -25,6 +25,7 @@ class Rendered:
     """One shape's body for one record: ``before + value + after``, or ``before`` alone
     when ``after`` is None (a short value, or one the shape escapes or encodes)."""
 
+    shape: str
     before: bytes
     after: bytes | None
     size: int
@@ -39,12 +40,12 @@ def rendered(record: SecretRecord, shape: str) -> Rendered:
     """``record`` in ``shape``: "raw" (the value), "native", or one of :data:`COMPAT`."""
     raw = record.value.reveal()
     if shape == "raw":
-        return Rendered(b"", b"", len(raw))
+        return Rendered(shape, b"", b"", len(raw))
     body = native(record) if shape == "native" else COMPAT[shape](record)
     at = body.find(raw) if len(raw) >= SHARE_MIN and record.data_type == "text" else -1
     if at >= 0 and body.find(raw, at + 1) < 0:  # exactly once: the split is exact
-        return Rendered(body[:at], body[at + len(raw) :], len(body))
-    return Rendered(body, None, len(body))
+        return Rendered(shape, body[:at], body[at + len(raw) :], len(body))
+    return Rendered(shape, body, None, len(body))
 
 
 def _dumps(obj: Any) -> bytes:

@@ -178,9 +178,11 @@ async def lookup(
 
 def rendered(entry: Entry, shape: str) -> render.Rendered:
     """``entry``'s body in ``shape`` ("raw", "native" or a compat shape), built once."""
-    found = entry.bodies.get(shape)
-    if found is None:
-        found = entry.bodies[shape] = render.rendered(entry.record, shape)
+    for found in entry.bodies:
+        if found.shape == shape:
+            return found
+    found = render.rendered(entry.record, shape)
+    entry.bodies = (*entry.bodies, found)
     return found
 
 
