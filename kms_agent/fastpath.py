@@ -3,7 +3,7 @@
 A node agent spends most of its life answering cache hits, and aiohttp's request machinery
 costs more per hit than everything the agent itself does. So each connection starts on a
 small protocol that parses with llhttp (``httptools``) and answers, from bytes prebuilt per
-cache entry, exactly the requests whose answer is a fresh cache hit:
+cache entry, exactly the requests whose answer is a fresh value from the cache:
 
 * one complete ``GET`` in HTTP/1.1 with keep-alive, no body, no ``Expect``, no forwarding
   headers, no repeated header, within the header limits;
