@@ -469,3 +469,40 @@ async def test_a_bug_while_loading_is_answered_by_aiohttp_not_left_hanging(provi
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 500 ")
         writer.close()
+
+
+async def test_repeated_request_bytes_skip_parsing_but_not_token_rotation_or_reload(provider, clock):
+    """A connection that repeats a request byte for byte is answered without re-parsing;
+    once the tokens rotate (or the config reloads) the same bytes are checked afresh: a
+    removed token is refused, a new response shape is used."""
+    from kms_agent.auth import load_tokens
+    from kms_agent.config import AuthConfig
+
+    provider.values["db"] = PLANTED
+    state = make_state(provider, clock)
+    async with serving(state) as server:
+        fast_server = server.runner.server
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = get("/secretsmanager/get?secretId=db")
+
+        async def once() -> tuple[bytes, bytes]:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            return head.split(b" ", 2)[1], await reader.readexactly(length)
+
+        answers = [await once() for _ in range(3)]
+        assert fast_server.served == 3
+        assert all(status == b"200" and json.loads(body)["SecretString"] == PLANTED for status, body in answers)
+        (conn,) = fast_server.fast
+        assert len(conn._seen) == 1  # remembered once, reused twice
+        state.config = replace(state.config, server=replace(state.config.server, response_type="kms"))
+        status, body = await once()
+        assert (status, json.loads(body)["SecretData"]) == (b"200", PLANTED)
+        other = "rotated-token-" + "r" * 20
+        state.auth.update(load_tokens(AuthConfig(), {"KMS_TOKEN": other}))
+        status, body = await once()
+        assert status == b"403"
+        assert json.loads(body)["error"]["code"] == "Forbidden"
+        assert fast_server.served == 4
+        writer.close()
