@@ -103,10 +103,21 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
+#: A wrk script that makes every request's bytes differ (a counter header): what a client
+#: whose requests vary costs, since the fast path reuses the parse of repeated bytes.
+VARYING_LUA = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", nil, {["X-Aws-Parameters-Secrets-Token"] = "TOKEN", ["X-Seq"] = tostring(n)})
+end
+""".replace("TOKEN", TOKEN)
+
+
+def wrk(url: str, conns: int, seconds: int, script: Path | None = None) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
-         "-H", f"X-Aws-Parameters-Secrets-Token: {TOKEN}", url],
+         "-H", f"X-Aws-Parameters-Secrets-Token: {TOKEN}", *(["-s", str(script)] if script else []), url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
 
@@ -135,6 +146,8 @@ class Servers:
         self.urls: dict[str, str] = {}
         self.cpu_pids: dict[str, list[int]] = {}
         self.quick = quick
+        self.varying = tmp / "varying.lua"
+        self.varying.write_text(VARYING_LUA)
 
     def start_agent(
         self, name: str = "agent", extra_env: dict[str, str] | None = None, config: Path | None = None
@@ -164,6 +177,8 @@ class Servers:
         self.urls[name + ":base"] = f"http://127.0.0.1:{port}"
         self.urls[name + ":metrics"] = f"http://127.0.0.1:{metrics}/metrics"
         self.cpu_pids[name] = [proc.pid]
+        self.urls[name + "-varying"] = self.urls[name]  # the same agent, varying requests
+        self.cpu_pids[name + "-varying"] = [proc.pid]
         return ready
 
     def body(self) -> bytes:
@@ -224,7 +239,8 @@ def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, s
             order = names if r % 2 == 0 else list(reversed(names))  # interleave
             for name in order:
                 before = cpu_ticks(servers.cpu_pids[name])
-                result = wrk(servers.urls[name], c, seconds)
+                script = servers.varying if name.endswith("-varying") else None
+                result = wrk(servers.urls[name], c, seconds, script)
                 used = cpu_ticks(servers.cpu_pids[name]) - before
                 result["cpu_us_per_req"] = used / CLK_TCK * 1e6 / max(1, result["requests"])
                 samples.setdefault(f"{name}@c{c}", []).append(result)
@@ -454,7 +470,7 @@ def main() -> None:
         servers.start_nginx(body)
         results["first_read_rss_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
         results["minimal_rss_mb"] = round(rss_mb(servers.procs["minimal"].pid), 1)
-        results["throughput"] = measure(servers, ["nginx", "minimal", "agent-aiohttp", "agent"], conns, rounds, args.seconds)
+        results["throughput"] = measure(servers, ["nginx", "minimal", "agent-aiohttp", "agent-varying", "agent"], conns, rounds, args.seconds)
         results["herd_upstream_calls"] = asyncio.run(herd(servers.urls["agent"], servers.urls["agent:metrics"]))
         results["python_client"] = client_vs_library(servers, 3 if args.quick else 7, 2000)
         results["miss"] = asyncio.run(miss_overhead(servers, 50 if args.quick else 300))
