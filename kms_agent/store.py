@@ -106,6 +106,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
+#: Each distinct tuple of stage labels once (there are a handful).
+_STAGE_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
 def _aead(key: bytes) -> AESGCM:
     """AES-256-GCM from cryptography, imported at first use: its OpenSSL costs ~7 MB of
     RSS, which an agent serving only cloud sources never needs."""
@@ -305,8 +309,10 @@ class LocalStore:
             plain = _aead(dek).decrypt(
                 sealed[:_NONCE], sealed[_NONCE:], _aad("data", info.key_id, name, vid, data_type)
             )
-            # Interned: a cache of many secrets holds one copy of each label, not one each.
+            # Shared: a cache of many secrets holds one ("ACSCurrent",), not one each.
             stages = tuple(sys.intern(str(s)) for s in version.get("stages", ()))
+            if len(_STAGE_SETS) < 64 or stages in _STAGE_SETS:
+                stages = _STAGE_SETS.setdefault(stages, stages)
             created = float(version["created"])
         except StoreCorrupt:
             raise
