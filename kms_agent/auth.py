@@ -136,6 +136,10 @@ def ensure_generated_token(runtime_dir: Path) -> Path:
     return path
 
 
+def _raw_names(headers: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(h.lower().encode("latin-1") for h in headers)
+
+
 class Authenticator:
     """Checks a request's token headers against the current token set."""
 
@@ -145,7 +149,7 @@ class Authenticator:
         self._headers = headers
         self._tokens = tokens
         #: The token headers as lower-case bytes, for callers holding raw headers.
-        self.header_keys = tuple(h.lower().encode("latin-1") for h in headers)
+        self.header_keys = _raw_names(headers)
 
     def __repr__(self) -> str:
         return f"Authenticator(headers={self._headers!r}, {self._tokens!r})"
@@ -159,7 +163,7 @@ class Authenticator:
         self._tokens = tokens
         if headers is not None:
             self._headers = headers
-            self.header_keys = tuple(h.lower().encode("latin-1") for h in headers)
+            self.header_keys = _raw_names(headers)
 
     def accepts(self, candidate: bytes) -> bool:
         """Whether ``candidate`` is one of the tokens. Every token is compared, in constant

@@ -42,7 +42,15 @@ from kms_agent.cache import Entry, Key, Outcome
 from kms_agent.errors import AgentError
 from kms_agent.model import NAME_RE
 from kms_agent.render import Rendered
-from kms_agent.server import STATE, VERSION_RE, AgentState, Loaded, account, rendered
+from kms_agent.server import (
+    STATE,
+    VERSION_RE,
+    AgentState,
+    Loaded,
+    account,
+    count_hit,
+    rendered,
+)
 
 _REFUSED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"expect"})
 _NATIVE = frozenset({b"version_id", b"version_stage", b"refresh", b"format"})  # no field=
@@ -225,11 +233,7 @@ class FastServer(web.Server):
     ) -> bytes:
         """The whole 200 response for ``entry`` in ``shape``, accounted like the handlers'."""
         state = self.state
-        for body in entry.bodies:
-            if body.shape == shape:
-                break
-        else:
-            body = rendered(entry, shape)
+        body = rendered(entry, shape)
         head = body.head or _head(entry, body, shape)
         request_id = state.next_request_id()
         if body.after is None:
@@ -239,12 +243,8 @@ class FastServer(web.Server):
             parts = (head, request_id.encode(), self.tail(), body.before, value, body.after)
             response = b"".join(parts)
         elapsed = time.perf_counter() - start
-        if outcome == "hit":  # the common case, inline: what account() does for a hit
-            metrics = state.metrics
-            metrics.observe_request(route, 200, elapsed)
-            metrics.cache_outcome("hit")
-            hits = state.hit_counts
-            hits[route] = hits.get(route, 0) + 1
+        if outcome == "hit":  # route() left requests with logging.log_hits to aiohttp
+            count_hit(state, route, 200, elapsed)
         else:
             ctx = {"source": entry.key[0], "cache": outcome}
             account(state, route, request_id, "GET", entry.key[1], 200, elapsed, ctx)
@@ -294,7 +294,8 @@ class FastConnection(asyncio.Protocol):
         "_parser",
         "_pending",
         "_seen",
-        "_seen_under",
+        "_seen_config",
+        "_seen_tokens",
         "_server",
         "_transport",
         "_url",
@@ -314,7 +315,8 @@ class FastConnection(asyncio.Protocol):
         self._loading = False
         self._extra = b""
         self._seen: dict[bytes, tuple[str, Key, str]] = {}
-        self._seen_under: tuple[object, object] | None = None
+        self._seen_config: object = None  # the config and token set _seen was filled under
+        self._seen_tokens: object = None
         self.last_active = time.monotonic()
 
     # ------------------------------------------------------------------ asyncio
@@ -339,7 +341,7 @@ class FastConnection(asyncio.Protocol):
             # nor check again (the parser is between messages either way). Per connection:
             # a caller's bytes are only ever compared with its own.
             state = server.state
-            if self._seen_under == (state.config, state.auth.token_set):
+            if self._seen_config is state.config and self._seen_tokens is state.auth.token_set:
                 self._answer(hot, data, start)
                 return
             self._seen.clear()
@@ -363,10 +365,12 @@ class FastConnection(asyncio.Protocol):
             return
         if pending is data:  # one request in one segment: remember it
             state = server.state
-            under = (state.config, state.auth.token_set)
-            if self._seen_under != under or len(self._seen) >= _SEEN_MAX:
+            config, tokens = state.config, state.auth.token_set
+            if self._seen_config is not config or self._seen_tokens is not tokens:
                 self._seen.clear()
-                self._seen_under = under
+                self._seen_config, self._seen_tokens = config, tokens
+            elif len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
             self._seen[data] = hot
         self._answer(hot, pending, start)
 
@@ -390,7 +394,7 @@ class FastConnection(asyncio.Protocol):
         transport.write(response)
         self._pending = b""
         self._url = b""
-        self._headers = {}
+        self._headers.clear()  # in place: a repeated request never filled it
         self._begun = self._done = 0
         self.last_active = time.monotonic()
         if self._server.closing:

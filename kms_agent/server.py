@@ -278,6 +278,14 @@ async def guard(
     return resp
 
 
+def count_hit(state: AgentState, route: str, status: int, elapsed: float) -> None:
+    """A cache hit not logged one by one: metrics, and the count for the summary line.
+    The hot path calls this directly (the fast path knows it has a hit)."""
+    state.metrics.observe_request(route, status, elapsed)
+    state.metrics.cache_outcome("hit")
+    state.hit_counts[route] = state.hit_counts.get(route, 0) + 1
+
+
 def account(
     state: AgentState,
     route: str,
@@ -289,14 +297,15 @@ def account(
     ctx: dict[str, Any],
 ) -> None:
     """Metrics and the access line for one answered request (both listeners' paths)."""
-    state.metrics.observe_request(route, status, elapsed)
     outcome = ctx.get("cache")
-    if outcome is not None:
-        state.metrics.cache_outcome(outcome)
     logging_cfg = state.config.logging
     if outcome == "hit" and not logging_cfg.log_hits and status < 400:
-        state.hit_counts[route] = state.hit_counts.get(route, 0) + 1
-    elif logging_cfg.access_log or status >= 400 or outcome is not None:
+        count_hit(state, route, status, elapsed)
+        return
+    state.metrics.observe_request(route, status, elapsed)
+    if outcome is not None:
+        state.metrics.cache_outcome(outcome)
+    if logging_cfg.access_log or status >= 400 or outcome is not None:
         log.info(
             "request",
             request_id=request_id,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import secrets
-import sys
 import tempfile
 import time
 import uuid
@@ -310,7 +309,7 @@ class LocalStore:
                 sealed[:_NONCE], sealed[_NONCE:], _aad("data", info.key_id, name, vid, data_type)
             )
             # Shared: a cache of many secrets holds one ("ACSCurrent",), not one each.
-            stages = tuple(sys.intern(str(s)) for s in version.get("stages", ()))
+            stages = tuple(str(s) for s in version.get("stages", ()))
             if len(_STAGE_SETS) < 64 or stages in _STAGE_SETS:
                 stages = _STAGE_SETS.setdefault(stages, stages)
             created = float(version["created"])

@@ -210,6 +210,13 @@ async def test_what_the_fast_path_leaves_to_aiohttp(provider, clock, path, heade
         assert json.loads(got[2])["error"]["code"] == json.loads(want[2])["error"]["code"]
 
 
+async def read_response(reader) -> tuple[bytes, bytes]:
+    """One response's status code and body, by its Content-Length."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    return head.split(b" ", 2)[1], await reader.readexactly(length)
+
+
 async def raw_exchange(server, chunks: list[bytes], expect: int) -> list[bytes]:
     """Send ``chunks`` on one socket, each after the agent has buffered the one before;
     read ``expect`` responses."""
@@ -228,9 +235,8 @@ async def raw_exchange(server, chunks: list[bytes], expect: int) -> list[bytes]:
                     pytest.fail("the first part never reached the agent")
         out = []
         for _ in range(expect):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            out.append(head.split(b" ", 2)[1] + b" " + await reader.readexactly(length))
+            status, body = await read_response(reader)
+            out.append(status + b" " + body)
         return out
     finally:
         writer.close()
@@ -487,9 +493,7 @@ async def test_repeated_request_bytes_skip_parsing_but_not_token_rotation_or_rel
 
         async def once() -> tuple[bytes, bytes]:
             writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            return head.split(b" ", 2)[1], await reader.readexactly(length)
+            return await read_response(reader)
 
         answers = [await once() for _ in range(3)]
         assert fast_server.served == 3
