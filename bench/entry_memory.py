@@ -3,7 +3,7 @@
     python bench/entry_memory.py [--count 2000] [--shape aws]
 
 Stores COUNT secrets of 1 KiB in a fresh embedded store, reads each through the cache as
-the agent does, renders one response shape and the fast path's head, and prints the live
+the agent does, renders one response shape, and prints the live
 bytes per entry with the allocation sites that hold them. Deterministic, unlike RSS: use it
 to see what a change to the entry layout buys.
 """
@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 from kms_agent import providers  # noqa: E402
 from kms_agent.cache import Cache  # noqa: E402
 from kms_agent.config import load  # noqa: E402
-from kms_agent.fastpath import _head  # noqa: E402
 from kms_agent.server import rendered  # noqa: E402
 from kms_agent.store import LocalStore  # noqa: E402
 
@@ -50,8 +49,7 @@ async def measure(count: int, shape: str) -> None:
     before = tracemalloc.take_snapshot()
     for i in range(1, count + 1):
         entry, _ = await cache.get(("local", f"fill/s{i}", None, None))
-        body = rendered(entry, shape)
-        _head(entry, body, shape)
+        rendered(entry, shape)
     gc.collect()
     after = tracemalloc.take_snapshot()
     stats = after.compare_to(before, "lineno")

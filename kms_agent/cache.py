@@ -7,8 +7,9 @@
 * Refresh-ahead: an entry read during its life is refetched in the background once it
   enters the last ``refresh_window`` of its TTL, so hot secrets never wait on the upstream.
 * Stale-if-error: a transient failure (timeout, 5xx, throttling, connection error) keeps the
-  last good value for up to ``max_stale`` past expiry, served marked stale, with retries
-  backed off; a permanent one (not found, denied, pending deletion) drops the entry at once.
+  last good value for up to ``max_stale`` past expiry (the setting in force, reloads
+  included), served marked stale, with retries backed off; a permanent one (not found,
+  denied, pending deletion) drops the entry at once.
 * Not-found answers are cached for ``negative_ttl``.
 * Forced refreshes are rate-limited per key.
 
@@ -60,21 +61,31 @@ class Outcome(enum.Enum):
     REFRESH_FORCED = "refresh_forced"
 
 
+def entry_size(record: SecretRecord) -> int:
+    """The bytes an entry of ``record`` counts against ``cache.max_bytes``."""
+    return ENTRY_OVERHEAD + len(record.name) + VALUE_COPIES * len(record.value)
+
+
 @dataclass(slots=True, eq=False)
 class Entry:
+    """One cached record. Kept small: a cache holds thousands (``bench/entry_memory.py``
+    measures one), so what can be derived (its size, the end of its stale life) is."""
+
     key: Key
     record: SecretRecord
-    size: int
     fetched_at: float
     expires_at: float
     refresh_at: float
-    stale_until: float
     read: bool = False
     failures: int = 0
     retry_at: float = 0.0
     #: Response bodies rendered from this record, one per shape asked for, filled by the
-    #: server (a tuple: most entries are read in one shape, and a dict costs ~180 B each).
-    bodies: tuple[Rendered, ...] = ()
+    #: server: the one Rendered most entries are read in, else a tuple of them.
+    bodies: Rendered | tuple[Rendered, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return entry_size(self.record)
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, version={self.record.version_id!r}, size={self.size})"
@@ -152,7 +163,7 @@ class Cache:
             entry is not None
             and not force_refresh
             and now < entry.retry_at
-            and now < entry.stale_until
+            and now < entry.expires_at + self.settings.max_stale
         ):
             # A refresh failed moments ago: serve stale without making the caller wait.
             self._entries.move_to_end(key)
@@ -173,7 +184,11 @@ class Cache:
         if isinstance(result, Entry):
             return result, outcome
         stale = self._entries.get(key)
-        if result.transient and stale is not None and self._clock() < stale.stale_until:
+        if (
+            result.transient
+            and stale is not None
+            and self._clock() < stale.expires_at + self.settings.max_stale
+        ):
             return stale, Outcome.STALE
         raise result
 
@@ -244,15 +259,15 @@ class Cache:
         now = self._clock()
         cfg = self.settings
         ttl = cfg.ttl * (1.0 + cfg.jitter * (2.0 * self._rng() - 1.0))
-        size = ENTRY_OVERHEAD + len(record.name) + VALUE_COPIES * len(record.value)
+        size = entry_size(record)
+        if record.name == key[1]:  # one name string for the key and the record, not two
+            key = (key[0], record.name, key[2], key[3])
         entry = Entry(
             key=key,
             record=record,
-            size=size,
             fetched_at=now,
             expires_at=now + ttl,
             refresh_at=now + ttl * (1.0 - cfg.refresh_window),
-            stale_until=now + ttl + cfg.max_stale,
         )
         self._negatives.pop(key, None)
         if cfg.ttl <= 0 or not cacheable or size > cfg.max_bytes:
@@ -285,10 +300,11 @@ class Cache:
         Returns how many refreshes it started.
         """
         now = self._clock()
+        max_stale = self.settings.max_stale
         started = 0
         dead: list[Key] = []
         for key, entry in self._entries.items():
-            if now >= entry.stale_until:
+            if now >= entry.expires_at + max_stale:
                 dead.append(key)
             elif key in self._inflight:
                 continue

@@ -18,34 +18,46 @@ from kms_agent.model import SecretRecord
 JSON_TYPE = "application/json"
 #: Values at least this long are referenced by their rendered bodies, not copied into them.
 SHARE_MIN = 128
+#: What follows the value in many bodies (``"}``), and others, held once for all entries.
+_AFTERS: dict[bytes, bytes] = {}
+_AFTERS_MAX = 256
+_AFTER_SHARED = 64  # bytes; longer tails are rarely repeated
 
 
 @dataclass(slots=True)
 class Rendered:
     """One shape's body for one record: ``before + value + after``, or ``before`` alone
-    when ``after`` is None (a short value, or one the shape escapes or encodes)."""
+    when ``after`` is None (a short value, or one the shape escapes or encodes).
+
+    Three fields and nothing derived (not even the length): a cache holds one per entry."""
 
     shape: str
     before: bytes
     after: bytes | None
-    size: int
-    #: The fast path's status line and fixed headers for this body, built on first use.
-    head: bytes = b""
 
     def body(self, value: bytes) -> bytes:
         return self.before if self.after is None else b"".join((self.before, value, self.after))
+
+    def length(self, value: bytes) -> int:
+        """The body's length in bytes, for the record's ``value``."""
+        if self.after is None:
+            return len(self.before)
+        return len(self.before) + len(value) + len(self.after)
 
 
 def rendered(record: SecretRecord, shape: str) -> Rendered:
     """``record`` in ``shape``: "raw" (the value), "native", or one of :data:`COMPAT`."""
     raw = record.value.reveal()
     if shape == "raw":
-        return Rendered(shape, b"", b"", len(raw))
+        return Rendered(shape, b"", b"")
     body = native(record) if shape == "native" else COMPAT[shape](record)
     at = body.find(raw) if len(raw) >= SHARE_MIN and record.data_type == "text" else -1
     if at >= 0 and body.find(raw, at + 1) < 0:  # exactly once: the split is exact
-        return Rendered(shape, body[:at], body[at + len(raw) :], len(body))
-    return Rendered(shape, body, None, len(body))
+        after = body[at + len(raw) :]
+        if len(after) <= _AFTER_SHARED and (len(_AFTERS) < _AFTERS_MAX or after in _AFTERS):
+            after = _AFTERS.setdefault(after, after)
+        return Rendered(shape, body[:at], after)
+    return Rendered(shape, body, None)
 
 
 def _dumps(obj: Any) -> bytes:

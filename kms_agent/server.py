@@ -178,11 +178,17 @@ async def lookup(
 
 def rendered(entry: Entry, shape: str) -> render.Rendered:
     """``entry``'s body in ``shape`` ("raw", "native" or a compat shape), built once."""
-    for found in entry.bodies:
-        if found.shape == shape:
-            return found
+    bodies = entry.bodies
+    if isinstance(bodies, render.Rendered):
+        if bodies.shape == shape:
+            return bodies
+        bodies = (bodies,)
+    else:
+        for found in bodies:
+            if found.shape == shape:
+                return found
     found = render.rendered(entry.record, shape)
-    entry.bodies = (*entry.bodies, found)
+    entry.bodies = (*bodies, found) if bodies else found
     return found
 
 

@@ -254,7 +254,7 @@ async def test_garbage_and_outage_serve_stale_or_fail_cleanly(tmp_path, kms, kms
         assert (got, json.loads(body)["error"]["code"]) == (503, "UpstreamUnavailable")
         assert (await get(agent, "/secrets/aigw!b"))[0] == 200
         entry = agent.state.cache.peek(("alibaba", "aigw!b", None, None))
-        entry.expires_at = entry.refresh_at = 0  # expire it
+        entry.expires_at = entry.refresh_at = agent.state.cache.now()  # expire it (max_stale 1 h)
         kms.faults.next.extend(["503"] * 3)
         got, body, headers = await get(agent, "/secrets/aigw!b")
         assert got == 200

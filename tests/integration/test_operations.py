@@ -73,7 +73,7 @@ async def test_counters_move_exactly_as_the_requests_made(tmp_path, provider):
             assert (await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": "x" * 20})).status == 403
             assert (await s.get(url(agent, "/secrets/db"), headers={**H, "Forwarded": "for=1.2.3.4"})).status == 400
             provider.failures["db"] = Unavailable("down")
-            agent.state.cache._entries[("scripted", "db", None, None)].expires_at = 0  # expire it
+            agent.state.cache.peek(("scripted", "db", None, None)).expires_at = agent.state.cache.now()
             stale = await s.get(url(agent, "/secrets/db"), headers=H)
             assert stale.status == 200
             assert "Age" in stale.headers

@@ -42,6 +42,7 @@ async def test_miss_then_hit_calls_upstream_once(provider, clock):
     assert outcome2 is Outcome.HIT
     assert entry2 is entry
     assert provider.calls["db"] == 1
+    assert entry.key[1] is entry.record.name  # one name string per entry, not two
 
 
 async def test_a_load_that_runs_after_the_fetch_landed_is_a_hit(provider, clock):
@@ -151,6 +152,24 @@ async def test_transient_failure_serves_stale_within_max_stale(provider, clock):
     clock.advance(60)
     with pytest.raises(Unavailable):
         await cache.get(key("db"))
+
+
+async def test_a_reloaded_max_stale_applies_to_entries_already_cached(provider, clock):
+    """An entry's stale life ends at its expiry plus the max_stale in force now: an operator
+    who shortens it on reload stops stale values at once, not one TTL later."""
+    provider.values["db"] = "good"
+    cache = make_cache(provider, clock, ttl=10, max_stale=3600)
+    await cache.get(key("db"))
+    provider.failures["db"] = Unavailable("upstream down")
+    clock.advance(70)
+    _, outcome = await cache.get(key("db"))
+    assert outcome is Outcome.STALE
+    cache.reconfigure(CacheConfig(jitter=0.0, ttl=10, max_stale=30))
+    clock.advance(2)  # past the failure's back-off, 72 s after the fetch: 62 past expiry
+    with pytest.raises(Unavailable):
+        await cache.get(key("db"))
+    cache.refresh_due()
+    assert cache.peek(key("db")) is None  # and the sweep drops it
 
 
 async def test_recovery_after_outage_replaces_stale_value(provider, clock):

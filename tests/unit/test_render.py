@@ -33,7 +33,7 @@ def test_a_rendered_body_is_exactly_the_whole_body(value, name):
         got = render.rendered(rec, shape)
         want = value if shape == "raw" else WHOLE[shape](rec)
         assert got.body(value) == want
-        assert got.size == len(want)
+        assert got.length(value) == len(want)
 
 
 @pytest.mark.parametrize("shape", ["native", "aws", "kms"])
@@ -42,5 +42,13 @@ def test_long_plain_values_are_not_copied_into_their_bodies(shape):
     value = b"v" * 1024
     got = render.rendered(record(value), shape)
     assert got.after is not None
-    assert len(got.before) + len(got.after) + len(value) == got.size
+    assert len(got.before) + len(got.after) + len(value) == got.length(value) == len(WHOLE[shape](record(value)))
     assert value not in got.before + got.after
+
+
+def test_a_common_tail_is_held_once_for_all_entries():
+    """What follows the value in a shape (``"}`` for aws) is one object for every entry."""
+    one = render.rendered(record(b"a" * 200, name="one"), "aws")
+    two = render.rendered(record(b"b" * 300, name="two"), "aws")
+    assert one.after == two.after == b'"}'
+    assert one.after is two.after
