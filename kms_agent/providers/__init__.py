@@ -70,8 +70,13 @@ class Router:
         self._sources = sources
         self.providers = {provider.name: provider for _, provider in sources}
         self._memo: dict[str, Provider] = {}
+        #: The first source, when it takes every name (the usual case): no glob, no memo,
+        #: so a cache of many secrets holds no second copy of their names here.
+        self._all = sources[0][1] if sources and "*" in sources[0][0] else None
 
     def route(self, name: str) -> Provider:
+        if self._all is not None:
+            return self._all
         provider = self._memo.get(name)
         if provider is None:
             provider = self._route(name)
