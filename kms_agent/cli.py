@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 from kms_agent import __version__
 from kms_agent import config as config_mod
 from kms_agent.auth import TOKEN_FILE_NAME, new_token
+from kms_agent.client import Client, ClientError, newest_token
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
 from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
@@ -199,52 +199,42 @@ def _read_token(args: argparse.Namespace, cfg: Config, environ: Mapping[str, str
             else cfg.runtime_path / TOKEN_FILE_NAME
         )
     try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
             f"cannot read the token file {path} ({type(exc).__name__})",
             hint="pass --token-file, or set $KMS_TOKEN",
         ) from None
-    tokens = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not tokens:
-        raise ConfigError(f"the token file {path} holds no token")
-    return tokens[-1]  # during a rotation the newest line is the new token
+    return newest_token(text, path)
 
 
 def _cmd_get(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    token = _read_token(args, cfg, environ)
+    try:
+        token = _read_token(args, cfg, environ)
+    except ClientError as exc:
+        raise ConfigError(exc.message) from None
     target = config_mod.parse_listen(args.agent, "--agent") if args.agent else cfg.server.address
-    query: dict[str, str] = {"format": "raw"}
-    for key in ("version_id", "version_stage", "field"):
-        if getattr(args, key):
-            query[key] = getattr(args, key)
-    if args.refresh:
-        query["refresh"] = "true"
-    path = f"/secrets/{quote(args.name, safe='/!@')}?{urlencode(query)}"
-    conn = _connect(target, args.timeout)
-    try:
-        conn.request("GET", path, headers={cfg.auth.headers[0]: token})
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        _err(
-            f"the agent at {target} is unreachable ({type(exc).__name__}: {exc})",
-            "is 'kms-agent run' running, and listening there?",
-        )
-        return EXIT_ERROR
-    finally:
-        conn.close()
-    if resp.status == 200:
-        sys.stdout.buffer.write(body)
-        sys.stdout.buffer.flush()
-        return EXIT_OK
-    try:
-        error = json.loads(body)["error"]
-        message, hint, code = error["message"], error.get("hint"), error["code"]
-    except (ValueError, KeyError, TypeError):
-        message, hint, code = f"HTTP {resp.status}", None, ""
-    _err(f"{message} ({code or resp.status})", hint)
-    return EXIT_FAIL if code in ("SecretNotFound", "SecretPendingDeletion") else EXIT_ERROR
+    if target.unix_path:
+        address = f"unix:{target.unix_path}"
+    else:
+        host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
+        host = "::1" if host == "::" else host
+        address = f"[{host}]:{target.port}" if ":" in host else f"{host}:{target.port}"
+    with Client(address, token=token, header=cfg.auth.headers[0], timeout=args.timeout) as agent:
+        try:
+            value = agent.get(
+                args.name,
+                version_id=args.version_id or None,
+                version_stage=args.version_stage or None,
+                field=args.field or None,
+                refresh=args.refresh,
+            )
+        except ClientError as exc:
+            _err(f"{exc.message} ({exc.code or exc.status})", exc.hint)
+            return EXIT_FAIL if exc.not_found else EXIT_ERROR
+    sys.stdout.buffer.write(value)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
 
 
 def _connect(target: ListenAddress, timeout: float) -> http.client.HTTPConnection:
