@@ -165,17 +165,26 @@ class FastServer(web.Server):
 
     def route(self, url: bytes, headers: dict[bytes, bytes]) -> tuple[str, Key, str] | None:
         """``(route, cache key, shape)`` for a request the fast path may answer, else None."""
+        return self.target(url) if self.admits(headers) else None
+
+    def admits(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether these headers let the fast path answer: a token it accepts, nothing that
+        aiohttp must refuse or log."""
         state = self.state
         if not _REFUSED_HEADERS.isdisjoint(headers) or state.config.logging.log_hits:
-            return None
+            return False
         auth = state.auth
         presented = None
         for name in auth.header_keys:
             presented = headers.get(name)
             if presented is not None:
                 break
-        if presented is None or not auth.accepts(presented):
-            return None
+        return presented is not None and auth.accepts(presented)
+
+    def target(self, url: bytes) -> tuple[str, Key, str] | None:
+        """``(route, cache key, shape)`` of a request target the fast path answers, else
+        None. Depends on the URL and the config alone."""
+        state = self.state
         if not url.startswith(b"/") or b"%" in url or b"+" in url or b"#" in url:
             return None
         path, _, query = url.partition(b"?")
@@ -294,6 +303,7 @@ class FastConnection(asyncio.Protocol):
         "_seen_config",
         "_seen_tokens",
         "_server",
+        "_targets",
         "_transport",
         "_url",
         "last_active",
@@ -312,7 +322,8 @@ class FastConnection(asyncio.Protocol):
         self._loading = False
         self._extra = b""
         self._seen: dict[bytes, tuple[str, Key, str]] = {}
-        self._seen_config: object = None  # the config and token set _seen was filled under
+        self._targets: dict[bytes, tuple[str, Key, str]] = {}  # by URL: the same, re-checked
+        self._seen_config: object = None  # the config and token set both were filled under
         self._seen_tokens: object = None
         self.last_active = time.monotonic()
 
@@ -354,22 +365,41 @@ class FastConnection(asyncio.Protocol):
         hot = None
         if self._done == 1 and self._begun == 1 and not self._odd:
             try:
-                hot = server.route(self._url, self._headers)
+                hot = self._route()
             except Exception:  # never answer a request wrongly: aiohttp answers it instead
                 hot = None
         if hot is None:
             self._hand_over(pending)
             return
         if pending is data:  # one request in one segment: remember it
-            state = server.state
-            config, tokens = state.config, state.auth.token_set
-            if self._seen_config is not config or self._seen_tokens is not tokens:
-                self._seen.clear()
-                self._seen_config, self._seen_tokens = config, tokens
-            elif len(self._seen) >= _SEEN_MAX:
+            if len(self._seen) >= _SEEN_MAX:
                 self._seen.clear()
             self._seen[data] = hot
         self._answer(hot, pending, start)
+
+    def _route(self) -> tuple[str, Key, str] | None:
+        """The parsed request's route, key and shape, or None. The headers are checked each
+        time; a target URL this connection sent before reuses its checks (requests that
+        differ only in other headers, such as a trace id, are common)."""
+        server = self._server
+        if not server.admits(self._headers):
+            return None
+        state = server.state
+        config, tokens = state.config, state.auth.token_set
+        if self._seen_config is not config or self._seen_tokens is not tokens:
+            self._seen.clear()
+            self._targets.clear()
+            self._seen_config, self._seen_tokens = config, tokens
+        url = self._url
+        hot = self._targets.get(url)
+        if hot is None:
+            hot = server.target(url)
+            if hot is None:
+                return None
+            if len(self._targets) >= _SEEN_MAX:
+                self._targets.clear()
+            self._targets[url] = hot
+        return hot
 
     def _answer(self, hot: tuple[str, Key, str], pending: bytes, start: float) -> None:
         server = self._server
