@@ -57,14 +57,35 @@ _COMPAT = frozenset({b"secretId", b"versionId", b"versionStage", b"refreshNow"})
 _V1 = frozenset({b"versionId", b"versionStage", b"refreshNow"})
 _FALSE = frozenset({b"false", b"0", b"False", b"FALSE"})
 _SERVER = SERVER_SOFTWARE.encode()
-#: A fresh value's status line and fixed headers, up to its Content-Length's digits; the
-#: length, request id, date and body follow. Built per hit (a few ns), not kept per entry.
-#: The headers aiohttp writes for the handler's response (field order carries no meaning).
-_HEAD = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: %s\r\nContent-Length: "
-_HEAD_JSON = _HEAD % render.JSON_TYPE.encode()
-_HEAD_TEXT = _HEAD % b"text/plain; charset=utf-8"
-_HEAD_BINARY = _HEAD % b"application/octet-stream"
-_RID = b"\r\nX-Request-Id: "
+#: Distinct body lengths whose head is kept, per content type.
+_HEADS_MAX = 1024
+
+
+class _Heads(dict[int, bytes]):
+    """A fresh value's status line and fixed headers up to ``X-Request-Id:``, by body length,
+    for one content type: built at a length's first use and shared by every entry of that
+    length, not kept per entry. The request id, date and body follow. These are the headers
+    aiohttp writes for the handler's response (the order of differently named fields
+    carries no meaning)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, content_type: bytes) -> None:
+        super().__init__()
+        self.prefix = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: %s\r\n" % (
+            content_type
+        )
+
+    def __missing__(self, size: int) -> bytes:
+        if len(self) >= _HEADS_MAX:
+            self.clear()
+        head = self[size] = b"%sContent-Length: %d\r\nX-Request-Id: " % (self.prefix, size)
+        return head
+
+
+_HEADS_JSON = _Heads(render.JSON_TYPE.encode())
+_HEADS_TEXT = _Heads(b"text/plain; charset=utf-8")
+_HEADS_BINARY = _Heads(b"application/octet-stream")
 #: Load outcomes the fast path answers itself: a fresh value (stale ones go to aiohttp).
 _ANSWERED = frozenset({Outcome.HIT, Outcome.MISS, Outcome.COALESCED})
 #: Distinct request byte strings a connection remembers (most callers repeat one or two).
@@ -252,18 +273,21 @@ class FastServer(web.Server):
         body = rendered(entry, shape)
         record = entry.record
         if shape != "raw":
-            head = _HEAD_JSON
+            heads = _HEADS_JSON
         else:
-            head = _HEAD_TEXT if record.data_type == "text" else _HEAD_BINARY
-        request_id = state.next_request_id()
-        rid, before = request_id.encode(), body.before
-        if body.after is None:
-            parts: tuple[bytes, ...] = (head, b"%d" % len(before), _RID, rid, self.tail(), before)
+            heads = _HEADS_TEXT if record.data_type == "text" else _HEADS_BINARY
+        before, after = body.before, body.after
+        if after is None:
+            size = len(before)
         else:
-            value, after = record.value.reveal(), body.after
+            value = record.value.reveal()
             size = len(before) + len(value) + len(after)
-            parts = (head, b"%d" % size, _RID, rid, self.tail(), before, value, after)
-        response = b"".join(parts)
+        head = heads[size]
+        request_id = state.next_request_id()
+        if after is None:
+            response = b"".join((head, request_id.encode(), self.tail(), before))
+        else:
+            response = b"".join((head, request_id.encode(), self.tail(), before, value, after))
         elapsed = time.perf_counter() - start
         if outcome == "hit":  # route() left requests with logging.log_hits to aiohttp
             count_hit(state, route, 200, elapsed)

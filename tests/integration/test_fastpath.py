@@ -551,3 +551,15 @@ async def test_a_remembered_target_still_checks_every_requests_headers(provider,
         status, _ = await ask({"X-Trace": "b", "X-Forwarded-For": "10.0.0.1"})
         assert status == b"400" and fast_server.served == 1
         writer.close()
+
+
+def test_response_heads_are_shared_per_length_and_bounded():
+    """A head is built once per content type and body length, and only so many are kept."""
+    from kms_agent.fastpath import _HEADS_MAX, _Heads
+
+    heads = _Heads(b"application/json")
+    for size in range(2 * _HEADS_MAX + 1):
+        assert heads[size].endswith(b"\r\nContent-Length: %d\r\nX-Request-Id: " % size)
+        assert heads[size] is heads[size]
+    assert 0 < len(heads) <= _HEADS_MAX
+    assert heads[5].startswith(b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Type: application/json\r\n")
