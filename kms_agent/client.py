@@ -33,10 +33,13 @@ from urllib.parse import quote, urlencode
 
 import httptools
 
+from kms_agent import config
+
 DEFAULT_ADDRESS = "127.0.0.1:2025"
 DEFAULT_HEADER = "X-KMS-Token"
 #: Where an agent run with its defaults writes the token it generates.
 DEFAULT_TOKEN_FILES = ("/run/kms-agent/token",)
+TOKEN_FILE = "token"  # noqa: S105 (a file name, as auth.TOKEN_FILE_NAME)
 #: Distinct requests whose bytes are kept (an application reads a handful of secrets).
 _REQUESTS_MAX = 256
 #: Codes that mean "no such secret (version)" rather than a failure to ask.
@@ -69,12 +72,14 @@ def newest_token(text: str, path: Path | str) -> str:
     return tokens[-1]
 
 
-def default_token_file(environ: Mapping[str, str]) -> Path:
-    """``$XDG_RUNTIME_DIR/kms-agent/token`` when that exists, else ``/run/kms-agent/token``."""
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime and (Path(runtime) / "kms-agent" / "token").exists():
-        return Path(runtime) / "kms-agent" / "token"
-    return Path(DEFAULT_TOKEN_FILES[0])
+def token_files(environ: Mapping[str, str]) -> list[Path]:
+    """Where an agent started with its defaults writes its token, as this environment would
+    resolve it (``$KMS_AGENT_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/kms-agent``, else the
+    data dir), then the shared volume a Kubernetes sidecar mounts."""
+    runtime = environ.get("KMS_AGENT_RUNTIME_DIR") or config.default_runtime_dir(
+        environ, config.default_data_dir(environ)
+    )
+    return [Path(runtime) / TOKEN_FILE, *(Path(p) for p in DEFAULT_TOKEN_FILES)]
 
 
 class _Response:
@@ -130,7 +135,8 @@ class Client:
             elif value:
                 token = value.strip()
             else:
-                token_file = default_token_file(env)
+                candidates = token_files(env)
+                token_file = next((p for p in candidates if p.exists()), candidates[0])
         if token is None:
             assert token_file is not None
             self._token_file = Path(token_file)

@@ -110,6 +110,15 @@ async def test_token_from_the_environment_as_value_or_file(tmp_path):
         for value in (TOKEN, f"file://{tmp_path / 't'}"):
             with Client(agent.addresses[0], environ={"KMS_TOKEN": value}) as c:
                 assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "token").write_text(TOKEN + "\n")  # where an agent writes its own
+        for env in ({"KMS_AGENT_RUNTIME_DIR": str(tmp_path / "run")},
+                    {"XDG_RUNTIME_DIR": str(tmp_path), "HOME": "/nonexistent"}):  # fmt: skip
+            if "XDG_RUNTIME_DIR" in env:
+                (tmp_path / "kms-agent").mkdir()
+                (tmp_path / "kms-agent" / "token").write_text(TOKEN + "\n")
+            with Client(agent.addresses[0], environ=env) as c:
+                assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
     with pytest.raises(ClientError, match="cannot read the token file"):
         Client(environ={"KMS_TOKEN": f"file://{tmp_path / 'absent'}"})
     with pytest.raises(ClientError, match="control characters"):
