@@ -16,7 +16,7 @@ from typing import Any
 from kms_agent import __version__
 from kms_agent import config as config_mod
 from kms_agent.auth import TOKEN_FILE_NAME, new_token
-from kms_agent.client import Client, ClientError, newest_token
+from kms_agent.client import Client, ClientError, read_token_file
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
 from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
@@ -198,21 +198,14 @@ def _read_token(args: argparse.Namespace, cfg: Config, environ: Mapping[str, str
             if cfg.auth.token_files
             else cfg.runtime_path / TOKEN_FILE_NAME
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the token file {path} ({type(exc).__name__})",
-            hint="pass --token-file, or set $KMS_TOKEN",
-        ) from None
-    return newest_token(text, path)
+    return read_token_file(path, hint="pass --token-file, or set $KMS_TOKEN")
 
 
 def _cmd_get(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     try:
         token = _read_token(args, cfg, environ)
     except ClientError as exc:
-        raise ConfigError(exc.message) from None
+        raise ConfigError(exc.message, hint=exc.hint) from None
     target = config_mod.parse_listen(args.agent, "--agent") if args.agent else cfg.server.address
     if target.unix_path:
         address = f"unix:{target.unix_path}"

@@ -72,6 +72,17 @@ def newest_token(text: str, path: Path | str) -> str:
     return tokens[-1]
 
 
+def read_token_file(path: Path, hint: str = "pass token= or token_file=, or set $KMS_TOKEN") -> str:
+    """The newest token in the file at ``path``; :class:`ClientError` if there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ClientError(
+            f"cannot read the token file {path} ({type(exc).__name__})", code="NoToken", hint=hint
+        ) from None
+    return newest_token(text, path)
+
+
 def token_files(environ: Mapping[str, str]) -> list[Path]:
     """Where an agent started with its defaults writes its token, as this environment would
     resolve it (``$KMS_AGENT_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/kms-agent``, else the
@@ -292,17 +303,8 @@ class Client:
     # ------------------------------------------------------------------ the token
 
     def _read_token(self) -> str:
-        path = self._token_file
-        assert path is not None
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ClientError(
-                f"cannot read the token file {path} ({type(exc).__name__})",
-                code="NoToken",
-                hint="pass token= or token_file=, or set $KMS_TOKEN",
-            ) from None
-        return newest_token(text, path)
+        assert self._token_file is not None
+        return read_token_file(self._token_file)
 
     def _reread(self) -> bool:
         """Re-read the token file; True if it now holds another token."""
