@@ -41,7 +41,7 @@ from kms_agent.fastpath import AgentRunner, FastServer
 from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
 from kms_agent.server import STATE, AgentState, create_app, healthz, readyz
-from kms_agent.systemd import Notifier
+from kms_agent.systemd import Notifier, release_free_memory
 
 log = structlog.get_logger("kms_agent.agent")
 
@@ -225,6 +225,7 @@ class Agent:
         state.not_ready_reason = ""
         state.metrics.ready.set(1)
         self.ready_event.set()
+        release_free_memory()
         self.notifier.notify("STATUS=serving")
         log.info(
             "ready",

@@ -1,10 +1,13 @@
-"""systemd integration without a dependency: sd_notify over a datagram socket, and the
-process hardening done at start (no core dumps, not dumpable)."""
+"""systemd integration without a dependency: sd_notify over a datagram socket, the process
+hardening done at start (no core dumps, not dumpable), and handing start-up's freed heap
+back to the OS once ready."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import gc
 import os
 import resource
 import socket
@@ -68,11 +71,29 @@ def harden() -> dict[str, bool]:
         done["core_dumps_off"] = True
     except (ValueError, OSError) as exc:
         log.warning("hardening_failed", step="rlimit_core", error=type(exc).__name__)
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
+    libc = _libc()
+    if libc is not None:
         if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
             done["not_dumpable"] = True
         else:
             log.warning("hardening_failed", step="pr_set_dumpable", errno=ctypes.get_errno())
     return done
+
+
+def release_free_memory() -> bool:
+    """Collect start-up's garbage (config parsing, imports) and hand the heap it freed back
+    to the OS, which glibc's allocator would otherwise keep (~0.5 MB of idle RSS). Returns
+    whether the C library could (glibc's ``malloc_trim``; absent on musl and macOS)."""
+    gc.collect()
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True) if name else None
