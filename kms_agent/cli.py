@@ -207,13 +207,8 @@ def _cmd_get(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) 
     except ClientError as exc:
         raise ConfigError(exc.message, hint=exc.hint) from None
     target = config_mod.parse_listen(args.agent, "--agent") if args.agent else cfg.server.address
-    if target.unix_path:
-        address = f"unix:{target.unix_path}"
-    else:
-        host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
-        host = "::1" if host == "::" else host
-        address = f"[{host}]:{target.port}" if ":" in host else f"{host}:{target.port}"
-    with Client(address, token=token, header=cfg.auth.headers[0], timeout=args.timeout) as agent:
+    address, header = str(target.dialable), cfg.auth.headers[0]
+    with Client(address, token=token, header=header, timeout=args.timeout) as agent:
         try:
             value = agent.get(
                 args.name,
@@ -233,9 +228,8 @@ def _cmd_get(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) 
 def _connect(target: ListenAddress, timeout: float) -> http.client.HTTPConnection:
     if target.unix_path:
         return _UnixConnection(target.unix_path, timeout)
-    host = "127.0.0.1" if target.host in ("0.0.0.0", "") else target.host
-    host = "::1" if host == "::" else host
-    return http.client.HTTPConnection(host, target.port, timeout=timeout)
+    dial = target.dialable
+    return http.client.HTTPConnection(dial.host, dial.port, timeout=timeout)
 
 
 def _cmd_doctor(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> int:

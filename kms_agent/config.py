@@ -63,6 +63,13 @@ class ListenAddress:
         except ValueError:
             return False
 
+    @property
+    def dialable(self) -> ListenAddress:
+        """Where a client on this host connects: a wildcard host is its loopback."""
+        if self.unix_path or self.host not in ("0.0.0.0", "", "::"):
+            return self
+        return ListenAddress(host="::1" if self.host == "::" else "127.0.0.1", port=self.port)
+
     def __str__(self) -> str:
         if self.unix_path:
             return f"unix:{self.unix_path}"

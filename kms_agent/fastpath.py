@@ -184,10 +184,6 @@ class FastServer(web.Server):
 
     # ------------------------------------------------------------------ the answer
 
-    def route(self, url: bytes, headers: dict[bytes, bytes]) -> tuple[str, Key, str] | None:
-        """``(route, cache key, shape)`` for a request the fast path may answer, else None."""
-        return self.target(url) if self.admits(headers) else None
-
     def admits(self, headers: dict[bytes, bytes]) -> bool:
         """Whether these headers let the fast path answer: a token it accepts, nothing that
         aiohttp must refuse or log."""
@@ -277,19 +273,15 @@ class FastServer(web.Server):
         else:
             heads = _HEADS_TEXT if record.data_type == "text" else _HEADS_BINARY
         before, after = body.before, body.after
-        if after is None:
-            size = len(before)
-        else:
-            value = record.value.reveal()
-            size = len(before) + len(value) + len(after)
-        head = heads[size]
+        value = record.value.reveal()
+        head = heads[body.length(value)]
         request_id = state.next_request_id()
         if after is None:
             response = b"".join((head, request_id.encode(), self.tail(), before))
         else:
             response = b"".join((head, request_id.encode(), self.tail(), before, value, after))
         elapsed = time.perf_counter() - start
-        if outcome == "hit":  # route() left requests with logging.log_hits to aiohttp
+        if outcome == "hit":  # admits() left requests with logging.log_hits to aiohttp
             count_hit(state, route, 200, elapsed)
         else:
             ctx = {"source": entry.key[0], "cache": outcome}
@@ -376,7 +368,6 @@ class FastConnection(asyncio.Protocol):
             if self._seen_config is state.config and self._seen_tokens is state.auth.token_set:
                 self._answer(hot, data, start)
                 return
-            self._seen.clear()
         pending = self._pending + data if self._pending else data
         try:
             self._parser.feed_data(data)
@@ -406,14 +397,14 @@ class FastConnection(asyncio.Protocol):
         time; a target URL this connection sent before reuses its checks (requests that
         differ only in other headers, such as a trace id, are common)."""
         server = self._server
-        if not server.admits(self._headers):
-            return None
         state = server.state
         config, tokens = state.config, state.auth.token_set
         if self._seen_config is not config or self._seen_tokens is not tokens:
-            self._seen.clear()
+            self._seen.clear()  # what either remembers was checked under the old ones
             self._targets.clear()
             self._seen_config, self._seen_tokens = config, tokens
+        if not server.admits(self._headers):
+            return None
         url = self._url
         hot = self._targets.get(url)
         if hot is None:

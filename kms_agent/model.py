@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 from kms_agent.errors import BadRequest
 
@@ -26,6 +26,7 @@ STAGE_ALIASES = {
 }
 
 DataType = Literal["text", "binary"]
+_T = TypeVar("_T")
 
 #: The ``extra`` of records that have none: one shared read-only mapping, not a dict each
 #: (a cache of many secrets holds many records).
@@ -34,6 +35,14 @@ NO_EXTRA: Mapping[str, str] = MappingProxyType({})
 
 def _no_extra() -> Mapping[str, str]:
     return NO_EXTRA
+
+
+def shared(table: dict[_T, _T], value: _T, limit: int) -> _T:
+    """``value``, or the equal one already in ``table`` (which holds up to ``limit``): what
+    many cached records repeat (stage labels, body tails) is then one object, not one each."""
+    if len(table) < limit or value in table:
+        return table.setdefault(value, value)
+    return value
 
 
 def check_name(name: str) -> str:

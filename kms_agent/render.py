@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kms_agent.model import SecretRecord
+from kms_agent.model import SecretRecord, shared
 
 JSON_TYPE = "application/json"
 #: Values at least this long are referenced by their rendered bodies, not copied into them.
@@ -54,8 +54,8 @@ def rendered(record: SecretRecord, shape: str) -> Rendered:
     at = body.find(raw) if len(raw) >= SHARE_MIN and record.data_type == "text" else -1
     if at >= 0 and body.find(raw, at + 1) < 0:  # exactly once: the split is exact
         after = body[at + len(raw) :]
-        if len(after) <= _AFTER_SHARED and (len(_AFTERS) < _AFTERS_MAX or after in _AFTERS):
-            after = _AFTERS.setdefault(after, after)
+        if len(after) <= _AFTER_SHARED:
+            after = shared(_AFTERS, after, _AFTERS_MAX)
         return Rendered(shape, body[:at], after)
     return Rendered(shape, body, None)
 

@@ -44,6 +44,7 @@ from kms_agent.model import (
     SecretRecord,
     SecretValue,
     check_name,
+    shared,
 )
 
 DEFAULT_KEY_ALIAS = "local/default"
@@ -310,8 +311,7 @@ class LocalStore:
             )
             # Shared: a cache of many secrets holds one ("ACSCurrent",), not one each.
             stages = tuple(str(s) for s in version.get("stages", ()))
-            if len(_STAGE_SETS) < 64 or stages in _STAGE_SETS:
-                stages = _STAGE_SETS.setdefault(stages, stages)
+            stages = shared(_STAGE_SETS, stages, 64)
             created = float(version["created"])
         except StoreCorrupt:
             raise
