@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from kms_agent import providers  # noqa: E402
 from kms_agent.cache import Cache  # noqa: E402
 from kms_agent.config import load  # noqa: E402
-from kms_agent.server import rendered  # noqa: E402
+from kms_agent.respond import rendered  # noqa: E402
 from kms_agent.store import LocalStore  # noqa: E402
 
 

@@ -15,15 +15,12 @@ import asyncio
 import contextlib
 import os
 import signal
-import stat
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 import watchfiles
-from aiohttp import web
 
 from kms_agent import logging as agent_logging
 from kms_agent import providers
@@ -34,13 +31,13 @@ from kms_agent.auth import (
     load_tokens,
     warn_if_exposed,
 )
-from kms_agent.cache import Cache, Key
-from kms_agent.config import Config, ListenAddress
+from kms_agent.cache import Cache
+from kms_agent.config import Config
 from kms_agent.errors import AgentError, ConfigError
-from kms_agent.fastpath import AgentRunner, FastServer
+from kms_agent.fetcher import Fetcher
+from kms_agent.listeners import MetricsListener, QuietLoopErrors, SecretsListeners
 from kms_agent.metrics import Metrics
-from kms_agent.model import SecretRecord
-from kms_agent.server import STATE, AgentState, create_app, healthz, readyz
+from kms_agent.state import AgentState, Phase
 from kms_agent.systemd import Notifier, release_free_memory
 
 log = structlog.get_logger("kms_agent.agent")
@@ -52,16 +49,15 @@ RESTART_KEYS = (
     "server.shutdown_grace",
     "server.keepalive_timeout",
     "server.max_header_bytes",
+    "server.max_headers",
+    "server.max_head_bytes",
+    "server.head_timeout",
     "metrics.listen",
     "data_dir",
     "runtime_dir",
     "sources",
 )
 TOKEN_FILE_MODE = 0o640
-#: Connections the kernel queues before accept(). asyncio's default is 100, few for a node
-#: agent whose pods all reconnect at once (a dropped SYN is retried only after a second).
-#: The kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG = 4096
 
 
 def resolve_tokens(config: Config, environ: Mapping[str, str]) -> TokenSet:
@@ -83,33 +79,6 @@ def _dotted(config: Config, key: str) -> Any:
     for part in key.split("."):
         value = getattr(value, part)
     return value
-
-
-class _Refuse503(asyncio.Protocol):
-    """A connection over ``server.max_connections``: answered 503 and closed at once."""
-
-    BODY = (
-        b'{"error": {"code": "TooManyConnections", "message": "the agent is at '
-        b'server.max_connections", "hint": "reuse keep-alive connections or raise the limit"}}'
-    )
-    RESPONSE = (
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n" % len(BODY)
-    ) + BODY
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.RESPONSE)
-        # Half-close, and close once the client has sent its request and hung up: closing
-        # with its request unread would make the kernel answer RST, losing the 503.
-        transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(5.0, transport.abort)
-
-    def data_received(self, data: bytes) -> None:
-        return None  # the request is not read: the answer is the same for all
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
 
 
 class Agent:
@@ -135,37 +104,20 @@ class Agent:
         self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
         self._watch_task: asyncio.Task[None] | None = None
-        self._runner: AgentRunner | None = None
-        self._metrics_runner: web.AppRunner | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self.listeners: SecretsListeners | None = None
+        self.metrics_listener: MetricsListener | None = None
         self._state: AgentState | None = None
         self.addresses: list[str] = []
         self.metrics_addresses: list[str] = []
         self._reload_lock = asyncio.Lock()
+        #: The settings the running listeners and sources were made with.
+        self._started = config
 
     @property
     def state(self) -> AgentState:
         if self._state is None:
             raise RuntimeError("the agent has not started")
         return self._state
-
-    # ------------------------------------------------------------------ fetching
-
-    async def _fetch(self, key: Key) -> SecretRecord:
-        state = self.state
-        source, name, version_id, version_stage = key
-        provider = state.router.providers[source]
-        metrics = state.metrics
-        start = time.perf_counter()
-        outcome = "success"
-        try:
-            return await provider.get(name, version_id=version_id, version_stage=version_stage)
-        except AgentError as exc:
-            outcome = exc.code
-            raise
-        finally:
-            metrics.upstream_requests.labels(source, "get", outcome).inc()
-            metrics.upstream_duration.labels(source, "get").observe(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ start
 
@@ -181,7 +133,10 @@ class Agent:
         for _, provider in built:
             await provider.open()
         cache = Cache(
-            self._fetch, config.cache, on_evict=metrics.eviction, on_refresh=metrics.refresh
+            Fetcher(router, metrics),
+            config.cache,
+            on_evict=metrics.eviction,
+            on_refresh=metrics.refresh,
         )
         metrics.track_cache(lambda: (len(cache), cache.bytes))
         self._state = state = AgentState(
@@ -190,7 +145,9 @@ class Agent:
             cache=cache,
             auth=Authenticator(config.auth.headers, tokens),
             metrics=metrics,
+            on_phase=self._phase_changed,
         )
+        asyncio.get_running_loop().set_exception_handler(QuietLoopErrors())
         self._check_files(tokens)
         log.info(
             "tokens_loaded",
@@ -219,14 +176,17 @@ class Agent:
         if not await self._check_and_prefetch():
             self._tasks.append(asyncio.create_task(self._retry_checks(), name="source-checks"))
 
+    def _phase_changed(self, phase: Phase, reason: str) -> None:
+        if phase is Phase.READY:
+            self.notifier.notify("STATUS=serving")
+        elif phase is Phase.WAITING:
+            self.notifier.notify(f"STATUS=waiting: {reason[:200]}")
+
     def _become_ready(self) -> None:
         state = self.state
-        state.ready = True
-        state.not_ready_reason = ""
-        state.metrics.ready.set(1)
+        state.enter(Phase.READY)
         self.ready_event.set()
         release_free_memory()
-        self.notifier.notify("STATUS=serving")
         log.info(
             "ready",
             listen=self.addresses,
@@ -237,77 +197,19 @@ class Agent:
     async def _retry_checks(self) -> None:
         """Until every source passes its check: back off 1 s doubling to 30 s."""
         delay = 1.0
-        while not self.state.draining:
+        while self.state.phase is not Phase.DRAINING:
             await asyncio.sleep(delay)
             if await self._check_and_prefetch():
                 return
             delay = min(delay * 2, 30.0)
 
     async def _listen(self, state: AgentState) -> None:
-        config = state.config
-        server_cfg = config.server
-        self._runner = AgentRunner(
-            create_app(state),
-            shutdown_timeout=server_cfg.shutdown_grace,
-            access_log=None,
-            handle_signals=False,
-            keepalive_timeout=server_cfg.keepalive_timeout,
-            max_line_size=server_cfg.max_header_bytes,
-            max_field_size=server_cfg.max_header_bytes,
-            max_headers=64,
-        )
-        await self._runner.setup()
-        handler = self._runner.server
-        assert isinstance(handler, FastServer)
-
-        def factory() -> asyncio.BaseProtocol:
-            if handler.open_connections() >= state.config.server.max_connections:
-                return _Refuse503()
-            return handler()  # type: ignore[no-any-return]
-
-        try:
-            server = await self._bind(factory, server_cfg.address)
-        except OSError as exc:
-            raise ConfigError(
-                f"server.listen: cannot listen on {server_cfg.listen} ({exc.strerror or exc})",
-                hint="another process (another kms-agent?) may hold it; pick another with --listen",
-            ) from None
-        self._servers.append(server)
-        self.addresses = _addresses(server)
-        if server_cfg.address.unix_path:
-            os.chmod(server_cfg.address.unix_path, 0o660)  # noqa: PTH101
-        metrics_address = config.metrics.address
-        if metrics_address is not None:
-            self._metrics_runner = web.AppRunner(
-                _metrics_app(state), access_log=None, handle_signals=False
-            )
-            await self._metrics_runner.setup()
-            site: web.BaseSite = (
-                web.UnixSite(self._metrics_runner, metrics_address.unix_path)
-                if metrics_address.unix_path
-                else web.TCPSite(self._metrics_runner, metrics_address.host, metrics_address.port)
-            )
-            try:
-                await site.start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics.listen: cannot listen on {config.metrics.listen} "
-                    f"({exc.strerror or exc})",
-                    hint='pick another address, or metrics.listen = "" to turn metrics off',
-                ) from None
-            self.metrics_addresses = [_format_address(a) for a in self._metrics_runner.addresses]
-
-    @staticmethod
-    async def _bind(
-        factory: Callable[[], asyncio.BaseProtocol], address: ListenAddress
-    ) -> asyncio.AbstractServer:
-        loop = asyncio.get_running_loop()
-        if address.unix_path:
-            _remove_stale_socket(address.unix_path)
-            return await loop.create_unix_server(factory, address.unix_path, backlog=LISTEN_BACKLOG)
-        return await loop.create_server(
-            factory, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
-        )
+        self.listeners = SecretsListeners(state)
+        await self.listeners.start()
+        self.addresses = self.listeners.addresses
+        self.metrics_listener = MetricsListener(state)
+        await self.metrics_listener.start()
+        self.metrics_addresses = self.metrics_listener.addresses
 
     def _check_files(self, tokens: TokenSet) -> None:
         metrics = self.state.metrics
@@ -326,8 +228,7 @@ class Agent:
             try:
                 await provider.check()
             except AgentError as exc:
-                state.not_ready_reason = f"source {provider.name}: {exc.code}: {exc.message}"
-                self.notifier.notify(f"STATUS=waiting for source {provider.name}: {exc.code}")
+                state.enter(Phase.WAITING, f"source {provider.name}: {exc.code}: {exc.message}")
                 log.error(
                     "source_check_failed",
                     source=provider.name,
@@ -405,7 +306,8 @@ class Agent:
                 self.notifier.ready()
                 return False
             old = self.config
-            restart = [k for k in RESTART_KEYS if _dotted(old, k) != _dotted(new, k)]
+            # Against what is running, not the previous reload: a restart stays required.
+            restart = [k for k in RESTART_KEYS if _dotted(self._started, k) != _dotted(new, k)]
             old_files = set(self._watched_files())
             self.config = new
             state.config = new
@@ -429,11 +331,19 @@ class Agent:
             return True
 
     def log_hit_summary(self) -> None:
-        """One line for the cache hits not logged one by one since the last call."""
+        """One line for the cache hits not logged one by one since the last call, and one
+        for the refused requests whose lines were held back."""
         state = self.state
         if state.hit_counts:
             counts, state.hit_counts = state.hit_counts, {}
             log.info("cache_hits", hits=counts, total=sum(counts.values()))
+        if state.refused_counts:
+            refused, state.refused_counts = state.refused_counts, {}
+            log.warning(
+                "requests_refused",
+                by_status={str(k): v for k, v in refused.items()},
+                total=sum(refused.values()),
+            )
 
     async def _summarise_hits(self) -> None:
         while True:
@@ -459,9 +369,7 @@ class Agent:
         """Readiness goes 503 at once; run() then drains and stops."""
         state = self._state
         if state is not None:
-            state.draining = True
-            state.ready = False
-            state.metrics.ready.set(0)
+            state.enter(Phase.DRAINING)
         self.stopping.set()
 
     async def stop(self) -> None:
@@ -472,12 +380,10 @@ class Agent:
         log.info("draining", grace_seconds=grace, drain_delay=self.config.server.drain_delay)
         if self.config.server.drain_delay and state is not None:
             await asyncio.sleep(self.config.server.drain_delay)  # let load balancers notice
-        for server in self._servers:
-            server.close()  # stop accepting; open connections finish below
-        if self._runner is not None:
-            await self._runner.cleanup()  # idle connections closed, in-flight ones awaited
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self.listeners is not None:
+            await self.listeners.stop(grace)  # idle connections closed, busy ones awaited
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         if state is not None:
             self.log_hit_summary()  # the last interval's hits
         if self._watch_task is not None:
@@ -502,41 +408,3 @@ class Agent:
             await self.stopping.wait()
         finally:
             await self.stop()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A socket file left by a crashed run blocks bind(); anything else is left alone."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _metrics_app(state: AgentState) -> web.Application:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
-
-    async def metrics(_request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(state.metrics.registry))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
-
-    app = web.Application()
-    app[STATE] = state
-    app.router.add_get("/metrics", metrics)
-    # Probes reach the pod IP, not loopback: health answers here too (no secret data).
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
-
-
-def _addresses(server: asyncio.AbstractServer) -> list[str]:
-    sockets = getattr(server, "sockets", None) or ()
-    return [_format_address(sock.getsockname()) for sock in sockets]
-
-
-def _format_address(addr: Any) -> str:
-    if isinstance(addr, str):
-        return f"unix:{addr}"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -25,7 +25,10 @@ from kms_agent.errors import ConfigError, Forbidden, Unauthorized
 log = structlog.get_logger("kms_agent.auth")
 
 TOKEN_FILE_NAME = "token"  # noqa: S105 (a file name)
-MIN_TOKEN_LENGTH = 16
+#: Shorter tokens are refused; tokens shorter than the recommended length are warned
+#: about (the AWS agent takes any, and its own tests use 14 characters).
+MIN_TOKEN_LENGTH = 8
+RECOMMENDED_TOKEN_LENGTH = 16
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 
 
@@ -57,6 +60,10 @@ def _parse_token_lines(text: str, origin: str) -> list[bytes]:
                 f"{origin} line {lineno}: a token must be at least {MIN_TOKEN_LENGTH} characters "
                 "of letters, digits and - . _ ~ + / =; make one with 'kms-agent token new'"
             )
+        if len(token) < RECOMMENDED_TOKEN_LENGTH:
+            log.warning(
+                "token_short", origin=origin, line=lineno, recommended=RECOMMENDED_TOKEN_LENGTH
+            )
         out.append(token.encode())
     return out
 
@@ -85,6 +92,16 @@ def warn_if_exposed(path: Path, what: str, allowed: int) -> bool:
     return False
 
 
+def token_variable(names: tuple[str, ...], environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """The first of ``names`` that is set (as the AWS and Alibaba agents read theirs), and
+    its value: a token, or ``file://PATH``."""
+    for var in names:
+        value = environ.get(var)
+        if value:
+            return var, value
+    return "", None
+
+
 def load_tokens(
     cfg: AuthConfig, environ: Mapping[str, str], extra_files: tuple[Path, ...] = ()
 ) -> TokenSet:
@@ -92,10 +109,8 @@ def load_tokens(
     tokens: list[bytes] = []
     origins: list[str] = []
     files: list[Path] = []
-    for var in cfg.token_env:
-        value = environ.get(var)
-        if not value:
-            continue
+    var, value = token_variable(cfg.token_env, environ)
+    if value is not None:
         if value.startswith("file://"):
             path = Path(value[len("file://") :])
             tokens += _read_token_file(path, f"${var}")
@@ -173,6 +188,31 @@ class Authenticator:
             ok |= hmac.compare_digest(candidate, token)
         return ok
 
+    def check_raw(self, headers: Mapping[bytes, bytes]) -> None:
+        """:meth:`check` over raw headers (lower-case names, as the protocol keeps them)."""
+        presented = None
+        for name in self.header_keys:
+            presented = headers.get(name)
+            if presented is not None:
+                break
+        if presented is None:
+            raise self._missing()
+        if not self.accepts(presented):
+            raise self._wrong()
+
+    def _missing(self) -> Unauthorized:
+        return Unauthorized(
+            "no token presented",
+            hint=f"send the token in the {self._headers[0]} header; "
+            "it is in the agent's token file",
+        )
+
+    @staticmethod
+    def _wrong() -> Forbidden:
+        return Forbidden(
+            "the token is not valid", hint="re-read the token file; it may have been rotated"
+        )
+
     def check(self, headers: Mapping[str, str]) -> None:
         """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted."""
         presented = None
@@ -181,13 +221,6 @@ class Authenticator:
             if presented is not None:
                 break
         if presented is None:
-            raise Unauthorized(
-                "no token presented",
-                hint=f"send the token in the {self._headers[0]} header; "
-                "it is in the agent's token file",
-            )
+            raise self._missing()
         if not self.accepts(presented.encode("utf-8", "surrogateescape")):
-            raise Forbidden(
-                "the token is not valid",
-                hint="re-read the token file; it may have been rotated",
-            )
+            raise self._wrong()

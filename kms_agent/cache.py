@@ -11,7 +11,8 @@
   included), served marked stale, with retries backed off; a permanent one (not found,
   denied, pending deletion) drops the entry at once.
 * Not-found answers are cached for ``negative_ttl``.
-* Forced refreshes are rate-limited per key.
+* Forced refreshes coalesce: concurrent ones share one fetch, and one within
+  ``refresh_min_interval`` of the key's last upstream read is answered with that read.
 
 The fetch function and the clock are injected: the cache knows nothing of providers.
 """
@@ -19,6 +20,7 @@ The fetch function and the clock are injected: the cache knows nothing of provid
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import random
 import time
@@ -32,12 +34,10 @@ from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AgentError,
     PendingDeletion,
-    RefreshRateLimited,
     SecretNotFound,
     UpstreamError,
 )
 from kms_agent.model import SecretRecord
-from kms_agent.render import Rendered
 
 log = structlog.get_logger("kms_agent.cache")
 
@@ -51,6 +51,8 @@ ENTRY_OVERHEAD = 768
 VALUE_COPIES = 3
 #: Back-off after a failed refresh: 1 s doubling to this, jittered.
 MAX_RETRY_BACKOFF = 30.0
+#: Failed reads remembered for forced refreshes (swept each maintenance tick).
+MAX_FAILED = 4096
 
 
 class Outcome(enum.Enum):
@@ -59,6 +61,8 @@ class Outcome(enum.Enum):
     STALE = "stale"
     COALESCED = "coalesced"
     REFRESH_FORCED = "refresh_forced"
+    #: A forced refresh answered by a read at most ``refresh_min_interval`` old.
+    REFRESH_COALESCED = "refresh_coalesced"
 
 
 def entry_size(record: SecretRecord) -> int:
@@ -79,9 +83,9 @@ class Entry:
     read: bool = False
     failures: int = 0
     retry_at: float = 0.0
-    #: Response bodies rendered from this record, one per shape asked for, filled by the
-    #: server: the one Rendered most entries are read in, else a tuple of them.
-    bodies: Rendered | tuple[Rendered, ...] = ()
+    #: Opaque to the cache: what the front door derives from the record and keeps with it
+    #: (its rendered bodies), dropped with the entry.
+    memo: object = None
 
     @property
     def size(self) -> int:
@@ -117,7 +121,8 @@ class Cache:
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._negatives: dict[Key, _Negative] = {}
         self._inflight: dict[Key, asyncio.Task[Entry | AgentError]] = {}
-        self._forced: dict[Key, float] = {}
+        #: Failed upstream reads by key, for forced refreshes within the interval.
+        self._failed: dict[Key, tuple[float, AgentError]] = {}
         self._generation = 0
         self.bytes = 0
 
@@ -143,7 +148,7 @@ class Cache:
             return None
         self._entries.move_to_end(key)
         entry.read = True
-        if now >= entry.refresh_at and key not in self._inflight:
+        if now >= entry.refresh_at and now >= entry.retry_at and key not in self._inflight:
             self._start(key, background=True)
         return entry
 
@@ -155,30 +160,29 @@ class Cache:
         """A fresh hit, else stale after a recent failure, the negative cache, or a (shared)
         fetch. Callers on the hot path try :meth:`fresh` first; the check is repeated here
         because a caller that found nothing may run later (a task), after a fetch landed."""
-        if not force_refresh and (hit := self.fresh(key)) is not None:
+        if force_refresh:
+            return await self._refresh(key)
+        if (hit := self.fresh(key)) is not None:
             return hit, Outcome.HIT
         now = self._clock()
         entry = self._entries.get(key)
         if (
             entry is not None
-            and not force_refresh
             and now < entry.retry_at
             and now < entry.expires_at + self.settings.max_stale
         ):
             # A refresh failed moments ago: serve stale without making the caller wait.
             self._entries.move_to_end(key)
             return entry, Outcome.STALE
-        if force_refresh:
-            self._check_forced(key, now)
-        elif (negative := self._negatives.get(key)) is not None:
+        if (negative := self._negatives.get(key)) is not None:
             if now < negative.until:
-                raise negative.error
+                raise copy.copy(negative.error)  # a fresh traceback each time, never a longer one
             del self._negatives[key]
         task = self._inflight.get(key)
-        outcome = Outcome.REFRESH_FORCED if force_refresh else Outcome.MISS
+        outcome = Outcome.MISS
         if task is None:
             task = self._start(key, background=False)
-        elif not force_refresh:
+        else:
             outcome = Outcome.COALESCED
         result = await asyncio.shield(task)
         if isinstance(result, Entry):
@@ -190,42 +194,54 @@ class Cache:
             and self._clock() < stale.expires_at + self.settings.max_stale
         ):
             return stale, Outcome.STALE
-        raise result
+        raise copy.copy(result)
 
-    def _check_forced(self, key: Key, now: float) -> None:
-        interval = self.settings.refresh_min_interval
-        last = self._forced.get(key)
-        if last is not None and now - last < interval:
-            retry_after = interval - (now - last)
-            raise RefreshRateLimited(
-                f"a forced refresh of this secret ran {now - last:.2f} s ago",
-                retry_after=retry_after,
-                hint=f"forced refreshes are limited to one per {interval:g} s per secret "
-                "(cache.refresh_min_interval); retry after that, or read without refresh",
-            )
-        self._forced[key] = now
+    async def _refresh(self, key: Key) -> tuple[Entry, Outcome]:
+        """A forced refresh: never a rate-limit error. One already running is joined; within
+        ``refresh_min_interval`` of the last upstream read its result is the answer (it is at
+        most that old). A failure is raised as it is, the cached entry kept as it was."""
+        task = self._inflight.get(key)
+        if task is None:
+            now = self._clock()
+            interval = self.settings.refresh_min_interval
+            entry = self._entries.get(key)
+            if entry is not None and now - entry.fetched_at < interval:
+                self._entries.move_to_end(key)
+                return entry, Outcome.REFRESH_COALESCED
+            failed = self._failed.get(key)
+            if failed is not None and now - failed[0] < interval:
+                raise copy.copy(failed[1])
+            task = self._start(key, background=False, forced=True)
+        result = await asyncio.shield(task)
+        if isinstance(result, Entry):
+            return result, Outcome.REFRESH_FORCED
+        raise copy.copy(result)
 
     # ------------------------------------------------------------------ fetching
 
-    def _start(self, key: Key, *, background: bool) -> asyncio.Task[Entry | AgentError]:
-        task = asyncio.get_running_loop().create_task(self._run_fetch(key, background))
+    def _start(
+        self, key: Key, *, background: bool, forced: bool = False
+    ) -> asyncio.Task[Entry | AgentError]:
+        task = asyncio.get_running_loop().create_task(self._run_fetch(key, background, forced))
         self._inflight[key] = task
         return task
 
-    async def _run_fetch(self, key: Key, background: bool) -> Entry | AgentError:
+    async def _run_fetch(
+        self, key: Key, background: bool, forced: bool = False
+    ) -> Entry | AgentError:
         """Fetch, store and return the entry, or return (never raise) the error."""
         generation = self._generation
         try:
             record = await self._fetch(key)
         except AgentError as exc:
-            self._after_failure(key, exc, background)
+            self._after_failure(key, exc, background, forced)
             return exc
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a provider bug must not take the agent down
             log.error("provider_failed", source=key[0], error_type=type(exc).__name__)
             err = UpstreamError(f"source {key[0]!r} failed unexpectedly ({type(exc).__name__})")
-            self._after_failure(key, err, background)
+            self._after_failure(key, err, background, forced)
             return err
         finally:
             self._inflight.pop(key, None)
@@ -233,10 +249,15 @@ class Cache:
             self._on_refresh("success")
         return self._store(key, record, cacheable=generation == self._generation)
 
-    def _after_failure(self, key: Key, exc: AgentError, background: bool) -> None:
+    def _after_failure(
+        self, key: Key, exc: AgentError, background: bool, forced: bool = False
+    ) -> None:
         if background and self._on_refresh is not None:
             self._on_refresh("error")
         now = self._clock()
+        if len(self._failed) >= MAX_FAILED:
+            self._failed.clear()  # swept every second; a flood of failing names is bounded
+        self._failed[key] = (now, exc)
         entry = self._entries.get(key)
         if exc.drops_cache:
             if entry is not None:
@@ -248,7 +269,7 @@ class Cache:
                 and self.settings.ttl > 0
             ):
                 self._negatives[key] = _Negative(exc, now + ttl)
-        elif entry is not None and exc.transient:
+        elif entry is not None and exc.transient and not forced:
             entry.failures += 1
             backoff = min(MAX_RETRY_BACKOFF, 2.0 ** (entry.failures - 1))
             entry.retry_at = now + backoff * (0.5 + self._rng() / 2)
@@ -270,6 +291,7 @@ class Cache:
             refresh_at=now + ttl * (1.0 - cfg.refresh_window),
         )
         self._negatives.pop(key, None)
+        self._failed.pop(key, None)
         if cfg.ttl <= 0 or not cacheable or size > cfg.max_bytes:
             return entry
         old = self._entries.pop(key, None)
@@ -316,8 +338,8 @@ class Cache:
         for key in [k for k, n in self._negatives.items() if now >= n.until]:
             del self._negatives[key]
         interval = self.settings.refresh_min_interval
-        for key in [k for k, t in self._forced.items() if now - t >= interval]:
-            del self._forced[key]
+        for key in [k for k, (t, _) in self._failed.items() if now - t >= interval]:
+            del self._failed[key]
         return started
 
     async def run_maintenance(self, interval: float = 1.0) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from kms_agent.errors import ConfigError
+from kms_agent.grammar import DIALECTS
 
 ENV_PREFIX = "KMS_AGENT_"
 ENV_CONFIG = "KMS_AGENT_CONFIG"
@@ -23,7 +24,15 @@ ENV_CONFIG = "KMS_AGENT_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:2025"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9125"
 DEFAULT_TOKEN_HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
-DEFAULT_TOKEN_ENV = ("KMS_TOKEN", "KMS_SESSION_TOKEN", "AWS_TOKEN")
+#: Read in this order; the first that is set holds the token (or ``file://PATH``).
+DEFAULT_TOKEN_ENV = (
+    "KMS_TOKEN",
+    "KMS_SESSION_TOKEN",
+    "KMS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_TOKEN",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+)
 DEFAULT_TTL = 300.0
 DEFAULT_MAX_STALE = 3600.0
 DEFAULT_MAX_ENTRIES = 1000
@@ -40,8 +49,9 @@ def _meta(
     hi: float | None = None,
     duration: bool = False,
     doc: str = "",
+    one_or_many: bool = False,
 ) -> dict[str, Any]:
-    return {"lo": lo, "hi": hi, "duration": duration, "doc": doc}
+    return {"lo": lo, "hi": hi, "duration": duration, "doc": doc, "one_or_many": one_or_many}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +105,57 @@ def parse_listen(text: str, key: str) -> ListenAddress:
     return ListenAddress(host=host, port=int(port_text))
 
 
+def parse_listener(text: str, key: str) -> tuple[str, ListenAddress]:
+    """``[DIALECT@]ADDRESS``: the dialect a listener speaks (native when not given)."""
+    dialect, at, address = text.partition("@")
+    if not at:
+        return DIALECTS[0], parse_listen(text, key)
+    if dialect not in DIALECTS:
+        allowed = ", ".join(DIALECTS)
+        raise ConfigError(f"{key}: {text!r} names no dialect; use one of {allowed} before '@'")
+    return dialect, parse_listen(address, key)
+
+
+def listen_key(i: int, count: int) -> str:
+    """How messages name the ``i``-th of ``count`` listeners."""
+    return "server.listen" if count == 1 else f"server.listen[{i}]"
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    listen: str = field(default=DEFAULT_LISTEN, metadata=_meta(doc="secrets listener"))
+    listen: tuple[str, ...] = field(
+        default=(DEFAULT_LISTEN,), metadata=_meta(doc="secrets listeners", one_or_many=True)
+    )
     allow_non_loopback: bool = False
     response_type: Literal["aws", "kms", "vault"] = "aws"
     shutdown_grace: float = field(default=10.0, metadata=_meta(lo=0, hi=600, duration=True))
     max_connections: int = field(default=800, metadata=_meta(lo=1, hi=100_000))
     drain_delay: float = field(default=0.0, metadata=_meta(lo=0, hi=600, duration=True))
     keepalive_timeout: float = field(default=15.0, metadata=_meta(lo=0, hi=3600, duration=True))
+    #: The request line's and each header field's limit.
     max_header_bytes: int = field(default=8190, metadata=_meta(lo=1024, hi=65536))
-    fast_path: bool = True
+    max_headers: int = field(default=64, metadata=_meta(lo=8, hi=1024))
+    #: The whole head's limit: request line and every header field together.
+    max_head_bytes: int = field(default=16384, metadata=_meta(lo=2048, hi=1048576))
+    #: From a request's first byte to the end of its head.
+    head_timeout: float = field(default=10.0, metadata=_meta(lo=0.1, hi=600, duration=True))
+
+    @property
+    def listeners(self) -> tuple[tuple[str, ListenAddress], ...]:
+        """Every secrets listener: ``(dialect, address)``."""
+        return tuple(
+            parse_listener(text, listen_key(i, len(self.listen)))
+            for i, text in enumerate(self.listen)
+        )
 
     @property
     def address(self) -> ListenAddress:
-        return parse_listen(self.listen, "server.listen")
+        """Where the CLI reaches the agent: the first native listener, else the first."""
+        listeners = self.listeners
+        for dialect, address in listeners:
+            if dialect == DIALECTS[0]:
+                return address
+        return listeners[0][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +175,7 @@ class CacheConfig:
     max_stale: float = field(default=DEFAULT_MAX_STALE, metadata=_meta(lo=0, duration=True))
     negative_ttl: float = field(default=5.0, metadata=_meta(lo=0, hi=3600, duration=True))
     refresh_window: float = field(default=0.2, metadata=_meta(lo=0, hi=0.9))
-    refresh_min_interval: float = field(default=1.0, metadata=_meta(lo=0, hi=3600, duration=True))
+    refresh_min_interval: float = field(default=0.25, metadata=_meta(lo=0, hi=3600, duration=True))
     prefetch: tuple[str, ...] = ()
 
 
@@ -237,6 +283,8 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     if origin is tuple:
         if env:
             value = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, str) and meta.get("one_or_many"):
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: {value!r} is not a list of strings")
         return tuple(value)
@@ -417,12 +465,17 @@ def _replace(cfg: Config, **changes: Any) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
-    address = cfg.server.address
-    if not address.is_loopback and not cfg.server.allow_non_loopback:
-        raise ConfigError(
-            f"server.listen: {cfg.server.listen!r} is not a loopback address; secrets would be "
-            "served beyond this host. Set server.allow_non_loopback = true to mean it"
-        )
+    listeners = cfg.server.listeners
+    if not listeners:
+        raise ConfigError('server.listen: give at least one listener, like "127.0.0.1:2025"')
+    for i, (_, address) in enumerate(listeners):
+        if not address.is_loopback and not cfg.server.allow_non_loopback:
+            raise ConfigError(
+                f"{listen_key(i, len(listeners))}: {cfg.server.listen[i]!r} is not a loopback "
+                "address; "
+                "secrets would be served beyond this host. Set server.allow_non_loopback = true "
+                "to mean it"
+            )
     _ = cfg.metrics.address  # parses, or names the key
     for i, header in enumerate(cfg.auth.headers):
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):

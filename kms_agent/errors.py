@@ -12,9 +12,10 @@ Tree::
     │   ├── ProxiedRequest         400 X-Forwarded-For / Forwarded present
     │   ├── Unauthorized           401 no token
     │   ├── Forbidden              403 wrong token, or denied by policy
+    │   │   └── RoleNotAllowed     403 a roleArn outside the source's allow-list
     │   ├── RouteNotFound          404
     │   ├── MethodNotAllowed       405
-    │   ├── RefreshRateLimited     429
+    │   ├── TooManyConnections     503 the listener is at server.max_connections
     │   ├── FieldNotFound          404 ?field= names no key of the JSON secret
     │   └── SecretNotJson          400 ?field= on a secret that is not a JSON object
     ├── UpstreamError              what a source answered, mapped by its provider
@@ -46,10 +47,23 @@ class AgentError(Exception):
     #: The secret is gone or forbidden: drop any cached value at once.
     drops_cache: ClassVar[bool] = False
 
+    #: What the upstream itself answered (status, error code), where a dialect passes it
+    #: through (the AWS agent's ``{"__type", "message"}``); set by providers.
+    upstream_status: int | None = None
+    upstream_code: str | None = None
+    upstream_message: str | None = None
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def upstream(self, status: int, code: str, message: str | None = None) -> AgentError:
+        """This error, remembering what the upstream answered (returns ``self``)."""
+        self.upstream_status = status
+        self.upstream_code = code
+        self.upstream_message = message
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -90,13 +104,17 @@ class MethodNotAllowed(RequestError):
     code = "MethodNotAllowed"
 
 
-class RefreshRateLimited(RequestError):
-    status = 429
-    code = "RefreshRateLimited"
+class RoleNotAllowed(Forbidden):
+    """A ``roleArn`` the source may not assume for callers."""
 
-    def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.retry_after = retry_after
+    code = "RoleNotAllowed"
+
+
+class TooManyConnections(RequestError):
+    """Over ``server.max_connections``: answered at once and the connection closed."""
+
+    status = 503
+    code = "TooManyConnections"
 
 
 class FieldNotFound(RequestError):

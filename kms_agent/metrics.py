@@ -23,9 +23,11 @@ from prometheus_client.registry import Collector
 from kms_agent import __version__
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "refresh_forced")
+CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "refresh_forced", "refresh_coalesced")
 EVICTION_REASONS = ("capacity", "bytes", "expired", "revoked", "invalidated")
 AUTH_FAILURE_REASONS = ("missing_token", "invalid_token", "forwarded")
+#: Why a connection was closed or refused by the agent (``kms_agent_connections_closed``).
+CLOSE_REASONS = ("limit", "evicted", "head_timeout", "idle", "bad_request", "upgrade")
 
 
 class _CacheCollector(Collector):
@@ -158,6 +160,16 @@ class Metrics:
             ["kind"], registry=r,
         )  # fmt: skip
         self.ready = Gauge("kms_agent_ready", "1 when the agent reports ready, else 0.", registry=r)
+        self.connections_closed = Counter(
+            "kms_agent_connections_closed",
+            "Connections the agent refused or closed itself, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.log_lines_suppressed = Counter(
+            "kms_agent_access_lines_suppressed",
+            "Access lines of refused requests not written one by one (summarised instead).",
+            registry=r,
+        )  # fmt: skip
         build = Gauge(
             "kms_agent_build_info", "Version of kms-agent and of Python.",
             ["version", "python"], registry=r,
@@ -171,6 +183,8 @@ class Metrics:
             self.config_reloads.labels(result)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
 
     def track_sources(self, providers: Mapping[str, object]) -> None:
         """Per-source counters the providers keep, read at scrape time."""

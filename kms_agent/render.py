@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kms_agent.model import SecretRecord, shared
+from kms_agent.model import ALIBABA_STAGES, AWS_STAGES, SecretRecord, shared, stage_in
 
 JSON_TYPE = "application/json"
 #: Values at least this long are referenced by their rendered bodies, not copied into them.
@@ -107,62 +107,96 @@ def arn(record: SecretRecord) -> str:
     return record.extra.get("arn") or f"kms-agent:{record.source}:secret/{record.name}"
 
 
+def created_seconds(epoch: float) -> str:
+    """Epoch seconds with their fraction, as the AWS agent writes ``CreatedDate``: the
+    shortest decimal that reads back as the same float, whole seconds without ``.0``."""
+    text = repr(float(epoch))
+    return text.removesuffix(".0")
+
+
 def aws(record: SecretRecord) -> bytes:
-    """Secrets Manager GetSecretValue, as the AWS Secrets Manager Agent answers."""
+    """Secrets Manager GetSecretValue, as the AWS agent answers it: stages in AWS's
+    spelling whatever the store, ``CreatedDate`` a string of epoch seconds."""
     body: dict[str, Any] = {
         "ARN": arn(record),
         "Name": record.name,
         "VersionId": record.version_id,
-        "VersionStages": list(record.version_stages),
-        "CreatedDate": round(record.created, 3),
     }
     if record.data_type == "text":
         body["SecretString"] = value_text(record)
     else:
         body["SecretBinary"] = value_text(record)
+    body["VersionStages"] = [stage_in(s, AWS_STAGES) for s in record.version_stages]
+    body["CreatedDate"] = created_seconds(record.created)
     return _dumps(body)
 
 
 def kms(record: SecretRecord) -> bytes:
-    """Alibaba Cloud KMS GetSecretValue, as the Alibaba Cloud KMS Agent answers."""
+    """Alibaba Cloud KMS GetSecretValue, as the Alibaba Cloud KMS Agent answers it."""
     return _dumps(
         {
             "SecretName": record.name,
             "VersionId": record.version_id,
             "SecretData": value_text(record),
             "SecretDataType": record.data_type,
-            "VersionStages": {"VersionStage": list(record.version_stages)},
-            "CreateTime": iso_time(record.created).replace(".000", ""),
+            "VersionStages": {
+                "VersionStage": [stage_in(s, ALIBABA_STAGES) for s in record.version_stages]
+            },
+            "CreateTime": iso_time(record.created)[:19] + "Z",
             "SecretType": record.secret_type,
             "RequestId": record.extra.get("request_id", record.version_id),
         }
     )
 
 
-def vault(record: SecretRecord) -> bytes:
-    """A Vault KV v2 read. A value that is not a JSON object is wrapped as ``{"value": …}``."""
+def vault_data(record: SecretRecord) -> Any:
+    """A KV v2 version's ``data``: a JSON object value as it is, anything else wrapped as
+    ``{"value": …}``."""
     data: Any = None
     if record.data_type == "text":
         try:
             data = json.loads(record.value.reveal())
         except ValueError:
             data = None
-    if not isinstance(data, dict):
-        data = {"value": value_text(record)}
-    version: Any = int(record.version_id) if record.version_id.isdigit() else record.version_id
-    return _dumps(
+    return data if isinstance(data, dict) else {"value": value_text(record)}
+
+
+def vault_version(record: SecretRecord) -> Any:
+    return int(record.version_id) if record.version_id.isdigit() else record.version_id
+
+
+def vault_metadata(record: SecretRecord) -> dict[str, Any]:
+    return {
+        "created_time": iso_time(record.created),
+        "custom_metadata": None,
+        "deletion_time": "",
+        "destroyed": False,
+        "version": vault_version(record),
+    }
+
+
+def vault(record: SecretRecord) -> bytes:
+    """A Vault KV v2 read envelope, all but its leading ``{"request_id":"…",`` (the
+    responder writes it per request: see :func:`with_request_id`)."""
+    body = _dumps(
         {
-            "data": {
-                "data": data,
-                "metadata": {
-                    "created_time": iso_time(record.created),
-                    "deletion_time": "",
-                    "destroyed": False,
-                    "version": version,
-                },
-            }
+            "lease_id": "",
+            "renewable": False,
+            "lease_duration": 0,
+            "data": {"data": vault_data(record), "metadata": vault_metadata(record)},
+            "wrap_info": None,
+            "warnings": None,
+            "auth": None,
         }
     )
+    return body[1:]
+
+
+def with_request_id(shape: str, body: bytes, request_id: str) -> bytes:
+    """A whole body of ``shape`` (the vault envelope's request id is per response)."""
+    if shape != "vault":
+        return body
+    return b'{"request_id":"%s",%s' % (request_id.encode(), body)
 
 
 COMPAT = {"aws": aws, "kms": kms, "vault": vault}

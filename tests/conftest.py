@@ -17,14 +17,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+import yarl
 
 from kms_agent import logging as agent_logging
-from kms_agent.config import LoggingConfig
+from kms_agent.config import ListenAddress, LoggingConfig
 from kms_agent.errors import AgentError, SecretNotFound
-from kms_agent.fastpath import AgentRunner
-from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.state import Phase
 
 #: A marker in every secret value the tests store. It must never reach a log line.
 PLANTED = "planted-" + secrets.token_hex(6)
@@ -62,7 +63,9 @@ def _clock() -> FakeClock:
     return FakeClock()
 
 
-def make_record(name: str, value: str, *, version: str = "v1", source: str = "scripted") -> SecretRecord:
+def make_record(
+    name: str, value: str, *, version: str = "v1", source: str = "scripted"
+) -> SecretRecord:
     return SecretRecord(
         name=name,
         value=SecretValue(value.encode()),
@@ -79,6 +82,8 @@ class ScriptedProvider:
     """A provider whose answers the test scripts: values, failures, a gate to stall on."""
 
     name: str = "scripted"
+    name_rule = LOCAL_NAMES
+    stages = ALIBABA_STAGES
     values: dict[str, str] = field(default_factory=dict)
     failures: dict[str, AgentError] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
@@ -112,7 +117,9 @@ class ScriptedProvider:
 
     async def describe(self, name: str) -> SecretMetadata:
         record = await self.get(name)
-        return SecretMetadata(name, self.name, record.created, ((record.version_id, ("ACSCurrent",)),))
+        return SecretMetadata(
+            name, self.name, record.created, ((record.version_id, ("ACSCurrent",)),)
+        )
 
     async def list_names(self, prefix: str) -> list[str]:
         return sorted(n for n in self.values if n.startswith(prefix))
@@ -186,8 +193,13 @@ def _start_until(cmd: list[str], ready: str, env: dict[str, str] | None = None):
     import subprocess
     import threading
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     seen = threading.Event()
     lines: list[str] = []
 
@@ -225,14 +237,30 @@ def _moto():
     import boto3
 
     port = _free_port()
-    proc = _start_until([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], "Running on",
-                        env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    proc = _start_until(
+        [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        "Running on",
+        env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+    )
     url = f"http://127.0.0.1:{port}"
-    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
-                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
     iam.create_user(UserName="agent")
-    iam.put_user_policy(UserName="agent", PolicyName="sm", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:*"], "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="agent",
+        PolicyName="sm",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:*"], "Resource": "*"}],
+            }
+        ),
+    )
     key = iam.create_access_key(UserName="agent")["AccessKey"]
     yield {"url": url, "ak": key["AccessKeyId"], "sk": key["SecretAccessKey"]}
     proc.terminate()
@@ -255,8 +283,16 @@ def _moto_open():
 def _bao():
     """An OpenBao dev server on 127.0.0.1 (root token "root", KV v2 at secret/)."""
     port = _free_port()
-    proc = _start_until([_bin("bao"), "server", "-dev", "-dev-root-token-id=root",
-                         f"-dev-listen-address=127.0.0.1:{port}"], "OpenBao server started")
+    proc = _start_until(
+        [
+            _bin("bao"),
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        "OpenBao server started",
+    )
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
@@ -266,11 +302,51 @@ def _bao():
 # --------------------------------------------------------------------------- in-process agent
 
 
-class AgentTestServer(TestServer):
-    """aiohttp's test server with the agent's runner: the fast path in front of the app."""
+class FrontClient:
+    """An aiohttp session on one in-process secrets listener (the agent's own protocol and
+    pipeline over a test's state)."""
 
-    async def _make_runner(self, **kwargs):
-        return AgentRunner(self.app, **kwargs)
+    def __init__(self, session: aiohttp.ClientSession, port: int, listeners) -> None:
+        self.session = session
+        self.port = port
+        self.listeners = listeners
+
+    async def get(self, path: str, **kwargs) -> aiohttp.ClientResponse:
+        return await self.request("GET", path, **kwargs)
+
+    async def request(self, method: str, path: str, **kwargs) -> aiohttp.ClientResponse:
+        """``path`` is sent exactly as given (not normalised by the client)."""
+        url = yarl.URL(f"http://127.0.0.1:{self.port}{path}", encoded=True)
+        resp = await self.session.request(method, url, **kwargs)
+        await resp.read()
+        return resp
+
+
+@contextlib.asynccontextmanager
+async def serving(state, dialect: str = "native"):
+    """``state`` served on 127.0.0.1 by a secrets listener speaking ``dialect``."""
+    from kms_agent.listeners import SecretsListeners
+
+    listeners = SecretsListeners(state)
+    await listeners.start(((dialect, ListenAddress(host="127.0.0.1", port=0)),))
+    port = int(listeners.addresses[0].rsplit(":", 1)[1])
+    session = aiohttp.ClientSession()
+    try:
+        yield FrontClient(session, port, listeners)
+    finally:
+        await session.close()
+        await listeners.stop(1.0)
+
+
+@pytest.fixture(name="serve")
+async def _serve():
+    """``await serve(state, dialect="native")``: a FrontClient, closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def serve(state, dialect: str = "native") -> FrontClient:
+            return await stack.enter_async_context(serving(state, dialect))
+
+        yield serve
 
 
 @contextlib.asynccontextmanager
@@ -281,14 +357,38 @@ async def running_agent(tmp_path, text: str = "", env=None, sources=None, loader
 
     path = tmp_path / "kms.toml"
     path.write_text(text)
-    environ = {"KMS_TOKEN": TOKEN, "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
-               "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0", "KMS_AGENT_DATA_DIR": str(tmp_path / "d"),
-               **(env or {})}
-    agent = Agent(load(path, environ=environ), environ=environ, sources=sources,
-                  loader=(lambda: load(path, environ=environ)) if loader else None)
+    environ = {
+        "KMS_TOKEN": TOKEN,
+        "KMS_AGENT_SERVER_LISTEN": "127.0.0.1:0",
+        "KMS_AGENT_METRICS_LISTEN": "127.0.0.1:0",
+        "KMS_AGENT_DATA_DIR": str(tmp_path / "d"),
+        # forced refreshes right after a read go upstream (coalescing is tested alone)
+        "KMS_AGENT_CACHE_REFRESH_MIN_INTERVAL": "0",
+        **(env or {}),
+    }
+    agent = Agent(
+        load(path, environ=environ),
+        environ=environ,
+        sources=sources,
+        loader=(lambda: load(path, environ=environ)) if loader else None,
+    )
     await agent.start()
     try:
         yield agent
     finally:
-        if not agent.state.draining:
+        if agent.state.phase is not Phase.DRAINING:
             await agent.stop()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from a raw stream: status, headers (lower-case), body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body

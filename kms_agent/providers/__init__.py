@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from kms_agent.config import Config, SourceConfig
 from kms_agent.errors import BadRequest
-from kms_agent.model import SecretMetadata, SecretRecord
+from kms_agent.model import NameRule, SecretMetadata, SecretRecord, Stages
 
 #: A predicate over secret names: which cached names a change upstream touched.
 Changed = Callable[[str], bool]
@@ -26,6 +26,10 @@ class Provider(Protocol):
 
     #: The source's configured name: the cache key's first part and the metrics label.
     name: str
+    #: Which names the store accepts (checked before anything is keyed).
+    name_rule: NameRule
+    #: How the store spells the current and previous stages.
+    stages: Stages
 
     async def open(self) -> None:
         """Prepare sessions and credentials. Called once before the first request."""

@@ -39,7 +39,15 @@ from kms_agent.errors import (
     Throttled,
     Unavailable,
 )
-from kms_agent.model import STAGE_CURRENT, DataType, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import (
+    ALIBABA_NAMES,
+    ALIBABA_STAGES,
+    DataType,
+    SecretMetadata,
+    SecretRecord,
+    SecretValue,
+    canonical_stage,
+)
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import alibaba as acs3
 from kms_agent.upstream import (
@@ -54,7 +62,6 @@ API_VERSION = "2016-01-20"
 #: Alibaba's documented GetSecretValue quota on the shared gateway, per account.
 SHARED_GATEWAY_QPS = 450.0
 DEFAULT_QPS = 100.0
-_STAGE_ALIASES = {"AWSCURRENT": "ACSCurrent", "AWSPREVIOUS": "ACSPrevious"}
 _STALE_CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId.NotFound", "InvalidSecurityToken.Expired", "SecurityTokenExpired"}
 )
@@ -112,6 +119,9 @@ class SharedGateway:
 
 
 class Provider(CloudProvider):
+    name_rule = ALIBABA_NAMES
+    stages = ALIBABA_STAGES
+
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -253,8 +263,8 @@ class Provider(CloudProvider):
         if version_id:
             params["VersionId"] = version_id
         if version_stage or not version_id:
-            stage = version_stage or STAGE_CURRENT
-            params["VersionStage"] = _STAGE_ALIASES.get(stage.upper(), stage)
+            stage = canonical_stage(version_stage, self.stages, by_id=True)
+            params["VersionStage"] = stage or self.stages.current
         body = await self._call("GetSecretValue", params, name)
         try:
             data_type: DataType = "binary" if body.get("SecretDataType") == "binary" else "text"

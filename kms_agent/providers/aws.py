@@ -29,7 +29,15 @@ from kms_agent.errors import (
     Throttled,
     Unavailable,
 )
-from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import (
+    AWS_NAMES,
+    AWS_STAGES,
+    DataType,
+    SecretMetadata,
+    SecretRecord,
+    SecretValue,
+    canonical_stage,
+)
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import aws as sigv4
 from kms_agent.upstream import (
@@ -40,7 +48,6 @@ from kms_agent.upstream import (
 
 log = structlog.get_logger("kms_agent.providers.aws")
 SERVICE = "secretsmanager"
-_STAGES = {"ACSCURRENT": "AWSCURRENT", "ACSPREVIOUS": "AWSPREVIOUS"}
 _CREDENTIAL_ERRORS = (
     "UnrecognizedClientException",
     "InvalidSignatureException",
@@ -51,6 +58,9 @@ _CREDENTIAL_ERRORS = (
 
 
 class Provider(CloudProvider):
+    name_rule = AWS_NAMES
+    stages = AWS_STAGES
+
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -148,6 +158,17 @@ class Provider(CloudProvider):
     def _error(
         self, status: int, body: dict[str, str], name: str, creds: Credentials
     ) -> AgentError:
+        """The error for Secrets Manager's answer, remembering its status and type (the AWS
+        agent's dialect passes them through)."""
+        err = self._classify(status, body, name, creds)
+        code = body.get("code", "").split(":", 1)[0]
+        if code:
+            err.upstream(status, code, body.get("message", "")[:1000] or None)
+        return err
+
+    def _classify(
+        self, status: int, body: dict[str, str], name: str, creds: Credentials
+    ) -> AgentError:
         code, message = body.get("code", f"HTTP{status}"), body.get("message", "")[:300]
         said = f"AWS Secrets Manager: {code}"
         if code == "ResourceNotFoundException":
@@ -201,10 +222,11 @@ class Provider(CloudProvider):
         payload: dict[str, Any] = {"SecretId": name}
         if version_id:
             payload["VersionId"] = version_id
-        if version_stage:
-            payload["VersionStage"] = _STAGES.get(version_stage.upper(), version_stage)
+        stage = canonical_stage(version_stage, self.stages, by_id=True)
+        if stage:
+            payload["VersionStage"] = stage
         elif not version_id:
-            payload["VersionStage"] = "AWSCURRENT"
+            payload["VersionStage"] = self.stages.current
         body = await self._call("GetSecretValue", payload, name)
         try:
             binary = "SecretBinary" in body and "SecretString" not in body

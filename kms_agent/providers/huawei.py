@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -37,7 +36,15 @@ from kms_agent.errors import (
     Throttled,
     Unavailable,
 )
-from kms_agent.model import DataType, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import (
+    HUAWEI_NAMES,
+    HUAWEI_STAGES,
+    DataType,
+    SecretMetadata,
+    SecretRecord,
+    SecretValue,
+    canonical_stage,
+)
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import huawei as sdk_hmac
 from kms_agent.upstream import (
@@ -48,14 +55,6 @@ from kms_agent.upstream import (
 
 log = structlog.get_logger("kms_agent.providers.huawei")
 
-NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-STAGE_CURRENT = "SYSCURRENT"
-_STAGE_ALIASES = {
-    "ACSCURRENT": "SYSCURRENT",
-    "AWSCURRENT": "SYSCURRENT",
-    "ACSPREVIOUS": "SYSPREVIOUS",
-    "AWSPREVIOUS": "SYSPREVIOUS",
-}
 _NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
 _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
 #: Huawei's SDK treats temporary credentials as stale this long before expiry.
@@ -63,6 +62,9 @@ STALE_BEFORE = 40 * 60
 
 
 class Provider(CloudProvider):
+    name_rule = HUAWEI_NAMES
+    stages = HUAWEI_STAGES
+
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -204,7 +206,7 @@ class Provider(CloudProvider):
     # ------------------------------------------------------------------ interface
 
     def _check(self, name: str) -> str:
-        if NAME_RE.fullmatch(name) is None:
+        if not self.name_rule.accepts(name):
             raise InvalidUpstreamRequest(
                 f"{name!r} cannot be a CSMS secret name",
                 hint="CSMS secret names are 1-64 letters, digits, _ and -; route other names "
@@ -217,8 +219,8 @@ class Provider(CloudProvider):
     ) -> SecretRecord:
         base = f"/v1/{self.project_id}/secrets/{self._check(name)}"
         if version_id is None:
-            stage = _STAGE_ALIASES.get((version_stage or STAGE_CURRENT).upper(), version_stage)
-            if stage and stage != STAGE_CURRENT:
+            stage = canonical_stage(version_stage, self.stages)
+            if stage:
                 body = await self._call(f"{base}/stages/{quote(stage, safe='')}", name=name)
                 version_id = str(body["stage"]["version_id"])
         version = version_id or "latest"

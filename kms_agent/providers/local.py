@@ -11,7 +11,7 @@ import watchfiles
 
 from kms_agent.config import Config, SourceConfig
 from kms_agent.errors import ConfigError
-from kms_agent.model import SecretMetadata, SecretRecord
+from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord
 from kms_agent.providers import Changed
 from kms_agent.store import LocalStore, secret_file_stem
 
@@ -19,6 +19,8 @@ log = structlog.get_logger("kms_agent.providers.local")
 
 
 class Provider:
+    name_rule = LOCAL_NAMES
+    stages = ALIBABA_STAGES
     """Serves one store directory: the agent's data dir, or ``path`` in the source table."""
 
     def __init__(

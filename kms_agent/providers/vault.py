@@ -33,7 +33,14 @@ from kms_agent.errors import (
     Throttled,
     Unavailable,
 )
-from kms_agent.model import SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import (
+    AWS_STAGES,
+    VAULT_NAMES,
+    SecretMetadata,
+    SecretRecord,
+    SecretValue,
+    canonical_stage,
+)
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.upstream import (
     check_endpoint,
@@ -44,8 +51,6 @@ from kms_agent.upstream import (
 log = structlog.get_logger("kms_agent.providers.vault")
 AUTH_METHODS = ("token", "approle", "kubernetes")
 K8S_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-_PREVIOUS = {"AWSPREVIOUS", "ACSPREVIOUS", "SYSPREVIOUS", "PREVIOUS"}
-_CURRENT = {"AWSCURRENT", "ACSCURRENT", "SYSCURRENT", "CURRENT"}
 
 
 def _read(path: str) -> str:
@@ -53,6 +58,11 @@ def _read(path: str) -> str:
 
 
 class Provider(CloudProvider):
+    name_rule = VAULT_NAMES
+    #: KV v2 has versions, not stages: the latest version answers as current, the one
+    #: before as previous, in AWS's spelling.
+    stages = AWS_STAGES
+
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -223,23 +233,23 @@ class Provider(CloudProvider):
     ) -> SecretRecord:
         path = self._path(name)
         version = version_id
-        stage = (version_stage or "").upper()
+        stage = canonical_stage(version_stage, self.stages)
         if version is not None and not version.isdigit():
             raise InvalidUpstreamRequest(f"Vault KV versions are numbers, not {version!r}")
-        if version is None and stage in _PREVIOUS:
+        if version is None and stage == self.stages.previous:
             meta = await self._call(f"/v1/{self.mount}/metadata/{path}", name)
             current = int(meta["data"]["current_version"])
             if current < 2:
                 raise SecretNotFound(f"{name!r} has no previous version")
             version = str(current - 1)
-        elif version is None and stage and stage not in _CURRENT:
+        elif version is None and stage:
             raise InvalidUpstreamRequest(f"Vault has no stage {version_stage!r}; use a version id")
         query = f"?version={version}" if version else ""
         body = await self._call(f"/v1/{self.mount}/data/{path}{query}", name)
         try:
             data = body["data"]["data"]
             meta = body["data"]["metadata"]
-            stages = ("AWSCURRENT",) if version is None else ()
+            stages = (self.stages.current,) if version is None else ()
             return SecretRecord(
                 name=name,
                 value=SecretValue(json.dumps(data, separators=(",", ":")).encode()),

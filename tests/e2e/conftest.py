@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kms_agent.config import DEFAULT_TOKEN_ENV
 from tests.conftest import PLANTED
 
 START_TIMEOUT = 20.0
@@ -26,7 +27,7 @@ class AgentProcess:
     def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
         base = {k: v for k, v in os.environ.items() if not k.startswith("KMS_AGENT_")}
-        for var in ("KMS_TOKEN", "KMS_SESSION_TOKEN", "AWS_TOKEN"):
+        for var in DEFAULT_TOKEN_ENV:
             base.pop(var, None)
         self.env = {
             **base,

@@ -32,7 +32,7 @@ def test_fresh_install_serves_a_stored_secret_to_curl(agent):
     doc = json.loads(body)
     assert doc["Name"] == "aigw!secret-abc"
     assert doc["SecretString"] == value
-    assert doc["VersionStages"] == ["ACSCurrent"]
+    assert doc["VersionStages"] == ["AWSCURRENT"]  # AWS spelling, whatever the store
     token_path = agent.root / "run" / "kms-agent" / "token"
     assert stat.S_IMODE(token_path.stat().st_mode) == 0o640
     ready = agent.wait_for(lambda e: e.get("event") == "tokens_loaded", 1)
@@ -48,7 +48,9 @@ def test_kms_agent_get_exit_codes(agent, agent_factory):
     missing = agent.cli("get", "--agent", agent.address, "no-such-secret")
     assert missing.returncode == 1
     assert b"does not exist" in missing.stderr
-    bad_token = agent.cli("get", "--agent", agent.address, "db-password", env={"KMS_TOKEN": "x" * 20})
+    bad_token = agent.cli(
+        "get", "--agent", agent.address, "db-password", env={"KMS_TOKEN": "x" * 20}
+    )
     assert bad_token.returncode == 2
     assert b"not valid" in bad_token.stderr
     with socket.socket() as sock:  # a port nobody listens on
@@ -61,7 +63,9 @@ def test_kms_agent_get_exit_codes(agent, agent_factory):
 
 def test_json_field_and_binary_values(agent):
     """field=KEY of a JSON secret, and a binary secret's raw bytes, through curl."""
-    agent.cli("store", "put", "db/creds", stdin=json.dumps({"user": "app", "password": PLANTED}).encode())
+    agent.cli(
+        "store", "put", "db/creds", stdin=json.dumps({"user": "app", "password": PLANTED}).encode()
+    )
     blob = bytes(range(256))
     agent.cli("store", "put", "tls/key.der", "--binary", stdin=blob)
     agent.start()
@@ -106,7 +110,9 @@ def test_store_change_is_picked_up_live(agent):
     assert agent.curl("/secrets/api-key?format=raw") == (200, b"one-" + PLANTED.encode())
     mark = len(agent.lines)
     agent.cli("store", "put", "api-key", stdin=b"two-" + PLANTED.encode())
-    agent.wait_for(lambda e: e.get("event") == "source_changed" and e["entries_dropped"] >= 1, 10, mark)
+    agent.wait_for(
+        lambda e: e.get("event") == "source_changed" and e["entries_dropped"] >= 1, 10, mark
+    )
     assert agent.curl("/secrets/api-key?format=raw") == (200, b"two-" + PLANTED.encode())
     prev = agent.curl("/secrets/api-key?format=raw&version_stage=ACSPrevious")
     assert prev == (200, b"one-" + PLANTED.encode())
@@ -141,9 +147,18 @@ def test_tokens_from_env_and_unix_socket(agent_factory, tmp_path):
     agent.start(listen=f"unix:{sock}")
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     out = subprocess.run(
-        ["curl", "-s", "--unix-socket", str(sock), "-H", f"X-KMS-Token: {token}",
-         "http://localhost/secrets/db?format=raw"],
-        capture_output=True, timeout=30, check=True,
+        [
+            "curl",
+            "-s",
+            "--unix-socket",
+            str(sock),
+            "-H",
+            f"X-KMS-Token: {token}",
+            "http://localhost/secrets/db?format=raw",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
     ).stdout
     assert out == PLANTED.encode()
     assert not (agent.root / "run" / "kms-agent" / "token").exists()

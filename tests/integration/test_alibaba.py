@@ -16,9 +16,16 @@ from tests.conftest import PLANTED, TOKEN, running_agent
 H = {"X-KMS-Token": TOKEN}
 AIGW_ONLY = {
     "Statement": [
-        {"Effect": "Allow", "Action": ["kms:GetSecretValue", "kms:List*"], "Resource": ["secret/aigw!*"]},
-        {"Effect": "Allow", "Action": ["kms:GetSecretValue", "kms:Decrypt"],
-         "Resource": ["secret/db-*", "secret/paid-*", "acs:kms:*:*:key/key-allowed"]},
+        {
+            "Effect": "Allow",
+            "Action": ["kms:GetSecretValue", "kms:List*"],
+            "Resource": ["secret/aigw!*"],
+        },
+        {
+            "Effect": "Allow",
+            "Action": ["kms:GetSecretValue", "kms:Decrypt"],
+            "Resource": ["secret/db-*", "secret/paid-*", "acs:kms:*:*:key/key-allowed"],
+        },
     ]
 }
 
@@ -48,7 +55,10 @@ def ak_env(kms) -> dict[str, str]:
 
 
 async def get(agent: Agent, path: str, **headers: str) -> tuple[int, bytes, dict]:
-    async with aiohttp.ClientSession() as s, s.get(f"http://{agent.addresses[0]}{path}", headers={**H, **headers}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://{agent.addresses[0]}{path}", headers={**H, **headers}) as r,
+    ):
         return r.status, await r.read(), dict(r.headers)
 
 
@@ -59,10 +69,16 @@ async def test_default_secret_through_the_agent_and_listing_by_product(tmp_path,
     kms.add_secret("aigw!secret-def", PLANTED + "-def", product="aigw")
     kms.add_secret("bailian!secret-123", PLANTED + "-bailian", product="bailian")
     async with agent_for(tmp_path, source_toml(kms_url), ak_env(kms)) as agent:
-        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (200, (PLANTED + "-aigw").encode())
+        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (
+            200,
+            (PLANTED + "-aigw").encode(),
+        )
         status, body, _ = await get(agent, "/secrets?prefix=aigw!")
         assert status == 200
-        assert [s["name"] for s in json.loads(body)["secrets"]] == ["aigw!secret-abc", "aigw!secret-def"]
+        assert [s["name"] for s in json.loads(body)["secrets"]] == [
+            "aigw!secret-abc",
+            "aigw!secret-def",
+        ]
         status, body, _ = await get(agent, "/secrets?prefix=bailian!")
         assert json.loads(body)["secrets"] == []
         status, body, _ = await get(agent, "/secretsmanager/get?secretId=aigw!secret-def")
@@ -73,13 +89,19 @@ async def test_default_secret_through_the_agent_and_listing_by_product(tmp_path,
 async def test_rrsa_credentials_and_refresh_while_requests_continue(tmp_path, kms, kms_url):
     """Acceptance 2 (RRSA): the OIDC token file is exchanged for STS credentials; when they
     expire server-side, or enter their refresh window, they are replaced with no failure."""
-    role, provider_arn = "acs:ram::1234567890123456:role/kms-reader", "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c1"
+    role, provider_arn = (
+        "acs:ram::1234567890123456:role/kms-reader",
+        "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c1",
+    )
     kms.add_role(role, AIGW_ONLY, provider_arn, "system:serviceaccount:default:app")
     token_file = tmp_path / "token"
     token_file.write_text(kms.issue_oidc_token(provider_arn, "system:serviceaccount:default:app"))
     kms.add_secret("aigw!secret-abc", PLANTED, product="aigw")
-    env = {"ALIBABA_CLOUD_ROLE_ARN": role, "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": provider_arn,
-           "ALIBABA_CLOUD_OIDC_TOKEN_FILE": str(token_file)}
+    env = {
+        "ALIBABA_CLOUD_ROLE_ARN": role,
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": provider_arn,
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE": str(token_file),
+    }
     creds = f'[sources.credentials]\nsts_endpoint = "{kms_url}"\n'
     async with agent_for(tmp_path, source_toml(kms_url, credentials=creds), env) as agent:
         statuses = []
@@ -87,17 +109,19 @@ async def test_rrsa_credentials_and_refresh_while_requests_continue(tmp_path, km
         calls = kms.sts_calls
         # The kubelet rotates the projected token; the old one stops being valid.
         kms.oidc_tokens.clear()
-        token_file.write_text(kms.issue_oidc_token(provider_arn, "system:serviceaccount:default:app"))
+        token_file.write_text(
+            kms.issue_oidc_token(provider_arn, "system:serviceaccount:default:app")
+        )
         assert kms.expire_temporary_credentials() >= 1
         for _ in range(5):
-            statuses.append((await get(agent, "/secrets/aigw!secret-abc?format=raw&refresh=true"))[0])
-            agent.state.cache._forced.clear()
+            statuses.append(
+                (await get(agent, "/secrets/aigw!secret-abc?format=raw&refresh=true"))[0]
+            )
         assert kms.sts_calls == calls + 1  # one exchange, with the re-read token
         # Credentials inside their refresh window are replaced in the background.
         kms.temp_duration = 600
         kms.expire_temporary_credentials()
         statuses.append((await get(agent, "/secrets/aigw!secret-abc?refresh=true"))[0])
-        agent.state.cache._forced.clear()
         credentials = agent.state.router.providers["alibaba"].credentials
         # 450 s into their 600 s life: past the last third (background refresh), not yet in
         # the last tenth (where callers would wait).
@@ -119,7 +143,10 @@ async def test_ecs_ram_role_from_instance_metadata(tmp_path, kms, kms_url):
     kms.add_secret("aigw!secret-abc", PLANTED, product="aigw")
     creds = f'[sources.credentials]\ntype = "ecs_ram_role"\nmetadata_endpoint = "{kms_url}"\n'
     async with agent_for(tmp_path, source_toml(kms_url, credentials=creds), {}) as agent:
-        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (200, PLANTED.encode())
+        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (
+            200,
+            PLANTED.encode(),
+        )
         assert kms.metadata_calls == 1
         kms.expire_temporary_credentials()
         assert (await get(agent, "/secrets/aigw!secret-abc?format=raw&refresh=true"))[0] == 200
@@ -135,14 +162,20 @@ async def test_ecs_ram_role_from_instance_metadata(tmp_path, kms, kms_url):
         ("not-found", 404, "SecretNotFound", "region"),
     ],
 )
-async def test_troubleshooting_cases_each_have_their_code_and_hint(tmp_path, kms, kms_url, case, status, code, hint_has):
+async def test_troubleshooting_cases_each_have_their_code_and_hint(
+    tmp_path, kms, kms_url, case, status, code, hint_has
+):
     """Acceptance 3: each case of the troubleshooting order gets its own code and hint."""
     kms.add_secret("mcp!no-access", PLANTED)
     kms.add_secret("paid-cmk", PLANTED, key_id="key-denied")
     kms.add_secret("db-pending", PLANTED)
     kms.schedule_deletion("db-pending")
-    name = {"no-permission": "mcp!no-access", "cmk-without-decrypt": "paid-cmk",
-            "pending-deletion": "db-pending", "not-found": "db-nothing"}[case]
+    name = {
+        "no-permission": "mcp!no-access",
+        "cmk-without-decrypt": "paid-cmk",
+        "pending-deletion": "db-pending",
+        "not-found": "db-nothing",
+    }[case]
     async with agent_for(tmp_path, source_toml(kms_url), ak_env(kms)) as agent:
         got, body, _ = await get(agent, f"/secrets/{name}")
     err = json.loads(body)["error"]
@@ -160,10 +193,12 @@ async def test_unreachable_endpoint_is_503_with_a_network_hint(tmp_path, kms):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    async with agent_for(tmp_path, source_toml(dead, extra="max_attempts = 2"), ak_env(kms)) as agent:
+    async with agent_for(
+        tmp_path, source_toml(dead, extra="max_attempts = 2"), ak_env(kms)
+    ) as agent:
         got, body, _ = await get(agent, "/secrets/aigw!x")
         assert agent.state.ready is False
-        assert "source alibaba: UpstreamUnavailable" in agent.state.not_ready_reason
+        assert "source alibaba: UpstreamUnavailable" in agent.state.reason
     err = json.loads(body)["error"]
     assert (got, err["code"]) == (503, "UpstreamUnavailable")
     assert "network" in err["hint"]
@@ -171,8 +206,13 @@ async def test_unreachable_endpoint_is_503_with_a_network_hint(tmp_path, kms):
 
 @pytest.mark.parametrize(
     ("name", "failed_step"),
-    [("aigw!secret-abc", None), ("mcp!no-access", "permission"), ("paid-cmk", "decrypt"),
-     ("db-pending", "state"), ("db-missing", "state")],
+    [
+        ("aigw!secret-abc", None),
+        ("mcp!no-access", "permission"),
+        ("paid-cmk", "decrypt"),
+        ("db-pending", "state"),
+        ("db-missing", "state"),
+    ],
 )
 async def test_doctor_names_the_failing_step(tmp_path, kms, kms_url, capsys, name, failed_step):
     """`kms-agent doctor NAME --json` names the failing step and the fix; exit 0 only when
@@ -185,7 +225,9 @@ async def test_doctor_names_the_failing_step(tmp_path, kms, kms_url, capsys, nam
     path = tmp_path / "kms.toml"
     path.write_text(source_toml(kms_url))
     code = await asyncio.to_thread(
-        cli.main, ["--config", str(path), "doctor", name, "--json"], {**ak_env(kms), "KMS_TOKEN": TOKEN}
+        cli.main,
+        ["--config", str(path), "doctor", name, "--json"],
+        {**ak_env(kms), "KMS_TOKEN": TOKEN},
     )
     report = json.loads(capsys.readouterr().out)
     assert report["failed_step"] == failed_step
@@ -202,13 +244,17 @@ async def test_2000_rps_over_100_secrets_stays_under_the_configured_qps(tmp_path
     for i in range(100):
         kms.add_secret(f"aigw!s{i:03}", f"{PLANTED}-{i}", product="aigw")
     # The emulator keeps Alibaba's real quota (450/s); the agent is configured far below it.
-    text = source_toml(kms_url, extra="rate_limit_qps = 50").replace("ttl = 300", "ttl = 1\nrefresh_window = 0.5")
+    text = source_toml(kms_url, extra="rate_limit_qps = 50").replace(
+        "ttl = 300", "ttl = 1\nrefresh_window = 0.5"
+    )
     async with agent_for(tmp_path, text, ak_env(kms)) as agent:
         statuses: list[int] = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as s:
 
             async def one(i: int) -> None:
-                async with s.get(f"http://{agent.addresses[0]}/secrets/aigw!s{i % 100:03}?format=raw", headers=H) as r:
+                async with s.get(
+                    f"http://{agent.addresses[0]}/secrets/aigw!s{i % 100:03}?format=raw", headers=H
+                ) as r:
                     await r.read()
                     statuses.append(r.status)
 
@@ -236,7 +282,10 @@ async def test_transient_faults_are_retried(tmp_path, kms, kms_url, fault):
     kms.add_secret("aigw!secret-abc", PLANTED)
     async with agent_for(tmp_path, source_toml(kms_url), ak_env(kms)) as agent:
         kms.faults.next.append(fault)
-        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (200, PLANTED.encode())
+        assert (await get(agent, "/secrets/aigw!secret-abc?format=raw"))[:2] == (
+            200,
+            PLANTED.encode(),
+        )
         if fault == "throttle":
             m = await scrape(agent)
             assert m[("kms_agent_upstream_throttled_total", (("source", "alibaba"),))] == 1
@@ -265,7 +314,10 @@ async def test_garbage_and_outage_serve_stale_or_fail_cleanly(tmp_path, kms, kms
 async def scrape(agent: Agent) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with aiohttp.ClientSession() as s, s.get(f"http://{agent.metrics_addresses[0]}/metrics") as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://{agent.metrics_addresses[0]}/metrics") as r,
+    ):
         text = await r.text()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -18,8 +18,8 @@ from kms_agent.config import AuthConfig, Config, ServerConfig
 from kms_agent.errors import AccessDenied, Unavailable, UpstreamTimeout
 from kms_agent.model import SecretRecord, SecretValue
 from kms_agent.providers import Router
-from kms_agent.server import AgentState, create_app
-from tests.conftest import PLANTED, TOKEN, AgentTestServer, FakeClock, ScriptedProvider
+from kms_agent.state import AgentState, Phase
+from tests.conftest import PLANTED, TOKEN, FakeClock, ScriptedProvider
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -29,7 +29,7 @@ def make_state(provider: ScriptedProvider, clock: FakeClock, **server: object) -
     cache = Cache(provider.fetch, replace(config.cache, jitter=0.0), clock=clock)
     auth = Authenticator(config.auth.headers, load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN}))
     state = AgentState(config=config, router=Router([(("*",), provider)]), cache=cache, auth=auth)
-    state.ready = True
+    state.enter(Phase.READY)
     return state
 
 
@@ -42,19 +42,6 @@ def _state(provider, clock):
         }
     )
     return make_state(provider, clock)
-
-
-@pytest.fixture(name="serve", params=["fast", "aiohttp"])
-def _serve(request, aiohttp_client):
-    """Serve a state the way the agent does; every test here runs with the fast path in
-    front of the aiohttp application and again with aiohttp alone (server.fast_path)."""
-    fast = request.param == "fast"
-
-    async def serve(state: AgentState):
-        state.config = replace(state.config, server=replace(state.config.server, fast_path=fast))
-        return await aiohttp_client(AgentTestServer(create_app(state)))
-
-    return serve
 
 
 @pytest.fixture(name="client")
@@ -115,16 +102,18 @@ async def test_compat_endpoint_aws_shape(client):
         "/secretsmanager/get?secretId=aigw%21secret-abc",
         headers={"X-Aws-Parameters-Secrets-Token": TOKEN},
     )
-    body = await resp.json()
+    assert "Content-Type" not in resp.headers  # the AWS agent sends none
+    body = await resp.json(content_type=None)
     assert set(body) == {"ARN", "Name", "VersionId", "SecretString", "VersionStages", "CreatedDate"}
     assert body["SecretString"] == PLANTED + "-aigw"
     assert body["Name"] == "aigw!secret-abc"
-    assert isinstance(body["CreatedDate"], float)
+    assert isinstance(body["CreatedDate"], str)
+    assert float(body["CreatedDate"]) > 0
 
 
 async def test_v1_path_form(client):
     """/v1/{name} is the AWS agent's path form of the same call."""
-    body = await (await client.get("/v1/aigw!secret-abc", headers=H)).json()
+    body = await (await client.get("/v1/aigw!secret-abc", headers=H)).json(content_type=None)
     assert body["SecretString"] == PLANTED + "-aigw"
 
 
@@ -150,7 +139,9 @@ async def test_binary_secret_raw_and_base64(serve, clock):
 
     class BinaryProvider(ScriptedProvider):
         async def get(self, name, *, version_id=None, version_stage=None):
-            return SecretRecord(name, SecretValue(blob), "binary", "v1", ("ACSCurrent",), 0.0, self.name)
+            return SecretRecord(
+                name, SecretValue(blob), "binary", "v1", ("ACSCurrent",), 0.0, self.name
+            )
 
     client = await serve(make_state(BinaryProvider(), clock))
     resp = await client.get("/secrets/cert?format=raw", headers=H)
@@ -158,28 +149,73 @@ async def test_binary_secret_raw_and_base64(serve, clock):
     assert await resp.read() == blob
     native = await (await client.get("/secrets/cert", headers=H)).json()
     assert base64.b64decode(native["value"]) == blob
-    compat = await (await client.get("/v1/cert", headers=H)).json()
+    compat = await (await client.get("/v1/cert", headers=H)).json(content_type=None)
     assert base64.b64decode(compat["SecretBinary"]) == blob
 
 
 async def test_version_selectors_reach_the_provider(client, provider):
-    """version_id / version_stage and their compat spellings are separate cache keys."""
+    """version_id and version_stage are their own cache keys; every spelling of a stage is
+    one key (ACSPrevious and AWSPREVIOUS are one read), canonical for the source."""
+    seen: list[tuple[str | None, str | None]] = []
+    get = provider.get
+
+    async def recording(name, *, version_id=None, version_stage=None):
+        seen.append((version_id, version_stage))
+        return await get(name, version_id=version_id, version_stage=version_stage)
+
+    provider.get = recording  # type: ignore[method-assign]
     await client.get("/secrets/aigw!secret-abc?version_stage=ACSPrevious", headers=H)
     await client.get("/secrets/aigw!secret-abc?version_id=abc-123", headers=H)
-    await client.get("/secretsmanager/get?secretId=aigw!secret-abc&versionStage=AWSPREVIOUS", headers=H)
-    assert provider.calls["aigw!secret-abc"] == 3
+    await client.get(
+        "/secretsmanager/get?secretId=aigw!secret-abc&versionStage=AWSPREVIOUS", headers=H
+    )
+    await client.get("/secrets/aigw!secret-abc?version_stage=acsprevious", headers=H)
+    await client.get("/secrets/aigw!secret-abc", headers=H)
+    await client.get("/secrets/aigw!secret-abc?version_stage=AWSCURRENT", headers=H)
+    await client.get("/v1/aigw!secret-abc?versionStage=SYSCURRENT", headers=H)
+    assert seen == [(None, "ACSPrevious"), ("abc-123", None), (None, None)]
 
 
-async def test_forced_refresh_and_its_rate_limit(client, provider):
-    """refresh=true goes upstream; a second one at once is 429 with Retry-After."""
+async def test_forced_refresh_coalesces_instead_of_429(client, provider, clock):
+    """refresh=true goes upstream; another within cache.refresh_min_interval, however the
+    stage is spelled, is answered with that read (never 429); one after it reads again."""
     await client.get("/secrets/aigw!secret-abc", headers=H)
     provider.values["aigw!secret-abc"] = "rotated-" + PLANTED
     resp = await client.get("/secrets/aigw!secret-abc?refresh=true&format=raw", headers=H)
+    assert await resp.text() == PLANTED + "-aigw"  # the read a moment ago is the answer
+    assert provider.calls["aigw!secret-abc"] == 1
+    clock.advance(2)
+    resp = await client.get("/secrets/aigw!secret-abc?refresh=true&format=raw", headers=H)
     assert await resp.text() == "rotated-" + PLANTED
-    resp = await client.get("/secretsmanager/get?secretId=aigw!secret-abc&refreshNow=true", headers=H)
-    err = await error_of(resp, 429, "RefreshRateLimited")
-    assert "refresh_min_interval" in err["hint"]
-    assert int(resp.headers["Retry-After"]) >= 1
+    assert provider.calls["aigw!secret-abc"] == 2
+    for stage in (
+        "",
+        "&versionStage=AWSCURRENT",
+        "&versionStage=acscurrent",
+        "&versionStage=ACSCurrent",
+    ):
+        resp = await client.get(
+            f"/secretsmanager/get?secretId=aigw!secret-abc&refreshNow=true{stage}", headers=H
+        )
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json(content_type=None))["SecretString"] == "rotated-" + PLANTED
+    assert provider.calls["aigw!secret-abc"] == 2
+    clock.advance(1.5)
+    await client.get("/secrets/aigw!secret-abc?refresh=true&version_stage=AWSCURRENT", headers=H)
+    assert provider.calls["aigw!secret-abc"] == 3
+
+
+async def test_forced_refresh_while_upstream_is_down_keeps_the_cache(client, provider, clock):
+    """A forced refresh during an outage answers the upstream's error; the cached value is
+    still served to plain reads."""
+    await client.get("/secrets/aigw!secret-abc", headers=H)
+    provider.failures["aigw!secret-abc"] = Unavailable("upstream down")
+    clock.advance(2)
+    resp = await client.get("/secrets/aigw!secret-abc?refresh=true", headers=H)
+    await error_of(resp, 503, "UpstreamUnavailable")
+    resp = await client.get("/secrets/aigw!secret-abc?format=raw", headers=H)
+    assert await resp.text() == PLANTED + "-aigw"
+    assert "Age" not in resp.headers
 
 
 async def test_list_by_prefix(client):
@@ -208,12 +244,11 @@ async def test_health_routes_need_no_token(client, state):
     assert (await client.get("/healthz")).status == 200
     assert await (await client.get("/ping")).text() == "healthy"
     assert (await client.get("/readyz")).status == 200
-    state.ready = False
-    state.not_ready_reason = "source local: StoreCorrupt"
+    state.enter(Phase.WAITING, "source local: StoreCorrupt")
     resp = await client.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["reason"] == "source local: StoreCorrupt"
-    state.ready, state.draining = True, True
+    state.enter(Phase.DRAINING)
     assert (await (await client.get("/readyz")).json())["reason"] == "draining"
 
 
@@ -246,7 +281,14 @@ BAD_REQUESTS = [
     ("GET", "/secretsmanager/get?secretId=", H, 400, "BadRequest"),
     ("GET", "/secretsmanager/get?secretId=db&refreshNow=maybe", H, 400, "BadRequest"),
     ("GET", "/secretsmanager/get?SecretId=db", H, 400, "BadRequest"),
-    ("GET", "/secrets?prefix=bad%20prefix", H, 400, "BadRequest"),
+    ("GET", "/secrets?prefix=bad%01prefix", H, 400, "BadRequest"),
+    ("GET", "/secrets/a/../b", H, 400, "BadRequest"),
+    ("GET", "/secrets/a/./b", H, 400, "BadRequest"),
+    ("GET", "/secrets/a//b", H, 400, "BadRequest"),
+    ("GET", "/secrets/a%2F%2Fb", H, 400, "BadRequest"),
+    ("GET", "/secrets/a%00b", H, 400, "BadRequest"),
+    ("GET", "/secrets/a%zzb", H, 400, "BadRequest"),
+    ("GET", "/secrets/a%ffb", H, 400, "BadRequest"),
     ("GET", "/secrets/unknown-name", H, 404, "SecretNotFound"),
     ("GET", "/secrets/db/json?field=nope", H, 404, "FieldNotFound"),
     ("GET", "/secrets/aigw!secret-abc?field=x", H, 400, "SecretNotJson"),
@@ -259,6 +301,13 @@ async def test_bad_input_gets_its_4xx_json_error(client, method, path, headers, 
     resp = await client.request(method, path, headers=headers)
     if method == "HEAD":
         assert resp.status == status
+        return
+    if path.startswith(("/secretsmanager/", "/v1/")):
+        # The AWS agent's routes answer as it does: its own refusals in plain text, and no
+        # Content-Type on anything.
+        assert resp.status == status, await resp.text()
+        assert "Content-Type" not in resp.headers
+        assert await resp.text()
         return
     await error_of(resp, status, code)
 
@@ -287,7 +336,9 @@ async def test_access_log_line_per_miss_and_hits_counted(client, state, log_capt
     await client.get("/secrets/aigw!secret-abc?format=raw", headers=H)
     lines = [json.loads(x) for x in log_capture.getvalue()[before:].splitlines()]
     access = [x for x in lines if x["event"] == "request"]
-    assert [(x["route"], x["status"], x["cache"]) for x in access] == [("/secrets/{name}", 200, "miss")]
+    assert [(x["route"], x["status"], x["cache"]) for x in access] == [
+        ("/secrets/{name}", 200, "miss")
+    ]
     assert isinstance(access[0]["duration_ms"], float)
     assert state.hit_counts == {"/secrets/{name}": 2}
 
@@ -310,12 +361,18 @@ _path_chars = st.text(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    route=st.sampled_from(["/secrets/", "/v1/", "/secretsmanager/get?secretId=", "/secrets?prefix=", "/"]),
+    route=st.sampled_from(
+        ["/secrets/", "/v1/", "/secretsmanager/get?secretId=", "/secrets?prefix=", "/"]
+    ),
     tail=_path_chars,
     query=st.dictionaries(
-        st.sampled_from(["format", "field", "refresh", "version_id", "version_stage", "versionId", "x"]),
+        st.sampled_from(
+            ["format", "field", "refresh", "version_id", "version_stage", "versionId", "x"]
+        ),
         _path_chars,
         max_size=3,
     ),
@@ -329,7 +386,15 @@ async def test_fuzz_never_answers_500(client, route, tail, query):
         path += sep + "&".join(f"{quote(k)}={quote(v)}" for k, v in query.items())
     resp = await client.get(path, headers=H)
     assert resp.status < 500, (path, await resp.text())
-    if resp.status >= 400:
+    if resp.status >= 400 and path.startswith(("/secretsmanager/", "/v1/")):
+        # The AWS agent's dialect: its own refusals in plain text, the store's as __type.
+        text = await resp.text()
+        assert "Content-Type" not in resp.headers
+        if text.startswith("{"):
+            assert "__type" in json.loads(text)
+        else:
+            assert text
+    elif resp.status >= 400:
         assert "error" in await resp.json()
 
 

@@ -43,8 +43,14 @@ async def test_values_versions_fields_and_binary(tmp_path):
     async with running_agent(tmp_path) as agent:
         with client(agent) as c:
             assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
-            assert await asyncio.to_thread(c.get_text, "db-password", version_stage="ACSPrevious") == PLANTED + "-old"
-            assert await asyncio.to_thread(c.get_text, "db-password", version_id=first) == PLANTED + "-old"
+            assert (
+                await asyncio.to_thread(c.get_text, "db-password", version_stage="ACSPrevious")
+                == PLANTED + "-old"
+            )
+            assert (
+                await asyncio.to_thread(c.get_text, "db-password", version_id=first)
+                == PLANTED + "-old"
+            )
             assert await asyncio.to_thread(c.get_text, "db/json", field="password") == PLANTED
             assert (await asyncio.to_thread(c.get_json, "db/json"))["user"] == "app"
             assert await asyncio.to_thread(c.get, "tls/key") == b"\x00\xff" + PLANTED.encode()
@@ -57,7 +63,11 @@ async def test_errors_carry_the_agents_code_and_hint_and_never_a_secret(tmp_path
         with client(agent) as c:
             with pytest.raises(ClientError) as missing:
                 await asyncio.to_thread(c.get, "no-such-secret")
-            assert (missing.value.status, missing.value.code, missing.value.not_found) == (404, "SecretNotFound", True)
+            assert (missing.value.status, missing.value.code, missing.value.not_found) == (
+                404,
+                "SecretNotFound",
+                True,
+            )
             assert missing.value.hint
             with pytest.raises(ClientError) as bad:
                 await asyncio.to_thread(c.get, "db-password", field="nope")
@@ -74,20 +84,21 @@ async def test_errors_carry_the_agents_code_and_hint_and_never_a_secret(tmp_path
 async def test_one_connection_for_many_reads_and_a_reconnect_when_the_agent_closed_it(tmp_path):
     store(tmp_path).put("db-password", PLANTED.encode())
     async with running_agent(tmp_path) as agent:
-        server = agent._runner.server
+        connections = agent.listeners.connections
+        state = agent.state
         with client(agent) as c:
             for _ in range(5):
                 assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
-            assert server.open_connections() == 1
+            assert len(connections) == 1
             first = c._sock
-            served = server.served
-            for conn in list(server.fast):  # as the agent's keep-alive timeout would
-                conn.close()
+            served = state.request_counter
+            for conn in list(connections.open):  # as the agent's keep-alive timeout would
+                conn.shut()
             assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
-            assert c._sock is not first and server.served == served + 1
+            assert c._sock is not first and state.request_counter == served + 1
             for _ in range(3):
                 assert await asyncio.to_thread(c.get_text, "db-password") == PLANTED
-            assert c._sock is not None and server.served == served + 4
+            assert c._sock is not None and state.request_counter == served + 4
 
 
 async def test_a_rotated_token_file_is_read_again_after_a_403(tmp_path):

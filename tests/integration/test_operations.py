@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from unittest.mock import ANY
 
 import aiohttp
 import pytest
@@ -23,7 +24,7 @@ from kms_agent.agent import Agent
 from kms_agent.config import SourceConfig, load
 from kms_agent.errors import Unavailable
 from kms_agent.providers.local import Provider as LocalProvider
-from tests.conftest import PLANTED, TOKEN, ScriptedProvider, running_agent
+from tests.conftest import PLANTED, TOKEN, ScriptedProvider, read_response, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -70,10 +71,16 @@ async def test_counters_move_exactly_as_the_requests_made(tmp_path, provider):
                 assert (await s.get(url(agent, "/secrets/db"), headers=H)).status == 200
             assert (await s.get(url(agent, "/secrets/nope"), headers=H)).status == 404
             assert (await s.get(url(agent, "/secrets/db"))).status == 401
-            assert (await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": "x" * 20})).status == 403
-            assert (await s.get(url(agent, "/secrets/db"), headers={**H, "Forwarded": "for=1.2.3.4"})).status == 400
+            assert (
+                await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": "x" * 20})
+            ).status == 403
+            assert (
+                await s.get(url(agent, "/secrets/db"), headers={**H, "Forwarded": "for=1.2.3.4"})
+            ).status == 400
             provider.failures["db"] = Unavailable("down")
-            agent.state.cache.peek(("scripted", "db", None, None)).expires_at = agent.state.cache.now()
+            agent.state.cache.peek(
+                ("scripted", "db", None, None)
+            ).expires_at = agent.state.cache.now()
             stale = await s.get(url(agent, "/secrets/db"), headers=H)
             assert stale.status == 200
             assert "Age" in stale.headers
@@ -93,8 +100,13 @@ async def test_counters_move_exactly_as_the_requests_made(tmp_path, provider):
     assert m[("kms_agent_auth_failures_total", (("reason", "forwarded"),))] == 1
     up = "kms_agent_upstream_requests_total"
     assert m[(up, (("operation", "get"), ("outcome", "success"), ("source", "scripted")))] == 1
-    assert m[(up, (("operation", "get"), ("outcome", "SecretNotFound"), ("source", "scripted")))] == 1
-    assert m[(up, (("operation", "get"), ("outcome", "UpstreamUnavailable"), ("source", "scripted")))] == 1
+    assert (
+        m[(up, (("operation", "get"), ("outcome", "SecretNotFound"), ("source", "scripted")))] == 1
+    )
+    assert (
+        m[(up, (("operation", "get"), ("outcome", "UpstreamUnavailable"), ("source", "scripted")))]
+        == 1
+    )
     assert m[("kms_agent_cache_entries", ())] == 1
     assert m[("kms_agent_cache_bytes", ())] > len(PLANTED)
     assert m[("kms_agent_ready", ())] == 1
@@ -110,7 +122,9 @@ async def test_promtool_accepts_a_live_scrape(tmp_path, provider):
         await s.get(url(agent, "/secrets/db"), headers=H)
         async with s.get(f"http://{agent.metrics_addresses[0]}/metrics") as resp:
             text = await resp.read()
-    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, check=False)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, check=False
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == ""
     assert result.stderr.decode().strip() == ""
@@ -172,7 +186,9 @@ async def test_token_rotation_under_continuous_requests(tmp_path, provider):
             nonlocal count
             async with aiohttp.ClientSession() as s:
                 while not done.is_set():
-                    async with s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": current}) as r:
+                    async with s.get(
+                        url(agent, "/secrets/db"), headers={"X-KMS-Token": current}
+                    ) as r:
                         count += 1
                         if r.status != 200:
                             failures.append(r.status)
@@ -191,8 +207,12 @@ async def test_token_rotation_under_continuous_requests(tmp_path, provider):
         assert failures == []
         assert count > 10
         async with aiohttp.ClientSession() as s:
-            assert (await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": old})).status == 403
-            assert (await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": new})).status == 200
+            assert (
+                await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": old})
+            ).status == 403
+            assert (
+                await s.get(url(agent, "/secrets/db"), headers={"X-KMS-Token": new})
+            ).status == 200
 
 
 async def test_invalid_reload_keeps_serving_and_is_counted(tmp_path, provider):
@@ -225,23 +245,60 @@ async def test_reload_reports_restart_required(tmp_path, provider, log_capture):
 
 
 async def test_connections_over_the_limit_get_503(tmp_path, provider):
-    """server.max_connections: the next connection is answered 503 and closed."""
+    """server.max_connections: with every connection authenticated, the next one is
+    answered 503 and closed at once (never held open)."""
     provider.values["db"] = PLANTED
     async with running(tmp_path, provider, "[server]\nmax_connections = 2\n") as agent:
         host, port = tuple_address(agent.addresses[0])
         held = [await asyncio.open_connection(host, port) for _ in range(2)]
-        for _, writer in held:  # make sure both are registered as connections
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _, writer in held:
+            writer.write(
+                f"GET /secrets/db HTTP/1.1\r\nHost: x\r\nX-KMS-Token: {TOKEN}\r\n\r\n".encode()
+            )
         for reader, _ in held:
             assert (await reader.readline()).startswith(b"HTTP/1.1 200")
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # unread, yet no RST
-        await writer.drain()
-        answer = await reader.read()
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:  # the 503 and the close may race the client's bytes
+            answer = b"HTTP/1.1 503 (reset)"
         assert answer.startswith(b"HTTP/1.1 503")
-        assert b"TooManyConnections" in answer
+        assert answer.endswith(b"(reset)") or b"TooManyConnections" in answer
+        assert len(agent.listeners.connections) == 2
         writer.close()
         for _, w in held:
+            w.close()
+        value = agent.state.metrics.connections_closed.labels("limit")._value.get()
+        assert value == 1
+
+
+async def test_at_the_limit_an_unauthenticated_connection_makes_room(tmp_path, provider):
+    """Connections that never authenticated are the first to go when the agent is at its
+    limit: a caller with a token gets in even while others hold every slot idle."""
+    provider.values["db"] = PLANTED
+    async with running(tmp_path, provider, "[server]\nmax_connections = 3\n") as agent:
+        host, port = tuple_address(agent.addresses[0])
+        good_r, good_w = await asyncio.open_connection(host, port)
+        good_w.write(
+            f"GET /secrets/db HTTP/1.1\r\nHost: x\r\nX-KMS-Token: {TOKEN}\r\n\r\n".encode()
+        )
+        assert (await read_response(good_r))[0] == 200
+        idle = [await asyncio.open_connection(host, port) for _ in range(2)]
+        for _, w in idle:
+            w.write(b"GET /secrets/db HTTP/1.1\r\nHo")  # a head begun, never finished
+            await w.drain()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"GET /secrets/db?format=raw HTTP/1.1\r\nHost: x\r\nX-KMS-Token: {TOKEN}\r\n\r\n".encode()
+        )
+        assert await read_response(reader) == (200, ANY, PLANTED.encode())
+        # the oldest unauthenticated connection was closed to make room
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        assert agent.state.metrics.connections_closed.labels("evicted")._value.get() == 1
+        # the authenticated one is untouched
+        good_w.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(good_r))[2] == b"healthy"
+        for w in (good_w, writer, idle[0][1], idle[1][1]):
             w.close()
 
 

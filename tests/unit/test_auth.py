@@ -21,13 +21,19 @@ HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 
 
 def test_env_token_plain_and_file_form(tmp_path):
-    """$KMS_TOKEN is read as a token or, with file://, as a token file."""
+    """$KMS_TOKEN is read as a token or, with file://, as a token file; the first variable
+    that is set holds the token (KMS_TOKEN before AWS_TOKEN before AWS_SESSION_TOKEN), as
+    the AWS and Alibaba agents read theirs."""
     path = tmp_path / "tok"
     other = new_token()
     path.write_text(f"# rotated 2026-11-24\n{other}\n")
     tokens = load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN, "AWS_TOKEN": f"file://{path}"})
-    assert set(tokens.tokens) == {TOKEN.encode(), other.encode()}
+    assert tokens.tokens == (TOKEN.encode(),)
+    tokens = load_tokens(AuthConfig(), {"AWS_SESSION_TOKEN": TOKEN, "AWS_TOKEN": f"file://{path}"})
+    assert tokens.tokens == (other.encode(),)
     assert tokens.files == (path,)
+    tokens = load_tokens(AuthConfig(), {"AWS_CONTAINER_AUTHORIZATION_TOKEN": "test-token-123"})
+    assert tokens.tokens == (b"test-token-123",)  # the AWS agent's own test token: 14 characters
 
 
 def test_token_file_with_several_tokens_for_rotation(tmp_path):
@@ -98,8 +104,14 @@ def test_reprs_redact_tokens():
 
 @pytest.mark.parametrize(
     ("mode", "allowed", "warned"),
-    [(0o640, 0o640, False), (0o600, 0o640, False), (0o644, 0o640, True), (0o660, 0o640, True),
-     (0o640, 0o600, True), (0o600, 0o600, False)],
+    [
+        (0o640, 0o640, False),
+        (0o600, 0o640, False),
+        (0o644, 0o640, True),
+        (0o660, 0o640, True),
+        (0o640, 0o600, True),
+        (0o600, 0o600, False),
+    ],
 )
 def test_exposed_file_warning(tmp_path, log_capture, mode, allowed, warned):
     """A file granting group/others more than allowed is warned about, naming path and mode."""

@@ -13,7 +13,6 @@ from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AccessDenied,
     PendingDeletion,
-    RefreshRateLimited,
     SecretNotFound,
     Unavailable,
 )
@@ -73,7 +72,9 @@ async def test_jitter_spreads_expiry_within_ten_percent(provider, clock):
     """TTL jitter stays within +/-10 % at the extremes of the random source."""
     provider.values["db"] = "v"
     for rnd, expected in ((0.0, 270.0), (1.0, 330.0)):
-        cache = Cache(provider.fetch, CacheConfig(ttl=300, jitter=0.1), clock=clock, rng=lambda r=rnd: r)
+        cache = Cache(
+            provider.fetch, CacheConfig(ttl=300, jitter=0.1), clock=clock, rng=lambda r=rnd: r
+        )
         entry, _ = await cache.get(key("db"))
         assert entry.expires_at - entry.fetched_at == pytest.approx(expected)
 
@@ -235,20 +236,74 @@ async def test_maintenance_refreshes_entries_read_during_their_life(provider, cl
     assert provider.calls == {"read": 2, "unread": 1}
 
 
-async def test_forced_refresh_is_rate_limited_per_key(provider, clock):
-    """refresh=true goes upstream, but not twice within refresh_min_interval."""
+async def test_forced_refresh_coalesces_within_the_interval(provider, clock):
+    """A forced refresh within refresh_min_interval of the key's last upstream read is
+    answered with that read (never an error); concurrent ones share one fetch; one after
+    the interval goes upstream."""
     provider.values.update({"a": "1", "b": "1"})
     cache = make_cache(provider, clock, refresh_min_interval=2)
     await cache.get(key("a"))
     _, outcome = await cache.get(key("a"), force_refresh=True)
-    assert outcome is Outcome.REFRESH_FORCED
-    with pytest.raises(RefreshRateLimited) as info:
-        await cache.get(key("a"), force_refresh=True)
-    assert 0 < info.value.retry_after <= 2
-    await cache.get(key("b"), force_refresh=True)  # another key is not limited
+    assert outcome is Outcome.REFRESH_COALESCED
+    assert provider.calls == {"a": 1}
     clock.advance(2)
-    await cache.get(key("a"), force_refresh=True)
-    assert provider.calls == {"a": 3, "b": 1}
+    provider.gate = asyncio.Event()
+    many = [asyncio.create_task(cache.get(key("a"), force_refresh=True)) for _ in range(5)]
+    await provider.wait_calls(2)
+    provider.gate.set()
+    outcomes = {o for _, o in await asyncio.gather(*many)}
+    assert outcomes == {Outcome.REFRESH_FORCED}
+    assert provider.calls == {"a": 2}
+    await cache.get(key("b"), force_refresh=True)  # another key has its own interval
+    assert provider.calls == {"a": 2, "b": 1}
+
+
+async def test_forced_refresh_failure_leaves_the_entry_as_it_was(provider, clock):
+    """A forced refresh that fails transiently raises; the entry keeps serving hits with
+    no back-off recorded, and a failed read is itself the answer within the interval."""
+    provider.values["a"] = "1"
+    cache = make_cache(provider, clock, refresh_min_interval=2)
+    await cache.get(key("a"))
+    clock.advance(3)
+    provider.failures["a"] = Unavailable("down")
+    with pytest.raises(Unavailable):
+        await cache.get(key("a"), force_refresh=True)
+    entry = cache.fresh(key("a"))
+    assert entry is not None and entry.failures == 0 and entry.retry_at == 0
+    with pytest.raises(Unavailable):
+        await cache.get(key("a"), force_refresh=True)
+    assert provider.calls == {"a": 2}
+
+
+async def test_a_cached_not_found_does_not_grow_with_each_hit(provider, clock):
+    """Each answer from the negative cache is its own exception: the cached one's traceback
+    never grows (a flood for one missing name stays bounded)."""
+    cache = make_cache(provider, clock, negative_ttl=5)
+    raised = []
+    for _ in range(50):
+        with pytest.raises(SecretNotFound) as info:
+            await cache.get(key("missing"))
+        raised.append(info.value)
+    assert provider.calls == {"missing": 1}
+    assert len({id(e) for e in raised}) == 50
+    depth = [len(list(__import__("traceback").walk_tb(e.__traceback__))) for e in raised]
+    assert max(depth) == min(depth)
+
+
+async def test_refresh_ahead_respects_the_retry_backoff(provider, clock):
+    """An entry in its refresh window whose refresh just failed is not refreshed again on
+    every hit: the back-off spaces the attempts."""
+    provider.values["a"] = "1"
+    cache = make_cache(provider, clock, ttl=100, refresh_window=0.5)
+    await cache.get(key("a"))
+    clock.advance(60)
+    provider.failures["a"] = Unavailable("down")
+    assert cache.fresh(key("a")) is not None  # starts the refresh, which fails
+    await asyncio.gather(*cache._inflight.values())
+    for _ in range(20):
+        assert cache.fresh(key("a")) is not None
+        await asyncio.sleep(0)
+    assert provider.calls == {"a": 2}
 
 
 async def test_entry_bound_evicts_least_recently_used(provider, clock):
@@ -323,7 +378,9 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=_ops, max_entries=st.integers(min_value=1, max_value=4))
 async def test_property_never_serves_another_keys_value_and_respects_bounds(ops, max_entries):
     """Whatever the sequence of reads, rotations and time, a key never gets another key's

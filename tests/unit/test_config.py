@@ -19,7 +19,8 @@ INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid-configs").glob("*.toml"
 def test_defaults_need_no_file(tmp_path):
     """With no file and no env, the agent serves the local store on loopback."""
     cfg = load(environ={"XDG_DATA_HOME": str(tmp_path)})
-    assert cfg.server.listen == "127.0.0.1:2025"
+    assert cfg.server.listen == ("127.0.0.1:2025",)
+    assert [(d, str(a)) for d, a in cfg.server.listeners] == [("native", "127.0.0.1:2025")]
     assert cfg.cache.ttl == DEFAULT_TTL
     assert [(s.name, s.provider, s.match) for s in cfg.sources] == [("local", "local", ("*",))]
     assert cfg.data_dir == str(tmp_path / "kms-agent")
@@ -40,8 +41,31 @@ def test_precedence_file_then_env_then_flags(tmp_path):
     cfg = load(path, environ=env, overrides={"server": {"listen": "127.0.0.1:3"}})
     assert cfg.cache.ttl == 120
     assert cfg.cache.max_entries == 20
-    assert cfg.server.listen == "127.0.0.1:3"
+    assert cfg.server.listen == ("127.0.0.1:3",)
     assert cfg.path == str(path)
+
+
+def test_listeners_each_speak_a_dialect(tmp_path):
+    """server.listen takes one address or a list, each ``[DIALECT@]ADDRESS``; an unknown
+    dialect is named with the ones allowed."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nlisten = ["127.0.0.1:2025", "aws@127.0.0.1:2773", '
+        '"vault@127.0.0.1:8200", "kms@unix:/run/kms.sock"]\n'
+    )
+    cfg = load(path, environ={})
+    assert [(d, str(a)) for d, a in cfg.server.listeners] == [
+        ("native", "127.0.0.1:2025"),
+        ("aws", "127.0.0.1:2773"),
+        ("vault", "127.0.0.1:8200"),
+        ("kms", "unix:/run/kms.sock"),
+    ]
+    env = {"KMS_AGENT_SERVER_LISTEN": "aws@127.0.0.1:1,127.0.0.1:2"}
+    assert [d for d, _ in load(environ=env).server.listeners] == ["aws", "native"]
+    with pytest.raises(ConfigError, match="names no dialect; use one of native, aws, kms, vault"):
+        load(environ={"KMS_AGENT_SERVER_LISTEN": "grpc@127.0.0.1:1"})
+    with pytest.raises(ConfigError, match=r"server.listen\[1\]: '10.0.0.1:1' is not a loopback"):
+        load(environ={"KMS_AGENT_SERVER_LISTEN": "127.0.0.1:1,10.0.0.1:1"})
 
 
 def test_config_path_from_env(tmp_path):
@@ -54,7 +78,10 @@ def test_config_path_from_env(tmp_path):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"KMS_AGENT_CACHE_TTL": "soon"}, r"cache.ttl \(from \$KMS_AGENT_CACHE_TTL\): 'soon' is not a duration"),
+        (
+            {"KMS_AGENT_CACHE_TTL": "soon"},
+            r"cache.ttl \(from \$KMS_AGENT_CACHE_TTL\): 'soon' is not a duration",
+        ),
         ({"KMS_AGENT_SERVER_ALLOW_NON_LOOPBACK": "maybe"}, "is not a boolean"),
         ({"KMS_AGENT_CACHE_MAX_ENTRIES": "1.5"}, "is not a whole number"),
         ({"KMS_AGENT_CACHE_TLL": "5"}, r"\$KMS_AGENT_CACHE_TLL: unknown setting"),
@@ -94,10 +121,12 @@ def test_invalid_config_files_fail_check_config_naming_the_key(path, capsys):
 
 def test_check_config_accepts_the_example_and_shows_it(capsys):
     """config.example.toml is valid; --show prints the effective values."""
-    code = cli.main(["--config", str(ROOT / "config.example.toml"), "check-config", "--show"], environ={})
+    code = cli.main(
+        ["--config", str(ROOT / "config.example.toml"), "check-config", "--show"], environ={}
+    )
     out = capsys.readouterr().out
     assert code == 0
-    assert '"listen": "127.0.0.1:2025"' in out
+    assert '"listen": [\n      "127.0.0.1:2025"\n    ]' in out
 
 
 def test_missing_config_file_is_named(capsys):
