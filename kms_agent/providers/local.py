@@ -72,8 +72,11 @@ class Provider:
         """Yield, per batch of file changes, a predicate matching the names they touched."""
         directory = self.store.secrets_dir
         async for batch in watchfiles.awatch(directory, recursive=False, debounce=50, step=10):
+            # The file's own name only: a dot anywhere above it (~/.local/share) is no temp file.
             stems = {
-                Path(path).stem for _, path in batch if path.endswith(".json") and "/." not in path
+                file.stem
+                for file in (Path(path) for _, path in batch)
+                if file.suffix == ".json" and not file.name.startswith(".")
             }
             if stems:
                 yield _NamesIn(frozenset(stems))
