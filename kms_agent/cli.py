@@ -26,14 +26,25 @@ EXIT_FAIL = 1  # not found, or the operation was refused
 EXIT_ERROR = 2  # bad usage or config, agent unreachable, or it refused the request
 
 
+def _global_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (``kms-agent check-config
+    --config F`` and ``kms-agent --config F check-config``). Defaults are suppressed, so a
+    subcommand that was not given one leaves the value given before it in place."""
+    g = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    g.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMS_AGENT_CONFIG)")
+    g.add_argument("--data-dir", metavar="DIR", help="the local store's directory")
+    g.add_argument("--runtime-dir", metavar="DIR", help="where the generated token file goes")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return g
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kms-agent", description="A local secrets sidecar.")
+    common = _global_options()
+    p = argparse.ArgumentParser(
+        prog="kms-agent", description="A local secrets sidecar.", parents=[common]
+    )
     p.add_argument("--version", action="version", version=f"kms-agent {__version__}")
-    p.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMS_AGENT_CONFIG)")
-    p.add_argument("--data-dir", metavar="DIR", help="the local store's directory")
-    p.add_argument("--runtime-dir", metavar="DIR", help="where the generated token file goes")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _Subparsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     run = sub.add_parser("run", help="serve secrets")
     run.add_argument("--listen", metavar="HOST:PORT", help="secrets listener (or unix:/PATH)")
@@ -67,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 
     store = sub.add_parser("store", help="manage the embedded local store")
     store.add_argument("--source", help="which local source (default: the first one)")
-    ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    ssub = _Subparsers(
+        store.add_subparsers(dest="store_command", required=True, metavar="ACTION"), common
+    )
     ssub.add_parser("init", help="create the store and its default key")
     put = ssub.add_parser("put", help="store a new version read from stdin")
     put.add_argument("name")
@@ -90,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("alias", nargs="?")
 
     token = sub.add_parser("token", help="caller tokens")
-    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tsub = _Subparsers(
+        token.add_subparsers(dest="token_command", required=True, metavar="ACTION"), common
+    )
     tnew = tsub.add_parser("new", help="print a new random token")
     tnew.add_argument(
         "--add-to", metavar="FILE", help="append it to this token file (mode 0640), for rotation"
@@ -98,17 +113,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Subparsers:
+    """``add_parser`` that gives every subcommand the global options too."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action = action
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[self._common], **kwargs
+        )
+        return parser
+
+
 def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     overrides: dict[str, Any] = {}
-    if args.data_dir:
+    if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
-    if args.runtime_dir:
+    if getattr(args, "runtime_dir", None):
         overrides["runtime_dir"] = args.runtime_dir
-    if args.log_level:
+    if getattr(args, "log_level", None):
         overrides["logging"] = {"level": args.log_level}
     if getattr(args, "listen", None):
         overrides["server"] = {"listen": args.listen}
-    return config_mod.load(args.config, environ=environ, overrides=overrides)
+    return config_mod.load(getattr(args, "config", None), environ=environ, overrides=overrides)
 
 
 def _err(message: str, hint: str | None = None) -> None:

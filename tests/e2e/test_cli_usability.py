@@ -1,0 +1,50 @@
+"""What a new user meets first at the command line: options, hints, output streams."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import PLANTED
+
+pytestmark = pytest.mark.e2e
+
+
+def _no_traceback(result: subprocess.CompletedProcess[bytes]) -> None:
+    assert b"Traceback" not in result.stdout + result.stderr, result.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{config}", "check-config"],
+        ["check-config", "--config", "{config}"],
+        ["check-config", "--config={config}", "--log-level", "debug"],
+    ],
+)
+def test_global_options_are_accepted_after_the_subcommand(agent, tmp_path, argv):
+    """--config (and the other global options) work before or after the subcommand."""
+    config = tmp_path / "kms.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:2999"\n')
+    result = agent.cli(*(a.format(config=config) for a in argv))
+    assert result.returncode == 0, result.stderr
+    assert b"listen 127.0.0.1:2999" in result.stdout
+
+
+def test_data_dir_after_a_nested_subcommand(agent, tmp_path):
+    """`store put NAME --data-dir DIR` writes where it says, like `--data-dir DIR store put`."""
+    elsewhere = tmp_path / "elsewhere"
+    put = agent.cli("store", "put", "db", "--data-dir", str(elsewhere), stdin=PLANTED.encode())
+    assert put.returncode == 0, put.stderr
+    got = agent.cli("--data-dir", str(elsewhere), "store", "get", "db")
+    assert got.stdout == PLANTED.encode()
+    listed = agent.cli("store", "--data-dir", str(elsewhere), "list")
+    assert listed.stdout.split() == [b"db"]
+    # the default data dir was not touched
+    assert agent.cli("store", "list").stdout == b""
+    # given twice, the one after the subcommand wins
+    twice = agent.cli(
+        "--data-dir", str(tmp_path / "x"), "store", "list", "--data-dir", str(elsewhere)
+    )
+    assert twice.stdout.split() == [b"db"]
