@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import tempfile
 import time
 import uuid
@@ -256,7 +257,7 @@ class LocalStore:
         if doc is None:
             raise SecretNotFound(
                 f"secret {name!r} does not exist in the local store",
-                hint=f"store it with: kms-agent store put {name} < value-file",
+                hint=f"store it with: kms-agent store put {shlex.quote(name)} < value-file",
             )
         version = self._select(doc, name, version_id, version_stage)
         return self._open(doc, version)
@@ -283,7 +284,7 @@ class LocalStore:
         )
         raise SecretNotFound(
             f"secret {name!r} has no version with {wanted}",
-            hint="list its versions with: kms-agent store describe " + name,
+            hint=f"list its versions with: kms-agent store describe {shlex.quote(name)}",
         )
 
     def _open(self, doc: dict[str, Any], version: dict[str, Any]) -> SecretRecord:

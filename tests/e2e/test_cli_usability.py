@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 
 import pytest
@@ -48,3 +49,19 @@ def test_data_dir_after_a_nested_subcommand(agent, tmp_path):
         "--data-dir", str(tmp_path / "x"), "store", "list", "--data-dir", str(elsewhere)
     )
     assert twice.stdout.split() == [b"db"]
+
+
+@pytest.mark.parametrize("name", ["nope!x", "team@a/b!c", "plain"])
+def test_hints_quote_names_for_a_shell(agent, name):
+    """A hint's command pastes into bash as is: `!` (history expansion), quotes and spaces in
+    the name are quoted, so the pasted command names the same secret."""
+    got = agent.cli("store", "get", name)
+    assert got.returncode == 1
+    hint = got.stderr.decode()
+    expected = f"kms-agent store put {shlex.quote(name)} < value-file"
+    assert expected in hint, hint
+    assert shlex.split(expected)[3] == name
+    agent.cli("store", "put", name, stdin=b"v")
+    described = agent.cli("store", "get", name, "--version-id", "no-such")
+    assert f"kms-agent store describe {shlex.quote(name)}" in described.stderr.decode()
+
