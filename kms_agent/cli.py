@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -87,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("--binary", action="store_true", help="store the bytes as they are")
     put.add_argument(
         "--keep-newline", action="store_true", help="keep a trailing newline (text values)"
+    )
+    put.add_argument(
+        "--allow-empty", action="store_true", help="store an empty value (refused otherwise)"
     )
     sget = ssub.add_parser("get", help="print a stored value")
     sget.add_argument("name")
@@ -323,6 +327,13 @@ def _cmd_store(cfg: Config, args: argparse.Namespace) -> int:
         value = sys.stdin.buffer.read()
         if not args.binary and not args.keep_newline:
             value = value.removesuffix(b"\n").removesuffix(b"\r")
+        if not value and not args.allow_empty:
+            _err(
+                f"refusing to store an empty value for {args.name!r}: stdin was empty",
+                f"pipe the value in (kms-agent store put {shlex.quote(args.name)} < value-file), "
+                "or pass --allow-empty to store an empty secret on purpose",
+            )
+            return EXIT_FAIL
         store.init()
         vid = store.put(args.name, value, data_type="binary" if args.binary else "text")
         print(f"stored {args.name} version {vid}", file=sys.stderr)

@@ -65,3 +65,17 @@ def test_hints_quote_names_for_a_shell(agent, name):
     described = agent.cli("store", "get", name, "--version-id", "no-such")
     assert f"kms-agent store describe {shlex.quote(name)}" in described.stderr.decode()
 
+
+@pytest.mark.parametrize("stdin", [b"", b"\n"])
+def test_put_with_empty_stdin_is_refused(agent, stdin):
+    """`store put NAME < /dev/null` stores nothing and says why (exit 1) unless
+    --allow-empty; an earlier value stays current."""
+    assert agent.cli("store", "put", "db", stdin=PLANTED.encode()).returncode == 0
+    refused = agent.cli("store", "put", "db", stdin=stdin)
+    assert refused.returncode == 1
+    assert b"empty" in refused.stderr and b"--allow-empty" in refused.stderr
+    assert agent.cli("store", "get", "db").stdout == PLANTED.encode()
+    allowed = agent.cli("store", "put", "db", "--allow-empty", stdin=stdin)
+    assert allowed.returncode == 0, allowed.stderr
+    got = agent.cli("store", "get", "db")
+    assert (got.returncode, got.stdout) == (0, b"")
