@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -142,6 +143,22 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     if getattr(args, "listen", None):
         overrides["server"] = {"listen": args.listen}
     return config_mod.load(getattr(args, "config", None), environ=environ, overrides=overrides)
+
+
+def _log_to_stderr(cfg: Config, args: argparse.Namespace) -> None:
+    """Commands other than ``run`` keep stdout for what they print (``doctor --json``,
+    ``store get``): their log lines go to stderr, warnings and up unless --log-level says
+    otherwise. A process that configured logging already (a test harness) keeps its own."""
+    import structlog  # noqa: PLC0415
+
+    from kms_agent import logging as agent_logging  # noqa: PLC0415
+
+    if structlog.is_configured():
+        return
+    quiet = dataclasses.replace(cfg.logging, level="warning")
+    # --log-level was applied to cfg by _load; without it the config's own level is for the agent
+    chosen = cfg.logging if getattr(args, "log_level", None) else quiet
+    agent_logging.configure(chosen, stream=sys.stderr)
 
 
 def _err(message: str, hint: str | None = None) -> None:
@@ -416,6 +433,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         cfg = _load(args, env)
         if args.command == "run":
             return _cmd_run(cfg, args, env)
+        if args.command in ("check-config", "doctor", "store"):
+            _log_to_stderr(cfg, args)
         if args.command == "check-config":
             return _cmd_check_config(cfg, args)
         if args.command == "get":

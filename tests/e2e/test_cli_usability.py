@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 
@@ -79,3 +80,17 @@ def test_put_with_empty_stdin_is_refused(agent, stdin):
     assert allowed.returncode == 0, allowed.stderr
     got = agent.cli("store", "get", "db")
     assert (got.returncode, got.stdout) == (0, b"")
+
+
+def test_doctor_stdout_is_the_report_alone(agent):
+    """`doctor --json` prints JSON that parses as it is; logs of the command go to stderr."""
+    agent.cli("store", "put", "db", stdin=PLANTED.encode())
+    result = agent.cli("doctor", "--json", "db")
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["failed_step"] is None
+    text = agent.cli("doctor", "db", "--log-level", "debug")
+    assert text.stdout.decode().splitlines()[0] == "kms-agent doctor db"
+    assert b"local_store_opened" in text.stderr  # the log line went to stderr
