@@ -8,6 +8,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -207,13 +208,37 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _as_dict(obj: Any) -> Any:
+#: One rule for what ``--show`` never prints: the value of a key that names a credential
+#: (a secret, token, password, passphrase, private key, JWT, Huawei's ``sk``)...
+_CREDENTIAL_KEY = re.compile(
+    r"secret|token|passw(or)?d|passphrase|private|credential|jwt|api_?key|(^|_)sk$", re.IGNORECASE
+)
+#: ...unless the key names where one is kept or a switch (a file, a variable, a URL, a flag).
+_LOCATION_KEY = re.compile(
+    r"(_file|_files|_env|_path|_dir|_endpoint|_uri|_url|_header|_headers)$|^generate_",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
+
+
+def _is_credential(key: object) -> bool:
+    return (
+        isinstance(key, str)
+        and _CREDENTIAL_KEY.search(key) is not None
+        and _LOCATION_KEY.search(key) is None
+    )
+
+
+def _as_dict(obj: Any, key: object = None) -> Any:
+    """The config as JSON-able data, every credential-like value redacted."""
     if hasattr(obj, "__dataclass_fields__"):
-        return {k: _as_dict(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, tuple | list):
-        return [_as_dict(v) for v in obj]
+        return {k: _as_dict(getattr(obj, k), k) for k in obj.__dataclass_fields__}
     if isinstance(obj, Mapping):
-        return {k: _as_dict(v) for k, v in obj.items()}
+        return {k: _as_dict(v, k) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [_as_dict(v, key) for v in obj]
+    if _is_credential(key) and not isinstance(obj, bool) and obj not in (None, ""):
+        return REDACTED
     return obj
 
 

@@ -94,3 +94,68 @@ def test_doctor_stdout_is_the_report_alone(agent):
     text = agent.cli("doctor", "db", "--log-level", "debug")
     assert text.stdout.decode().splitlines()[0] == "kms-agent doctor db"
     assert b"local_store_opened" in text.stderr  # the log line went to stderr
+
+
+def test_check_config_show_redacts_every_credential(agent, tmp_path):
+    """`check-config --show` prints no credential: planted values under every credential-like
+    key (secret, token, password, private key, sk) are redacted; names, paths and ids stay."""
+    config = tmp_path / "kms.toml"
+    config.write_text(
+        f"""
+[[sources]]
+name = "alibaba"
+provider = "alibaba"
+match = ["aigw!*"]
+region = "cn-hangzhou"
+[sources.credentials]
+type = "access_key"
+access_key_id = "LTAI-visible-id"
+access_key_secret = "{PLANTED}-aks"
+security_token = "{PLANTED}-sts"
+
+[[sources]]
+name = "huawei"
+provider = "huawei"
+match = ["db-*"]
+region = "cn-north-4"
+project_id = "p-visible"
+[sources.credentials]
+type = "aksk"
+ak = "AK-visible"
+sk = "{PLANTED}-sk"
+
+[[sources]]
+name = "vault"
+provider = "vault"
+match = ["vault/*"]
+address = "http://127.0.0.1:8200"
+auth = "token"
+token = "{PLANTED}-vault-token"
+
+[[sources]]
+name = "approle"
+provider = "vault"
+match = ["ar/*"]
+address = "http://127.0.0.1:8200"
+auth = "approle"
+role_id = "role-visible"
+secret_id = "{PLANTED}-secret-id"
+
+[[sources]]
+name = "local"
+provider = "local"
+"""
+    )
+    result = agent.cli("check-config", "--show", "--config", str(config))
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert PLANTED not in out
+    shown = json.loads(out)
+    creds = {s["name"]: s["options"] for s in shown["sources"]}
+    assert creds["alibaba"]["credentials"]["access_key_secret"] == "[redacted]"
+    assert creds["alibaba"]["credentials"]["access_key_id"] == "LTAI-visible-id"
+    assert creds["huawei"]["credentials"]["sk"] == "[redacted]"
+    assert creds["vault"]["token"] == "[redacted]"
+    assert creds["approle"]["role_id"] == "role-visible"
+    assert shown["auth"]["token_env"]  # variable names are not credentials
