@@ -12,6 +12,7 @@ import re
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
 EXIT_OK = 0
 EXIT_FAIL = 1  # not found, or the operation was refused
 EXIT_ERROR = 2  # bad usage or config, agent unreachable, or it refused the request
+#: How often ``health --wait`` asks /readyz again.
+HEALTH_POLL_INTERVAL = 0.1
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -77,7 +80,15 @@ def _parser() -> argparse.ArgumentParser:
         "health", help="exit 0 if the running agent reports ready (for probes and HEALTHCHECK)"
     )
     health.add_argument("--agent", metavar="HOST:PORT", help="default: metrics.listen")
-    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    health.add_argument(
+        "--timeout", type=float, default=3.0, metavar="SECONDS", help="one probe's deadline"
+    )
+    health.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="poll until ready for up to this long (exit 2 if it is not ready by then)",
+    )
 
     store = sub.add_parser("store", help="manage the embedded local store")
     store.add_argument("--source", help="which local source (default: the first one)")
@@ -315,27 +326,51 @@ def _cmd_doctor(cfg: Config, args: argparse.Namespace, environ: Mapping[str, str
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def _probe(target: ListenAddress, timeout: float) -> tuple[bool | None, str]:
+    """One GET /readyz: (True, "") when ready, (False, why) when it answered not ready,
+    (None, why) when nothing answered."""
+    conn = _connect(target, timeout)
+    try:
+        conn.request("GET", "/readyz")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"the agent at {target} is unreachable ({type(exc).__name__})"
+    finally:
+        conn.close()
+    if resp.status == 200:
+        return True, ""
+    try:
+        reason = str(json.loads(body).get("reason") or f"HTTP {resp.status}")
+    except (ValueError, AttributeError):
+        reason = body.decode(errors="replace")
+    return False, " ".join(reason.split())[:200]
+
+
 def _cmd_health(cfg: Config, args: argparse.Namespace) -> int:
     if args.agent:
         target = config_mod.parse_listen(args.agent, "--agent")
     else:
         metrics = cfg.metrics.address
         target = metrics if metrics is not None else cfg.server.address
-    conn = _connect(target, args.timeout)
-    try:
-        conn.request("GET", "/readyz")
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        _err(f"the agent at {target} is unreachable ({type(exc).__name__})")
-        return EXIT_ERROR
-    finally:
-        conn.close()
-    if resp.status == 200:
-        print("ready")
-        return EXIT_OK
-    _err(f"not ready: {body.decode(errors='replace')[:200]}")
-    return EXIT_FAIL
+    deadline = time.monotonic() + (args.wait or 0.0)
+    while True:
+        remaining = deadline - time.monotonic()
+        probe_timeout = (
+            args.timeout if args.wait is None else max(0.05, min(args.timeout, remaining))
+        )
+        ready, reason = _probe(target, probe_timeout)
+        if ready:
+            print("ready")
+            return EXIT_OK
+        if args.wait is None:
+            _err(reason if ready is None else f"not ready: {reason}")
+            return EXIT_ERROR if ready is None else EXIT_FAIL
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _err(f"not ready after {args.wait:g} s: {reason}")
+            return EXIT_ERROR
+        time.sleep(min(HEALTH_POLL_INTERVAL, remaining))  # nothing to await: poll
 
 
 # --------------------------------------------------------------------------- store

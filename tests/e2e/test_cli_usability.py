@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -159,3 +161,40 @@ provider = "local"
     assert creds["vault"]["token"] == "[redacted]"
     assert creds["approle"]["role_id"] == "role-visible"
     assert shown["auth"]["token_env"]  # variable names are not credentials
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_health_wait_returns_once_the_agent_is_ready(agent):
+    """`health --wait S`, started before the agent, exits 0 as soon as /readyz says ready:
+    what a script runs between starting the agent and its first curl."""
+    agent.env["KMS_AGENT_METRICS_LISTEN"] = f"127.0.0.1:{_free_port()}"
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "kms_agent", "health", "--wait", "30"],
+        env=agent.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        agent.start()
+        out, err = waiter.communicate(timeout=40)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 0, err
+    assert out.strip() == b"ready"
+
+
+def test_health_wait_gives_up_with_one_line(agent):
+    """With nothing ready before the deadline, `health --wait` exits 2 with a one-line reason."""
+    result = agent.cli("health", "--wait", "0.5", "--agent", f"127.0.0.1:{_free_port()}")
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kms-agent: not ready after 0.5 s:"), lines
+    assert "unreachable" in lines[0]
