@@ -195,3 +195,12 @@ class ConfigError(AgentError):
     """Invalid configuration: names the key, the bad value and what is allowed."""
 
     code = "ConfigError"
+
+
+class StoreIOError(AgentError):
+    """A file or directory of the embedded store could not be read or written (disk full,
+    read-only filesystem, not permitted, not a regular file). The message names it and the
+    cause; the hint says what to do. What was stored before is unchanged."""
+
+    status = 500
+    code = "StoreIOError"

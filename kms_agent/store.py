@@ -10,7 +10,12 @@ Every version is sealed with AES-256-GCM under a fresh 256-bit data key; the dat
 sealed under the default key. Both seals bind the secret's name, the version id and the
 data type as associated data, so a ciphertext copied to another name or version, or a file
 renamed to another secret's hash, fails to open. Writes go to a temp file that is fsynced
-and renamed over the old one, so a crash leaves the old file or the new one, never half.
+and renamed over the old one, so a crash leaves the old file or the new one, never half;
+the key file is created the same way (linked into place once written), so a full disk
+never leaves an empty key. A temp file left by a killed writer is removed by the next
+write. A file or directory that cannot be read or written (full disk, read-only
+filesystem, permissions) raises :class:`StoreIOError` naming it and what to do; listing
+skips, and logs, a file it cannot read.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shlex
+import stat
 import tempfile
 import time
 import uuid
@@ -32,10 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms_agent.errors import BadRequest, SecretNotFound, StoreCorrupt
+from kms_agent.errors import BadRequest, SecretNotFound, StoreCorrupt, StoreIOError
 from kms_agent.model import (
     STAGE_ALIASES,
     STAGE_CURRENT,
@@ -47,6 +56,8 @@ from kms_agent.model import (
     check_name,
     shared,
 )
+
+log = structlog.get_logger("kms_agent.store")
 
 DEFAULT_KEY_ALIAS = "local/default"
 FORMAT = 1
@@ -87,7 +98,80 @@ def _unb64(text: Any) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+#: A temp file of a write: ``.<file name>.<random>.tmp`` beside the file.
+_TEMP_GLOB = ".*.tmp"
+
+#: What to do, by errno; the message says what failed.
+_REASONS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: (
+        "the disk is full",
+        "free space on that filesystem and retry; what was stored before is unchanged",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is used up",
+        "free space or raise the quota and retry; what was stored before is unchanged",
+    ),
+    errno.EROFS: (
+        "the filesystem is read-only",
+        (
+            "remount it read-write or point data_dir (--data-dir) at a writable directory; "
+            "reading the store still works"
+        ),
+    ),
+    errno.EACCES: (
+        "permission denied",
+        (
+            "run kms-agent as the store's owner, or give this user access "
+            "(directories 0700 and files 0600, owned by it)"
+        ),
+    ),
+    errno.EPERM: (
+        "operation not permitted",
+        "run kms-agent as the store's owner; check for immutable attributes (lsattr)",
+    ),
+    errno.EISDIR: (
+        "it is a directory, not a file",
+        "move it aside and restore the file from backup",
+    ),
+    errno.ENOTDIR: (
+        "a part of the path is not a directory",
+        "move the file that is in the way aside; the store's layout is keys/ and secrets/",
+    ),
+}
+
+
+def _io_error(exc: OSError, what: str, path: Path) -> StoreIOError:
+    reason, hint = _REASONS.get(
+        exc.errno or 0,
+        (
+            os.strerror(exc.errno) if exc.errno else type(exc).__name__,
+            "check the disk and the store directory, then retry",
+        ),
+    )
+    return StoreIOError(f"cannot {what} {path}: {reason}", hint=hint)
+
+
+@contextlib.contextmanager
+def _io(what: str, path: Path) -> Iterator[None]:
+    """Map an OSError (other than a missing file, which callers handle) to StoreIOError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _io_error(exc, what, path) from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> str:
+    """A fsynced temp file beside ``path`` holding ``data``; removed again if that fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -95,16 +179,22 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = _write_temp(path, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 #: Each distinct tuple of stage labels once (there are a handful).
@@ -135,6 +225,8 @@ class LocalStore:
         self.secrets_dir = self.root / "secrets"
         self._key: tuple[KeyInfo, bytes] | None = None
         self._kek: AESGCM | None = None
+        #: (path, mode) of files already warned about: one warning each, not one per read.
+        self._warned: set[tuple[str, int]] = set()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -142,31 +234,56 @@ class LocalStore:
     # ------------------------------------------------------------------ set-up and key
 
     def init(self) -> KeyInfo:
-        """Create the directories and the default key if missing; return the key's info."""
+        """Create the directories and the default key if missing; return the key's info.
+
+        A store that exists already is only read, so a read-only one can be served."""
         for directory in (self.root, self.root / "keys", self.secrets_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.key_path.exists():
-            created = time.time()
-            body = {
-                "format": FORMAT,
-                "key_id": str(uuid.uuid4()),
-                "alias": DEFAULT_KEY_ALIAS,
-                "created": created,
-                "spec": "AES_256",
-                "material": _b64(secrets.token_bytes(32)),  # what AESGCM.generate_key does
-            }
-            data = json.dumps(body, indent=2).encode()
-            # O_EXCL: two processes racing to create the key must not both win.
-            try:
-                fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            with _io("create the store directory", directory):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._key_needed():
+            with self._locked():
+                if self._key_needed():
+                    self._create_key()
         return self.key_info()
+
+    def _key_needed(self) -> bool:
+        """No key file; or an empty one (a full disk under an older version left it) with no
+        secret sealed under it, which nothing could ever open: replacing it loses nothing."""
+        with _io("read the store key", self.key_path):
+            try:
+                st = self.key_path.stat()
+            except FileNotFoundError:
+                return True
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == 0):
+                return False
+            return not any(p.suffix == ".json" for p in self.secrets_dir.iterdir())
+
+    def _create_key(self) -> None:
+        body = {
+            "format": FORMAT,
+            "key_id": str(uuid.uuid4()),
+            "alias": DEFAULT_KEY_ALIAS,
+            "created": time.time(),
+            "spec": "AES_256",
+            "material": _b64(secrets.token_bytes(32)),  # what AESGCM.generate_key does
+        }
+        path = self.key_path
+        with _io("create the store key", path):
+            tmp = _write_temp(path, json.dumps(body, indent=2).encode(), 0o600)
+            try:
+                if path.exists():
+                    os.replace(tmp, path)  # the empty key _key_needed allows replacing
+                else:
+                    # link, not rename: a writer of an older version racing without the
+                    # lock must not have its key replaced (it may have sealed with it).
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            _fsync_dir(path.parent)
+        self._key = None
+        self._kek = None
 
     def key_info(self) -> KeyInfo:
         return self._load_key()[0]
@@ -181,7 +298,9 @@ class LocalStore:
             if len(material) != 32 or body.get("alias") != DEFAULT_KEY_ALIAS:
                 raise ValueError("not a 256-bit default key")
             info = KeyInfo(str(body["key_id"]), DEFAULT_KEY_ALIAS, float(body["created"]), path)
-        except FileNotFoundError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                raise _io_error(exc, "read the store key", path) from None
             raise StoreCorrupt(
                 f"store key {path} is missing",
                 hint="run 'kms-agent store init' for a new store; an existing store's secrets "
@@ -207,19 +326,60 @@ class LocalStore:
         return self.secrets_dir / f"{secret_file_stem(name)}.json"
 
     @contextlib.contextmanager
-    def _write_lock(self) -> Iterator[None]:
-        self.init()
-        with open(self.root / ".lock", "a+b") as fh:  # noqa: PTH123
+    def _locked(self) -> Iterator[None]:
+        lock = self.root / ".lock"
+        with _io("lock the store with", lock):
+            fh = open(lock, "a+b")  # noqa: PTH123, SIM115
+        with fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        self.init()
+        with self._locked():
+            self._sweep()
+            yield
+
+    def _sweep(self) -> None:
+        """Remove temp files of writes that never finished (a writer killed mid-put): every
+        writer holds the lock while its temp file exists, so under the lock none is live."""
+        for directory in (self.secrets_dir, self.key_path.parent):
+            with _io("clean up temp files in", directory):
+                for tmp in directory.glob(_TEMP_GLOB):
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                    log.info("store_temp_removed", path=str(tmp))
+
+    def _read_file(self, path: Path) -> bytes:
+        """A secret file's bytes (FileNotFoundError if there is none); warns once if others
+        may write it."""
+        with _io("read store file", path), open(path, "rb") as fh:  # noqa: PTH123
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            raw = fh.read()
+        if mode & 0o022 and (str(path), mode) not in self._warned:
+            self._warned.add((str(path), mode))
+            log.warning(
+                "file_exposed",
+                what="store secret file",
+                path=str(path),
+                mode=oct(mode),
+                allowed=oct(0o600),
+                hint=f"others can replace or delete this secret: chmod 600 {path}",
+            )
+        return raw
+
+    def check_files(self) -> None:
+        """Read every secret file once, so files others may write are warned about at start."""
+        self.list_names()
+
     def _read_doc(self, name: str) -> dict[str, Any] | None:
         path = self.path_for(name)
         try:
-            raw = path.read_bytes()
+            raw = self._read_file(path)
         except FileNotFoundError:
             return None
         doc = self._parse(path, raw)
@@ -355,18 +515,27 @@ class LocalStore:
         )
 
     def list_names(self, prefix: str = "") -> list[str]:
-        """Names starting with ``prefix``, sorted. Unreadable files are reported, not skipped."""
+        """Names starting with ``prefix``, sorted. A file that cannot be read or parsed is
+        skipped and logged (``store_file_skipped``): one bad file must not hide the rest."""
         names: list[str] = []
         try:
-            paths = sorted(self.secrets_dir.glob("*.json"))
+            with _io("list the store directory", self.secrets_dir):
+                entries = sorted(p.name for p in self.secrets_dir.iterdir())
         except FileNotFoundError:
             return []
-        for path in paths:
+        for entry in entries:
+            if entry.startswith(".") or not entry.endswith(".json"):
+                continue
+            path = self.secrets_dir / entry
             try:
-                raw = path.read_bytes()
+                name = self._parse(path, self._read_file(path))["name"]
             except FileNotFoundError:
                 continue  # deleted while listing
-            name = self._parse(path, raw)["name"]
+            except (StoreIOError, StoreCorrupt) as exc:
+                log.warning(
+                    "store_file_skipped", path=str(path), message=exc.message, hint=exc.hint
+                )
+                continue
             if name.startswith(prefix):
                 names.append(name)
         return sorted(names)
@@ -422,7 +591,9 @@ class LocalStore:
                     break
                 del versions[idle[-1]]
             doc["versions"] = versions
-            _write_atomic(self.path_for(name), json.dumps(doc, indent=1).encode(), 0o600)
+            path = self.path_for(name)
+            with _io("write store file", path):
+                _write_atomic(path, json.dumps(doc, indent=1).encode(), 0o600)
         return vid
 
     def delete(self, name: str) -> bool:
@@ -431,10 +602,8 @@ class LocalStore:
         with self._write_lock():
             if self._read_doc(name) is None:
                 return False
-            self.path_for(name).unlink()
-            dir_fd = os.open(self.secrets_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            path = self.path_for(name)
+            with _io("delete store file", path):
+                path.unlink()
+                _fsync_dir(self.secrets_dir)
         return True

@@ -45,6 +45,8 @@ class Provider:
 
     async def open(self) -> None:
         info = await asyncio.to_thread(self.store.init)
+        # Secret files others may write, or cannot be read, are logged now, not at first use.
+        await asyncio.to_thread(self.store.check_files)
         log.info(
             "local_store_opened", source=self.name, path=str(self.store.root), key_id=info.key_id
         )

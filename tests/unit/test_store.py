@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kms_agent.errors import BadRequest, SecretNotFound, StoreCorrupt
+from kms_agent.errors import BadRequest, SecretNotFound, StoreCorrupt, StoreIOError
 from kms_agent.store import DEFAULT_KEY_ALIAS, MAX_VERSIONS, LocalStore
 from tests.conftest import PLANTED
 
@@ -200,7 +200,7 @@ def test_crash_mid_write_loses_nothing(store, monkeypatch):
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(StoreIOError, match="cannot write store file"):
         store.put("db", b"new")
     monkeypatch.undo()
     assert store.get("db").text() == "old"
