@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from kms_agent import cli
 from tests.conftest import PLANTED
 
 pytestmark = pytest.mark.e2e
@@ -198,3 +204,148 @@ def test_health_wait_gives_up_with_one_line(agent):
     assert len(lines) == 1, lines
     assert lines[0].startswith("kms-agent: not ready after 0.5 s:"), lines
     assert "unreachable" in lines[0]
+
+
+# --------------------------------------------------------------------------- store faults
+
+
+@pytest.fixture(name="tmpfs")
+def _tmpfs(tmp_path):
+    """A 200 KiB tmpfs (root only), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]
+    mounted = subprocess.run(mount, capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def _fill(mnt):
+    filler = mnt / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for chunk in (4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def test_cli_on_a_full_then_read_only_disk(agent, tmpfs):
+    """store put on a full disk, first and later, and on a read-only one: exit 1 with the
+    file and what to do, no traceback; nothing stored before is lost."""
+    data = str(tmpfs / "data")
+    filler = _fill(tmpfs)
+    first = agent.cli("store", "put", "a", "--data-dir", data, stdin=PLANTED.encode())
+    _no_traceback(first)
+    assert first.returncode == 1
+    assert b"keys/default.json: the disk is full" in first.stderr, first.stderr
+    filler.unlink()
+    assert (
+        agent.cli("store", "put", "a", "--data-dir", data, stdin=PLANTED.encode()).returncode == 0
+    )
+    filler = _fill(tmpfs)
+    later = agent.cli("store", "put", "b", "--data-dir", data, stdin=PLANTED.encode() * 100)
+    _no_traceback(later)
+    assert later.returncode == 1
+    assert b"the disk is full" in later.stderr and b"hint:" in later.stderr
+    assert agent.cli("store", "get", "a", "--data-dir", data).stdout == PLANTED.encode()
+    filler.unlink()
+    ro = subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], capture_output=True, check=False)
+    if ro.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {ro.stderr.decode().strip()}")
+    refused = agent.cli("store", "put", "b", "--data-dir", data, stdin=b"x")
+    _no_traceback(refused)
+    assert refused.returncode == 1
+    assert b"read-only" in refused.stderr
+    assert agent.cli("store", "list", "--data-dir", data).stdout == b"a\n"
+
+
+def _cli_as_nobody(argv: list[str]) -> tuple[int, str]:
+    """cli.main in a forked child that switched to uid 65534 first: (exit code, stderr).
+    Forked, not exec'd: that user may not be able to reach this venv's interpreter."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            sys.stderr = open(write_end, "w", encoding="utf-8")  # noqa: SIM115
+            os.setuid(65534)
+            code = cli.main(argv, environ={})
+            sys.stderr.flush()
+        except BaseException as exc:
+            print(f"Traceback: {exc!r}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as fh:
+        err = fh.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def test_cli_as_a_user_who_may_not_read_the_key(agent, tmp_path):
+    """A store the CLI's user may not read (a real EACCES: uid 65534 on a root-owned 0600
+    key) is one line naming the key file and what to do, not a PermissionError."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root")
+    root = Path(tempfile.mkdtemp(prefix="kms-eacces-"))
+    try:
+        data = root / "data"
+        assert agent.cli("store", "put", "a", "--data-dir", str(data), stdin=b"v").returncode == 0
+        for path in (root, data, data / "keys", data / "secrets"):
+            path.chmod(0o755)
+        for argv, names in (
+            (["store", "get", "a"], f"cannot read store file {data}/secrets/"),
+            (["store", "key", "list"], f"cannot read the store key {data}/keys/default.json"),
+        ):
+            code, err = _cli_as_nobody([*argv, "--data-dir", str(data)])
+            assert "Traceback" not in err, err
+            assert code == 1, err
+            assert names in err and ": permission denied" in err, err
+            assert "hint: run kms-agent as the store's owner" in err
+    finally:
+        shutil.rmtree(root)
+
+
+def test_agent_with_an_unreadable_key_exits_with_one_line(agent):
+    """The agent does not start on a key it cannot read: exit 1 naming the file, no traceback."""
+    data = agent.root / "store"
+    assert agent.cli("store", "put", "a", "--data-dir", str(data), stdin=b"v").returncode == 0
+    key = data / "keys" / "default.json"
+    key.unlink()
+    key.mkdir()
+    result = agent.cli("run", "--listen", "127.0.0.1:0", "--data-dir", str(data))
+    _no_traceback(result)
+    assert result.returncode == 1
+    assert f"cannot read the store key {key}".encode() in result.stderr, result.stderr
+
+
+def test_one_unreadable_secret_file_spoils_no_listing(agent):
+    """A secret file that cannot be read: `store list` and GET /secrets list the others."""
+    for name in ("a", "b", "c"):
+        agent.cli("store", "put", name, stdin=PLANTED.encode())
+    secrets_dir = agent.root / "data" / "kms-agent" / "secrets"
+    victim = secrets_dir / f"{hashlib.sha256(b'b').hexdigest()}.json"
+    victim.unlink()
+    victim.mkdir()
+    listed = agent.cli("store", "list")
+    _no_traceback(listed)
+    assert (listed.returncode, listed.stdout) == (0, b"a\nc\n")
+    assert b"store_file_skipped" in listed.stderr
+    agent.start()
+    status, body = agent.curl("/secrets")
+    assert status == 200, body
+    assert "b" not in json.dumps(json.loads(body)).replace('"names"', "")
+    status, body = agent.curl("/secrets/b")
+    assert status == 500
+    assert json.loads(body)["error"]["code"] == "StoreIOError"
