@@ -19,7 +19,7 @@ from typing import Any
 
 from kms_agent import __version__
 from kms_agent import config as config_mod
-from kms_agent.auth import TOKEN_FILE_NAME, new_token
+from kms_agent.auth import TOKEN_FILE_NAME, new_token, token_variable
 from kms_agent.client import Client, ClientError, read_token_file
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
@@ -53,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = _Subparsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     run = sub.add_parser("run", help="serve secrets")
-    run.add_argument("--listen", metavar="HOST:PORT", help="secrets listener (or unix:/PATH)")
+    run.add_argument(
+        "--listen",
+        metavar="[DIALECT@]ADDRESS",
+        action="append",
+        help="a secrets listener: HOST:PORT or unix:/PATH, optionally aws@, kms@ or vault@ "
+        "(repeat for several)",
+    )
 
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--show", action="store_true", help="print the effective configuration")
@@ -214,7 +220,8 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     else:
         names = ", ".join(f"{s.name} ({s.provider})" for s in cfg.sources)
         print(
-            f"ok: {cfg.path or 'built-in defaults'}; listen {cfg.server.listen}; sources: {names}"
+            f"ok: {cfg.path or 'built-in defaults'}; listen {', '.join(cfg.server.listen)}; "
+            f"sources: {names}"
         )
     return EXIT_OK
 
@@ -271,13 +278,11 @@ class _UnixConnection(http.client.HTTPConnection):
 def _read_token(args: argparse.Namespace, cfg: Config, environ: Mapping[str, str]) -> str:
     path: Path | None = Path(args.token_file) if args.token_file else None
     if path is None:
-        for var in cfg.auth.token_env:
-            value = environ.get(var)
-            if value and value.startswith("file://"):
-                path = Path(value[len("file://") :])
-                break
-            if value:
-                return value.strip().splitlines()[0]
+        _, value = token_variable(cfg.auth.token_env, environ)
+        if value is not None and value.startswith("file://"):
+            path = Path(value[len("file://") :])
+        elif value is not None:
+            return value.strip().splitlines()[0]
     if path is None:
         path = (
             Path(cfg.auth.token_files[0])
