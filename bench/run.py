@@ -151,8 +151,10 @@ class Servers:
 
     def start_agent(
         self, name: str = "agent", extra_env: dict[str, str] | None = None, config: Path | None = None,
-        fill: int = 0,
+        fill: int = 0, code: Path | None = None,
     ) -> float:
+        """An agent process; ``code``: another checkout of kms-agent to run instead (the
+        "before" of a before/after comparison in the same run)."""
         port, metrics = free_port(), free_port()
         data = self.tmp / f"{name}-data"
         store = LocalStore(data)
@@ -166,11 +168,13 @@ class Servers:
                "KMS_AGENT_METRICS_LISTEN": f"127.0.0.1:{metrics}",
                "KMS_AGENT_CACHE_MAX_ENTRIES": "20000",
                "KMS_AGENT_SERVER_MAX_CONNECTIONS": "4000", **(extra_env or {})}  # fmt: skip
+        if code is not None:
+            env["PYTHONPATH"] = str(code)
         start = time.monotonic()
         cmd = [sys.executable, "-m", "kms_agent", *(["--config", str(config)] if config else []),
                "run", "--listen", f"127.0.0.1:{port}"]  # fmt: skip
         proc = subprocess.Popen(
-            cmd,
+            cmd, cwd=code,
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{metrics}/readyz")
@@ -401,7 +405,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         cache.get_secret_string(NAME)
 
     conns = {}
-    for name in ("agent", "agent-aiohttp"):
+    for name in [n for n in ("agent", "agent-before") if n + ":base" in servers.urls]:
         host, port = servers.urls[name + ":base"].removeprefix("http://").split(":")
         conns[name] = http.client.HTTPConnection(host, int(port))
     headers = {"X-KMS-Token": TOKEN}
@@ -435,7 +439,9 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         return call
 
     calls = {"library_hit": library, "agent_raw": raw("agent"), "agent_json": parsed("agent"),
-             "agent_client": ours("agent"), "agent_aiohttp_raw": raw("agent-aiohttp")}  # fmt: skip
+             "agent_client": ours("agent")}  # fmt: skip
+    if "agent-before" in conns:
+        calls["agent_before_raw"] = raw("agent-before")
     for fn in calls.values():
         fn()  # warm: connections open, entries cached
     times: dict[str, list[float]] = {k: [] for k in calls}
@@ -461,6 +467,9 @@ def main() -> None:
     parser.add_argument("--fill-concurrency", type=int, default=64,
                         help="requests in flight while caching the 10,000 secrets")  # fmt: skip
     parser.add_argument("--label", default="")
+    parser.add_argument("--before", default="26e8b4a", metavar="REF",
+                        help="git ref of the agent to compare with in the same run ('' for none; "
+                        "default: the last commit before the single front door)")  # fmt: skip
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -476,7 +485,9 @@ def main() -> None:
         # starts: written while it runs, its file watcher's reaction would count too.
         results["startup_s"] = round(servers.start_agent(fill=0 if args.quick else 10_000), 3)
         results["idle_rss_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)  # no read yet
-        servers.start_agent("agent-aiohttp", {"KMS_AGENT_SERVER_FAST_PATH": "false"})
+        before = checkout(args.before, tmp) if args.before else None
+        if before is not None:
+            servers.start_agent("agent-before", code=before)
         body = servers.body()
         (tmp / "body.json").write_bytes(body)
         results["body_bytes"] = len(body)
@@ -485,7 +496,11 @@ def main() -> None:
         results["first_read_rss_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
         results["minimal_rss_mb"] = round(rss_mb(servers.procs["minimal"].pid), 1)
         if not args.memory:
-            results["throughput"] = measure(servers, ["nginx", "minimal", "agent-aiohttp", "agent-varying", "agent"], conns, rounds, args.seconds)
+            names = ["nginx", "minimal", "agent-varying", "agent"]
+            if before is not None:
+                names[2:2] = ["agent-before", "agent-before-varying"]
+            results["throughput"] = measure(servers, names, conns, rounds, args.seconds)
+            results["before"] = args.before
             results["herd_upstream_calls"] = asyncio.run(herd(servers.urls["agent"], servers.urls["agent:metrics"]))
             results["python_client"] = client_vs_library(servers, 3 if args.quick else 7, 2000)
             results["miss"] = asyncio.run(miss_overhead(servers, 50 if args.quick else 300))
@@ -495,8 +510,19 @@ def main() -> None:
             results["rss_10k_1KiB_mb"] = round(rss_mb(servers.procs["agent"].pid), 1)
     finally:
         servers.stop()
+        if args.before:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
+                           check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(tmp, ignore_errors=True)
     report(results)
+
+
+def checkout(ref: str, tmp: Path) -> Path:
+    """A work tree of this repository at ``ref`` (removed after the run)."""
+    path = tmp / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+                   check=True, capture_output=True)  # fmt: skip
+    return path
 
 
 def report(results: dict) -> None:
@@ -532,7 +558,9 @@ def report_speed(results: dict) -> None:
         print(f"python client vs aws-secretsmanager-caching: skipped ({pc['skipped']})")
     else:
         print(f"python keep-alive client, per call: http.client: agent raw {pc['agent_raw_us']:.0f} us, agent AWS JSON "
-              f"parsed {pc['agent_json_us']:.0f} us, agent with fast_path=false {pc['agent_aiohttp_raw_us']:.0f} us; "
+              f"parsed {pc['agent_json_us']:.0f} us"
+              + (f", agent before ({results.get('before')}) {pc['agent_before_raw_us']:.0f} us" if "agent_before_raw_us" in pc else "")
+              + "; "
               f"kms_agent.client: agent {pc['agent_client_us']:.0f} us; "
               f"aws-secretsmanager-caching hit {pc['library_hit_us']:.0f} us (agent / library: "
               f"http.client {pc['agent_raw_vs_library']:.2f}, kms_agent.client {pc['agent_client_vs_library']:.2f})")

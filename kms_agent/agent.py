@@ -2,9 +2,9 @@
 
 Start: tokens → sources opened → cache → listeners → watchers → source checks and
 prefetch → ready (``/readyz`` 200, ``READY=1``).
-Reload (SIGHUP, or a change to the config file or a token file): the new config and tokens
-are built completely first; only if that succeeds are tokens, TTLs and bounds, log level
-and response shape swapped in. Settings that need a restart are logged as such.
+Reload (SIGHUP, or a change to the config file or a token file): :mod:`kms_agent.reload`.
+The listeners are :mod:`kms_agent.listeners`; readiness is the state's phase; the cache
+fetches through a :class:`~kms_agent.fetcher.Fetcher`. The agent only composes them.
 Stop (SIGTERM/SIGINT): readiness 503, ``STOPPING=1``, optional drain delay, listener
 closed, in-flight requests finish within the grace period, sources closed.
 """
@@ -16,70 +16,25 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import structlog
-import watchfiles
 
-from kms_agent import logging as agent_logging
 from kms_agent import providers
 from kms_agent.auth import (
     Authenticator,
-    TokenSet,
-    ensure_generated_token,
-    load_tokens,
-    warn_if_exposed,
 )
 from kms_agent.cache import Cache
 from kms_agent.config import Config
-from kms_agent.errors import AgentError, ConfigError
+from kms_agent.errors import AgentError
 from kms_agent.fetcher import Fetcher
 from kms_agent.listeners import MetricsListener, QuietLoopErrors, SecretsListeners
 from kms_agent.metrics import Metrics
+from kms_agent.reload import Reloader, check_files, resolve_tokens
 from kms_agent.state import AgentState, Phase
 from kms_agent.systemd import Notifier, release_free_memory
 
 log = structlog.get_logger("kms_agent.agent")
-
-#: Settings read once at start. A reload that changes them says a restart is needed.
-RESTART_KEYS = (
-    "server.listen",
-    "server.allow_non_loopback",
-    "server.shutdown_grace",
-    "server.keepalive_timeout",
-    "server.max_header_bytes",
-    "server.max_headers",
-    "server.max_head_bytes",
-    "server.head_timeout",
-    "metrics.listen",
-    "data_dir",
-    "runtime_dir",
-    "sources",
-)
-TOKEN_FILE_MODE = 0o640
-
-
-def resolve_tokens(config: Config, environ: Mapping[str, str]) -> TokenSet:
-    """The configured tokens, or a generated token file when none is configured."""
-    tokens = load_tokens(config.auth, environ)
-    if tokens.tokens:
-        return tokens
-    if not config.auth.generate_token:
-        raise ConfigError(
-            "auth: no token is configured and auth.generate_token is false; set auth.token_files "
-            "or $KMS_TOKEN"
-        )
-    path = ensure_generated_token(config.runtime_path)
-    return load_tokens(config.auth, environ, extra_files=(path,))
-
-
-def _dotted(config: Config, key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
 
 class Agent:
     """One running agent. ``start`` then ``stop``; or ``run`` for both around the signals."""
@@ -92,7 +47,7 @@ class Agent:
         environ: Mapping[str, str] | None = None,
         sources: list[tuple[tuple[str, ...], providers.Provider]] | None = None,
     ) -> None:
-        self.config = config
+        self._config = config
         self._loader = loader
         self.environ = dict(os.environ if environ is None else environ)
         self._given_sources = sources
@@ -103,15 +58,17 @@ class Agent:
         self.reloaded = asyncio.Condition()
         self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._watch_task: asyncio.Task[None] | None = None
         self.listeners: SecretsListeners | None = None
         self.metrics_listener: MetricsListener | None = None
         self._state: AgentState | None = None
         self.addresses: list[str] = []
         self.metrics_addresses: list[str] = []
-        self._reload_lock = asyncio.Lock()
-        #: The settings the running listeners and sources were made with.
-        self._started = config
+        self.reloader: Reloader | None = None
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the state's, once started: reloads swap it there)."""
+        return self._state.config if self._state is not None else self._config
 
     @property
     def state(self) -> AgentState:
@@ -148,7 +105,9 @@ class Agent:
             on_phase=self._phase_changed,
         )
         asyncio.get_running_loop().set_exception_handler(QuietLoopErrors())
-        self._check_files(tokens)
+        self.reloader = Reloader(state, config, self._loader, self.environ, self.notifier)
+        self.reloader.after = self._reloaded
+        check_files(state, tokens)
         log.info(
             "tokens_loaded",
             count=len(tokens.tokens),
@@ -165,7 +124,7 @@ class Agent:
                 self._tasks.append(
                     asyncio.create_task(self._follow(provider.name, changes, watching[-1]))
                 )
-        watching.append(self._rewatch())
+        watching.append(self.reloader.rewatch())
         for event in watching:  # changes made after readiness must not be missed
             await event.wait()
         self._tasks.append(asyncio.create_task(self._summarise_hits(), name="hit-summary"))
@@ -211,16 +170,6 @@ class Agent:
         await self.metrics_listener.start()
         self.metrics_addresses = self.metrics_listener.addresses
 
-    def _check_files(self, tokens: TokenSet) -> None:
-        metrics = self.state.metrics
-        for path in tokens.files:
-            if warn_if_exposed(path, "token file", TOKEN_FILE_MODE):
-                metrics.file_warnings.labels("token").inc()
-        for provider in self.state.router.providers.values():
-            for kind, path, mode in getattr(provider, "sensitive_files", ()):
-                if warn_if_exposed(path, kind, mode):
-                    metrics.file_warnings.labels(kind).inc()
-
     async def _check_and_prefetch(self) -> bool:
         """Check every source; if all pass, prefetch and become ready. False if one failed."""
         state = self.state
@@ -248,6 +197,16 @@ class Agent:
 
     # ------------------------------------------------------------------ watching and reload
 
+    async def reload(self, reason: str) -> bool:
+        """Re-read config and tokens; swap in what can change live. False if it failed."""
+        if self.reloader is None:
+            raise RuntimeError("the agent has not started")
+        return await self.reloader.reload(reason)
+
+    async def _reloaded(self) -> None:
+        async with self.reloaded:
+            self.reloaded.notify_all()
+
     async def _follow(self, source: str, changes: Any, started: asyncio.Event) -> None:
         # Watchers register with inotify on their first step, before their first suspension:
         # whoever sees ``started`` set can rely on later changes being caught.
@@ -255,80 +214,6 @@ class Agent:
         async for names in changes:
             dropped = self.state.cache.invalidate(source, names)
             log.info("source_changed", source=source, entries_dropped=dropped)
-
-    def _watched_files(self) -> list[Path]:
-        files = list(self.state.auth.token_set.files)
-        if self.config.path:
-            files.append(Path(self.config.path))
-        return files
-
-    def _rewatch(self) -> asyncio.Event:
-        """(Re)start the watcher over the config file's and token files' directories."""
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-        started = asyncio.Event()
-        files = self._watched_files()
-        if files:
-            self._watch_task = asyncio.create_task(self._watch(files, started), name="file-watch")
-        else:
-            started.set()
-        return started
-
-    async def _watch(self, files: list[Path], started: asyncio.Event) -> None:
-        # Directories, not files: Kubernetes swaps a ..data symlink rather than the file.
-        names = {p.name for p in files}
-        dirs = sorted({str(p.parent) for p in files})
-        started.set()  # see _follow
-        async for batch in watchfiles.awatch(*dirs, debounce=50, step=10):
-            touched = {Path(path).name for _, path in batch}
-            if touched & names or any(n.startswith("..") for n in touched):
-                await self.reload("file_changed")
-
-    async def reload(self, reason: str) -> bool:
-        """Re-read config and tokens; swap in what can change live. False if it failed."""
-        ok = await self._reload(reason)
-        async with self.reloaded:
-            self.reloaded.notify_all()
-        return ok
-
-    async def _reload(self, reason: str) -> bool:
-        async with self._reload_lock:
-            state = self.state
-            self.notifier.reloading()
-            try:
-                new = self._loader() if self._loader is not None else self.config
-                tokens = resolve_tokens(new, self.environ)
-            except ConfigError as exc:
-                state.metrics.config_reloads.labels("error").inc()
-                log.error(
-                    "config_reload_failed", reason=reason, message=exc.message, kept="previous"
-                )
-                self.notifier.ready()
-                return False
-            old = self.config
-            # Against what is running, not the previous reload: a restart stays required.
-            restart = [k for k in RESTART_KEYS if _dotted(self._started, k) != _dotted(new, k)]
-            old_files = set(self._watched_files())
-            self.config = new
-            state.config = new
-            state.auth.update(tokens, new.auth.headers)
-            state.cache.reconfigure(new.cache)
-            if new.logging != old.logging:
-                agent_logging.configure(new.logging)
-            self._check_files(tokens)
-            if set(self._watched_files()) != old_files:
-                self._rewatch()
-            state.metrics.config_reloads.labels("success").inc()
-            log.info(
-                "config_reloaded",
-                reason=reason,
-                tokens=len(tokens.tokens),
-                restart_required=restart,
-            )
-            if restart:
-                log.warning("restart_required", settings=restart)
-            self.notifier.ready()
-            return True
 
     def log_hit_summary(self) -> None:
         """One line for the cache hits not logged one by one since the last call, and one
@@ -386,8 +271,9 @@ class Agent:
             await self.metrics_listener.stop()
         if state is not None:
             self.log_hit_summary()  # the last interval's hits
-        if self._watch_task is not None:
-            self._tasks.append(self._watch_task)
+        watch = self.reloader.stop() if self.reloader is not None else None
+        if watch is not None:
+            self._tasks.append(watch)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

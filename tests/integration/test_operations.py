@@ -235,13 +235,18 @@ async def test_invalid_reload_keeps_serving_and_is_counted(tmp_path, provider):
 
 
 async def test_reload_reports_restart_required(tmp_path, provider, log_capture):
-    """Changing a start-time setting on reload is logged as needing a restart."""
+    """Changing a start-time setting on reload is logged as needing a restart, and still
+    is on every later reload until the agent restarts (it compares with what runs)."""
     async with running(tmp_path, provider) as agent:
         before = len(log_capture.getvalue())
         Path(agent.config.path).write_text("[server]\nkeepalive_timeout = 5\n")
         assert await agent.reload("test")
-        logged = log_capture.getvalue()[before:]
-    assert '"restart_required": ["server.keepalive_timeout"]' in logged
+        first = log_capture.getvalue()[before:]
+        before = len(log_capture.getvalue())
+        assert await agent.reload("again")
+        second = log_capture.getvalue()[before:]
+    assert '"restart_required": ["server.keepalive_timeout"]' in first
+    assert '"restart_required": ["server.keepalive_timeout"]' in second
 
 
 async def test_connections_over_the_limit_get_503(tmp_path, provider):
