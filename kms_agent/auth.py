@@ -189,7 +189,8 @@ class Authenticator:
         return ok
 
     def check_raw(self, headers: Mapping[bytes, bytes]) -> None:
-        """:meth:`check` over raw headers (lower-case names, as the protocol keeps them)."""
+        """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted.
+        ``headers``: raw, lower-case names, as the protocol keeps them."""
         presented = None
         for name in self.header_keys:
             presented = headers.get(name)
@@ -212,15 +213,3 @@ class Authenticator:
         return Forbidden(
             "the token is not valid", hint="re-read the token file; it may have been rotated"
         )
-
-    def check(self, headers: Mapping[str, str]) -> None:
-        """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted."""
-        presented = None
-        for name in self._headers:
-            presented = headers.get(name)
-            if presented is not None:
-                break
-        if presented is None:
-            raise self._missing()
-        if not self.accepts(presented.encode("utf-8", "surrogateescape")):
-            raise self._wrong()

@@ -375,13 +375,8 @@ def _field(
     """One key of a JSON secret: its value alone (``format=raw``) or in the native shape."""
     record = entry.record
     key = request.field or ""
-    data: Any = None
-    if record.data_type == "text":
-        try:
-            data = json.loads(record.value.reveal())
-        except ValueError:
-            data = None
-    if not isinstance(data, dict):
+    data = render.json_object(record)
+    if data is None:
         raise SecretNotJson(
             f"secret {record.name!r} is not a JSON object, so it has no field "
             f"{key[: grammar.SHOWN]!r}",

@@ -149,16 +149,22 @@ def kms(record: SecretRecord) -> bytes:
     )
 
 
+def json_object(record: SecretRecord) -> dict[str, Any] | None:
+    """The value as a JSON object, if it is one."""
+    if record.data_type != "text":
+        return None
+    try:
+        data = json.loads(record.value.reveal())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def vault_data(record: SecretRecord) -> Any:
     """A KV v2 version's ``data``: a JSON object value as it is, anything else wrapped as
     ``{"value": …}``."""
-    data: Any = None
-    if record.data_type == "text":
-        try:
-            data = json.loads(record.value.reveal())
-        except ValueError:
-            data = None
-    return data if isinstance(data, dict) else {"value": value_text(record)}
+    data = json_object(record)
+    return data if data is not None else {"value": value_text(record)}
 
 
 def vault_version(record: SecretRecord) -> Any:

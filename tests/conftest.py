@@ -392,3 +392,24 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
             headers[name.strip().lower()] = value.strip()
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     return status, headers, body
+
+
+@pytest.fixture(name="tmpfs")
+def _tmpfs(tmp_path):
+    """A 200 KiB tmpfs (root only; CI runs as root), unmounted at the end."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=200k,mode=0700", "tmpfs", str(mnt)]
+    mounted = subprocess.run(mount, capture_output=True, check=False, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)

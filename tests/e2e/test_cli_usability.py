@@ -209,24 +209,6 @@ def test_health_wait_gives_up_with_one_line(agent):
 # --------------------------------------------------------------------------- store faults
 
 
-@pytest.fixture(name="tmpfs")
-def _tmpfs(tmp_path):
-    """A 200 KiB tmpfs (root only), unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]
-    mounted = subprocess.run(mount, capture_output=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-
-
 def _fill(mnt):
     filler = mnt / "filler"
     with open(filler, "wb", buffering=0) as fh:

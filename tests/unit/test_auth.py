@@ -17,6 +17,12 @@ from kms_agent.config import AuthConfig
 from kms_agent.errors import ConfigError, Forbidden, Unauthorized
 from tests.conftest import TOKEN
 
+
+def raw(headers: dict[str, str]) -> dict[bytes, bytes]:
+    """Headers as the protocol hands them to the authenticator."""
+    return {k.lower().encode(): v.encode() for k, v in headers.items()}
+
+
 HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 
 
@@ -42,8 +48,8 @@ def test_token_file_with_several_tokens_for_rotation(tmp_path):
     path = tmp_path / "tokens"
     path.write_text(f"{a}\n\n  {b}  \n")
     auth = Authenticator(HEADERS, load_tokens(AuthConfig(token_files=(str(path),)), {}))
-    auth.check({"X-KMS-Token": a})
-    auth.check({"X-Vault-Token": b})
+    auth.check_raw(raw({"X-KMS-Token": a}))
+    auth.check_raw(raw({"X-Vault-Token": b}))
 
 
 @pytest.mark.parametrize("bad", ["short", "has space inside the token!", "tab\tinside-the-token-x"])
@@ -74,15 +80,15 @@ def test_check_missing_wrong_and_right(tmp_path):
     """No token is 401, a wrong one 403, the right one in any accepted header passes."""
     auth = Authenticator(HEADERS, load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN}))
     with pytest.raises(Unauthorized):
-        auth.check({})
+        auth.check_raw({})
     with pytest.raises(Forbidden):
-        auth.check({"X-KMS-Token": TOKEN + "x"})
+        auth.check_raw(raw({"X-KMS-Token": TOKEN + "x"}))
     with pytest.raises(Forbidden):
-        auth.check({"X-KMS-Token": TOKEN[:-1]})
+        auth.check_raw(raw({"X-KMS-Token": TOKEN[:-1]}))
     with pytest.raises(Forbidden):
-        auth.check({"X-KMS-Token": "ünïcode-token-value"})
+        auth.check_raw(raw({"X-KMS-Token": "ünïcode-token-value"}))
     for header in HEADERS:
-        auth.check({header: TOKEN})
+        auth.check_raw(raw({header: TOKEN}))
 
 
 def test_update_swaps_tokens(tmp_path):
@@ -90,9 +96,9 @@ def test_update_swaps_tokens(tmp_path):
     auth = Authenticator(HEADERS, load_tokens(AuthConfig(), {"KMS_TOKEN": TOKEN}))
     fresh = new_token()
     auth.update(load_tokens(AuthConfig(), {"KMS_TOKEN": fresh}))
-    auth.check({"X-KMS-Token": fresh})
+    auth.check_raw(raw({"X-KMS-Token": fresh}))
     with pytest.raises(Forbidden):
-        auth.check({"X-KMS-Token": TOKEN})
+        auth.check_raw(raw({"X-KMS-Token": TOKEN}))
 
 
 def test_reprs_redact_tokens():

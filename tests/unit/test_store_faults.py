@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,23 +26,6 @@ from tests.conftest import PLANTED
 
 def _mount(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["mount", *args], capture_output=True, check=False, timeout=30)
-
-
-@pytest.fixture(name="tmpfs")
-def _tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 200 KiB tmpfs, unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    mounted = _mount("-t", "tmpfs", "-o", "size=200k,mode=0700", "tmpfs", str(mnt))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _write_until_error(fd: int, chunk: bytes) -> int:
