@@ -36,6 +36,7 @@ from kms_agent.systemd import Notifier, release_free_memory
 
 log = structlog.get_logger("kms_agent.agent")
 
+
 class Agent:
     """One running agent. ``start`` then ``stop``; or ``run`` for both around the signals."""
 

@@ -55,14 +55,18 @@ _UNMATCHED = Route("unmatched", Kind.HEALTH, Dialect.NATIVE)
 
 
 class _Memo:
-    """A target's route and, once its checks passed, its parsed request."""
+    """A target's route and, once its checks passed, its parsed request; and the head
+    that passed them, with the token set it passed under (the protocol hands the very same
+    head again for the very same bytes: it passes the same checks under the same tokens)."""
 
-    __slots__ = ("found", "query", "request")
+    __slots__ = ("checked", "found", "query", "request", "tokens")
 
     def __init__(self, found: tuple[Route, bytes] | None, query: bytes) -> None:
         self.found = found
         self.query = query
         self.request: Request | None = None
+        self.checked: Head | None = None
+        self.tokens: object = None
 
 
 class Front:
@@ -96,9 +100,11 @@ class Front:
         if conn.memo_key is not self._config:
             conn.memo.clear()
             conn.memo_key = self._config
+        memo = conn.memo.get(head.target)
+        if memo is not None and memo.checked is head and memo.tokens is state.auth.token_set:
+            return self.serve(memo.request, head, start)  # type: ignore[arg-type]
         if head.error is not None:
             return self.fail(head.error, _UNMATCHED, self.dialect, head, start)
-        memo = conn.memo.get(head.target)
         if memo is None:
             try:
                 path, query = grammar.split_target(head.target)
@@ -137,6 +143,8 @@ class Front:
                 if len(conn.memo) >= MEMO_MAX:
                     conn.memo.clear()
                 conn.memo[head.target] = memo
+            if not route.public:
+                memo.checked, memo.tokens = head, state.auth.token_set
             return self.serve(request, head, start)
         except AgentError as err:
             return self.fail(err, route, dialect, head, start)
@@ -175,6 +183,10 @@ class Front:
     ) -> bytes:
         state = self.state
         request_id = state.next_request_id()
+        if outcome is Outcome.HIT and request.field is None and not state.config.logging.log_hits:
+            data = respond.secret(entry, request.shape, request_id, close=head.close)
+            count_hit(state, request.route.template, time.perf_counter() - start)
+            return data
         stale_age = state.cache.now() - entry.fetched_at if outcome is Outcome.STALE else None
         try:
             if request.field is not None:
@@ -188,7 +200,7 @@ class Front:
         elapsed = time.perf_counter() - start
         route = request.route.template
         if outcome is Outcome.HIT and not state.config.logging.log_hits:
-            count_hit(state, route, 200, elapsed)
+            count_hit(state, route, elapsed)
         else:
             ctx: dict[str, Any] = {"source": request.source, "cache": outcome.value}
             if stale_age is not None:
@@ -353,11 +365,11 @@ class Front:
         )
 
 
-def count_hit(state: AgentState, route: str, status: int, elapsed: float) -> None:
+def count_hit(state: AgentState, route: str, elapsed: float) -> None:
     """A cache hit not logged one by one: metrics, and the count for the summary line."""
-    state.metrics.observe_request(route, status, elapsed)
-    state.metrics.cache_outcome("hit")
-    state.hit_counts[route] = state.hit_counts.get(route, 0) + 1
+    state.metrics.observe_hit(route, elapsed)
+    counts = state.hit_counts
+    counts[route] = counts.get(route, 0) + 1
 
 
 def _routes_to(state: AgentState, name: str, source: str) -> bool:

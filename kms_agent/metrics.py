@@ -83,6 +83,18 @@ class _HotPathCollector(Collector):
         self.durations: dict[str, list[Any]] = {}  # route -> [bucket counts, sum]
         self.cache: dict[str, int] = dict.fromkeys(CACHE_OUTCOMES, 0)
 
+    def hit(self, route: str, seconds: float) -> None:
+        """A 200 answered from the cache: :meth:`observe` and the hit count in one call."""
+        key = (route, 200)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = self.durations.get(route)
+        if hist is None:
+            hist = self.durations[route] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        hist[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        hist[1] += seconds
+        self.cache["hit"] += 1
+
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -195,6 +207,9 @@ class Metrics:
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._hot.observe(route, status, seconds)
+
+    def observe_hit(self, route: str, seconds: float) -> None:
+        self._hot.hit(route, seconds)
 
     def cache_outcome(self, outcome: str) -> None:
         self._hot.cache[outcome] += 1

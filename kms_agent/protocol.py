@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -101,6 +102,13 @@ class Connections:
         #: Connections that have not yet presented an accepted identity, oldest first.
         self.untrusted: dict[Connection, None] = {}
         self.closing = False
+        #: Set while no connection is open (shutdown waits on it).
+        self.empty = asyncio.Event()
+        self.empty.set()
+        #: One timer for every connection's deadlines (head and keep-alive), not one per
+        #: request: timers per request cost more than the rest of a cache hit.
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._interval = 1.0
 
     def __len__(self) -> int:
         return len(self.open)
@@ -120,7 +128,22 @@ class Connections:
             victim.abort()
         self.open[conn] = None
         self.untrusted[conn] = None
+        self.empty.clear()
+        if self._sweeper is None:
+            limits = conn.limits
+            shortest = min(t for t in (limits.head_timeout, limits.keepalive_timeout, 4.0) if t > 0)
+            self._interval = min(1.0, max(0.02, shortest / 4))
+            self._sweeper = asyncio.get_running_loop().call_later(self._interval, self._sweep)
         return True
+
+    def _sweep(self) -> None:
+        """Close connections past their head deadline or idle past the keep-alive timeout."""
+        self._sweeper = None
+        now = time.monotonic()
+        for conn in list(self.open):
+            conn.expire(now)
+        if self.open:
+            self._sweeper = asyncio.get_running_loop().call_later(self._interval, self._sweep)
 
     def trust(self, conn: Connection) -> None:
         self.untrusted.pop(conn, None)
@@ -128,6 +151,11 @@ class Connections:
     def forget(self, conn: Connection) -> None:
         self.open.pop(conn, None)
         self.untrusted.pop(conn, None)
+        if not self.open:
+            self.empty.set()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
 
     def count_close(self, reason: str) -> None:
         self._closed(reason)
@@ -140,18 +168,10 @@ class Connections:
                 conn.shut()
 
     async def wait_closed(self, timeout: float) -> None:
-        """Until every connection has closed, or ``timeout``; then the rest are aborted."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.open and loop.time() < deadline:
-            tasks = [c.task for c in self.open if c.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=deadline - loop.time())
-            else:
-                await asyncio.sleep(0.01)
-            for conn in list(self.open):
-                if conn.idle:
-                    conn.shut()
+        """Until every connection has closed, or ``timeout``; then the rest are aborted.
+        A busy connection closes once it has answered (``closing`` is set)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.empty.wait(), timeout)
         for conn in list(self.open):
             conn.abort()
 
@@ -164,8 +184,7 @@ class Connection(asyncio.Protocol):
         "_busy",
         "_fed",
         "_head",
-        "_head_timer",
-        "_idle_timer",
+        "_head_at",
         "_in_head",
         "_parser",
         "_queue",
@@ -173,8 +192,10 @@ class Connection(asyncio.Protocol):
         "_stop",
         "_unfed",
         "_write_paused",
+        "active_at",
         "connections",
         "front",
+        "last",
         "limits",
         "memo",
         "memo_key",
@@ -199,8 +220,11 @@ class Connection(asyncio.Protocol):
         self._stop = False
         self._read_paused = False
         self._write_paused = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._head_at = 0.0
+        self.active_at = time.monotonic()
+        #: The bytes of the last request that came alone in one read, and its head: the
+        #: same bytes again parse to the same head, so llhttp is not run on them twice.
+        self.last: tuple[bytes, Head] | None = None
         #: The pipeline's per-connection memo of parsed targets, and what it was made under.
         self.memo: dict[bytes, _Memo] = {}
         self.memo_key: object = None
@@ -222,14 +246,12 @@ class Connection(asyncio.Protocol):
             self.transport = None
             return
         self.peer = transport.get_extra_info("peername")
-        self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.forget(self)
         self.transport = None
         self._queue.clear()
         self._unfed = b""
-        self._cancel_timers()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -242,16 +264,45 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stop or self.transport is None:
             return  # after a request that closes the connection, nothing more is read
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        last = self.last
+        if (
+            last is not None
+            and last[0] == data
+            and not self._unfed
+            and not self._in_head
+            and not self._queue
+            and not self._busy
+        ):
+            # The very bytes of this connection's last lone request: the parser is between
+            # messages either way, and would produce the same head.
+            if self._write_paused:
+                self._queue.append(last[1])
+                return
+            try:
+                answer = self.front.answer(last[1], self)
+            except Exception:
+                answer = self.front.crashed(last[1])
+            if isinstance(answer, bytes):
+                self._write(answer, last[1].close)
+            else:
+                self._busy = True
+                self.task = asyncio.get_running_loop().create_task(self._later(answer, last[1]))
+            return
+        if not self._unfed and not self._in_head and not self._queue:
+            before = len(self._queue)
+            self._unfed = data
+            self._feed()
+            if not self._in_head and not self._unfed and len(self._queue) == before + 1:
+                head = self._queue[-1]
+                if not head.close and head.error is None:
+                    self.last = (data, head)
+            self._drain()
+            return
         self._unfed = self._unfed + data if self._unfed else data
         self._feed()
         self._drain()
 
     def eof_received(self) -> bool | None:
-        if self._in_head:
-            self._cancel_timers()
         # Answer what was asked, then close (a half-closed caller still reads).
         self._stop = True
         if not self._queue and not self._busy and self.transport is not None:
@@ -264,7 +315,10 @@ class Connection(asyncio.Protocol):
         """Feed what was received, a slice at a time, while few requests wait."""
         limits = self.limits
         while self._unfed and not self._stop and len(self._queue) < PIPELINE_MAX:
-            chunk, self._unfed = self._unfed[:SLICE], self._unfed[SLICE:]
+            if len(self._unfed) <= SLICE:
+                chunk, self._unfed = self._unfed, b""
+            else:
+                chunk, self._unfed = self._unfed[:SLICE], self._unfed[SLICE:]
             start = self._fed
             self._fed += len(chunk)
             if not self._in_head:
@@ -295,16 +349,13 @@ class Connection(asyncio.Protocol):
         self._queue.append(head)
         self._stop = True
         self._unfed = b""
-        self._cancel_timers()
 
     def on_message_begin(self) -> None:
         if self._stop:
             return
         self._head = Head()
         self._in_head = True
-        if self._head_timer is None and self.limits.head_timeout > 0:
-            loop = asyncio.get_running_loop()
-            self._head_timer = loop.call_later(self.limits.head_timeout, self._head_expired)
+        self._head_at = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         if self._stop:
@@ -341,9 +392,6 @@ class Connection(asyncio.Protocol):
         head = self._head
         headers = head.headers
         self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         head.method = parser.get_method()
         head.http11 = parser.get_http_version() == "1.1"
         length = headers.get(b"content-length")
@@ -392,12 +440,8 @@ class Connection(asyncio.Protocol):
         if not self._write_paused and self._read_paused and not self._unfed:
             self._read_paused = False
             transport.resume_reading()
-        if self._stop:
-            if not self._queue and not transport.is_closing():
-                transport.close()
-            return
-        if not self._in_head:
-            self._arm_idle()
+        if self._stop and not self._queue and not transport.is_closing():
+            transport.close()
 
     async def _later(self, answer: Awaitable[bytes], head: Head) -> None:
         try:
@@ -414,6 +458,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.write(data)
+        self.active_at = time.monotonic()
         if close or self.connections.closing:
             self._stop = True
             self._queue.clear()
@@ -428,29 +473,20 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(RuntimeError):
                 self.transport.pause_reading()
 
-    def _arm_idle(self) -> None:
-        timeout = self.limits.keepalive_timeout
-        if timeout > 0 and self._idle_timer is None:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(timeout, self._idle_expired)
-
-    def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if self.idle:
+    def expire(self, now: float) -> None:
+        """Close this connection if its head is late or it idled too long (the sweep)."""
+        limits = self.limits
+        if self._in_head:
+            if limits.head_timeout > 0 and now - self._head_at > limits.head_timeout:
+                self.connections.count_close("head_timeout")
+                self.abort()
+        elif (
+            self.idle
+            and limits.keepalive_timeout > 0
+            and now - self.active_at > limits.keepalive_timeout
+        ):
             self.connections.count_close("idle")
             self.shut()
-
-    def _head_expired(self) -> None:
-        self._head_timer = None
-        if self._in_head:
-            self.connections.count_close("head_timeout")
-            self.abort()
-
-    def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._idle_timer = None
 
     @property
     def idle(self) -> bool:

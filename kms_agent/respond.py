@@ -74,6 +74,7 @@ def _type_line(content_type: bytes) -> bytes:
 
 
 HEADS = {t: _Heads(t) for t in (JSON, TEXT, BINARY, NONE)}
+_HEADS_JSON, _HEADS_NONE = HEADS[JSON], HEADS[NONE]
 _date_at = 0
 _tail = b""
 _tail_close = b""
@@ -176,7 +177,12 @@ def secret(
     if shape == "vault":  # the envelope's own request_id leads the body
         before = b'{"request_id":"%s",%s' % (rid, before)
     length = len(before) + (0 if after is None else len(value) + len(after))
-    head = HEADS[content_type(entry, shape)][length]
+    if shape == "aws":
+        head = _HEADS_NONE[length]
+    elif shape == "raw":
+        head = HEADS[content_type(entry, shape)][length]
+    else:
+        head = _HEADS_JSON[length]
     if after is None:
         return b"".join((head, rid, tail(close), before))
     return b"".join((head, rid, tail(close), before, value, after))
