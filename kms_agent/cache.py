@@ -8,8 +8,9 @@
   enters the last ``refresh_window`` of its TTL, so hot secrets never wait on the upstream.
 * Stale-if-error: a transient failure (timeout, 5xx, throttling, connection error) keeps the
   last good value for up to ``max_stale`` past expiry (the setting in force, reloads
-  included), served marked stale, with retries backed off; a permanent one (not found,
-  denied, pending deletion) drops the entry at once.
+  included), served marked stale, with retries backed off and run in the background (no
+  caller waits on a failing source while a stale value is at hand); a permanent one (not
+  found, denied, pending deletion) drops the entry at once.
 * Not-found answers are cached for ``negative_ttl``.
 * Forced refreshes coalesce: concurrent ones share one fetch, and one within
   ``refresh_min_interval`` of the key's last upstream read is answered with that read.
@@ -168,10 +169,13 @@ class Cache:
         entry = self._entries.get(key)
         if (
             entry is not None
-            and now < entry.retry_at
+            and (now < entry.retry_at or entry.failures)
             and now < entry.expires_at + self.settings.max_stale
         ):
-            # A refresh failed moments ago: serve stale without making the caller wait.
+            # The source is failing for this entry: serve stale without making the caller
+            # wait; once the back-off is over, the retry runs in the background.
+            if now >= entry.retry_at and key not in self._inflight:
+                self._start(key, background=True)
             self._entries.move_to_end(key)
             return entry, Outcome.STALE
         if (negative := self._negatives.get(key)) is not None:

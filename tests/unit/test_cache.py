@@ -185,8 +185,10 @@ async def test_recovery_after_outage_replaces_stale_value(provider, clock):
     provider.values["db"] = "new"
     clock.advance(31)  # past the longest retry back-off
     entry, outcome = await cache.get(key("db"))
-    assert outcome is Outcome.MISS
-    assert entry.record.text() == "new"
+    assert (entry.record.text(), outcome) == ("old", Outcome.STALE)  # at once, retry behind
+    await asyncio.gather(*cache._inflight.values())
+    entry, outcome = await cache.get(key("db"))
+    assert (entry.record.text(), outcome) == ("new", Outcome.HIT)
 
 
 @pytest.mark.parametrize(
@@ -440,3 +442,26 @@ async def test_property_one_upstream_call_per_key_under_a_herd(waves, names):
     results = await asyncio.gather(*tasks)
     assert all(entry.record.text() == entry.key[1] for entry, _ in results)
     assert dict(provider.calls) == {n: 1 for n in names if any(t[0].key[1] == n for t in results)}
+
+
+async def test_stale_is_served_at_once_while_the_retry_runs_in_the_background(provider, clock):
+    """Once a refresh has failed, a read after the back-off gets the stale value at once;
+    the retry runs behind it, and its success ends the outage for later reads."""
+    provider.values["a"] = "1"
+    cache = make_cache(provider, clock, ttl=10, max_stale=100)
+    await cache.get(key("a"))
+    clock.advance(11)
+    provider.failures["a"] = Unavailable("down")
+    _, outcome = await cache.get(key("a"))  # waits for this first failure
+    assert outcome is Outcome.STALE
+    clock.advance(60)  # past any back-off
+    provider.gate = asyncio.Event()  # the upstream now hangs
+    entry, outcome = await asyncio.wait_for(cache.get(key("a")), 1)
+    assert (entry.record.value.reveal(), outcome) == (b"1", Outcome.STALE)
+    await provider.wait_calls(3)  # the retry is under way, in the background
+    del provider.failures["a"]
+    provider.values["a"] = "2"
+    provider.gate.set()
+    await asyncio.gather(*cache._inflight.values())
+    entry, outcome = await cache.get(key("a"))
+    assert (entry.record.value.reveal(), outcome) == (b"2", Outcome.HIT)
