@@ -11,7 +11,7 @@
   included), served marked stale, with retries backed off and run in the background (no
   caller waits on a failing source while a stale value is at hand); a permanent one (not
   found, denied, pending deletion) drops the entry at once.
-* Not-found answers are cached for ``negative_ttl``.
+* Permanent refusals (not found, denied, bad credentials) are cached for ``negative_ttl``.
 * Forced refreshes coalesce: concurrent ones share one fetch, and one within
   ``refresh_min_interval`` of the key's last upstream read is answered with that read.
 
@@ -34,8 +34,6 @@ import structlog
 from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AgentError,
-    PendingDeletion,
-    SecretNotFound,
     UpstreamError,
 )
 from kms_agent.model import SecretRecord
@@ -263,16 +261,20 @@ class Cache:
             self._failed.clear()  # swept every second; a flood of failing names is bounded
         self._failed[key] = (now, exc)
         entry = self._entries.get(key)
-        if exc.drops_cache:
-            if entry is not None:
-                self._drop(key, "revoked")
-            ttl = self.settings.negative_ttl
-            if (
-                isinstance(exc, SecretNotFound | PendingDeletion)
-                and ttl > 0
-                and self.settings.ttl > 0
-            ):
-                self._negatives[key] = _Negative(exc, now + ttl)
+        if exc.drops_cache and entry is not None:
+            self._drop(key, "revoked")
+        ttl = self.settings.negative_ttl
+        if (
+            isinstance(exc, UpstreamError)
+            and not exc.transient
+            and ttl > 0
+            and self.settings.ttl > 0
+        ):
+            # Permanent refusals (not found, denied, bad credentials) are remembered
+            # briefly, so a flood of callers is not a flood of upstream calls.
+            if len(self._negatives) >= MAX_FAILED:
+                self._negatives.clear()
+            self._negatives[key] = _Negative(exc, now + ttl)
         elif entry is not None and exc.transient and not forced:
             entry.failures += 1
             backoff = min(MAX_RETRY_BACKOFF, 2.0 ** (entry.failures - 1))

@@ -12,6 +12,7 @@ from kms_agent.cache import Cache, Outcome
 from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AccessDenied,
+    BadCredentials,
     PendingDeletion,
     SecretNotFound,
     Unavailable,
@@ -465,3 +466,23 @@ async def test_stale_is_served_at_once_while_the_retry_runs_in_the_background(pr
     await asyncio.gather(*cache._inflight.values())
     entry, outcome = await cache.get(key("a"))
     assert (entry.record.value.reveal(), outcome) == (b"2", Outcome.HIT)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AccessDenied("revoked"), BadCredentials("refused"), SecretNotFound("gone")],
+    ids=["access-denied", "bad-credentials", "not-found"],
+)
+async def test_permanent_refusals_are_remembered_briefly(provider, clock, error):
+    """A flood of callers for a secret the source refuses for good (denied, bad
+    credentials, not found) makes one upstream call per negative_ttl, not one each."""
+    provider.failures["a"] = error
+    cache = make_cache(provider, clock, negative_ttl=5)
+    for _ in range(20):
+        with pytest.raises(type(error)):
+            await cache.get(key("a"))
+    assert provider.calls == {"a": 1}
+    clock.advance(6)
+    with pytest.raises(type(error)):
+        await cache.get(key("a"))
+    assert provider.calls == {"a": 2}
