@@ -246,8 +246,7 @@ class Front:
             return self.fail(err, request.route, request.route.dialect, head, start, request)
         request_id = state.next_request_id()
         data = respond.json_response(
-            200, {"secrets": out}, request_id, extra=b"Cache-Control: no-store\r\n",
-            close=head.close,
+            200, {"secrets": out}, request_id, close=head.close,
         )  # fmt: skip
         self.account(request.route.template, request_id, request.prefix, 200,
                      time.perf_counter() - start, {})  # fmt: skip
@@ -400,7 +399,7 @@ def _field(
             hint=f"its fields are: {', '.join(sorted(data)[:20])}",
         )
     value = data[key]
-    extra = b"Cache-Control: no-store\r\n"
+    extra = b""
     if stale_age is not None:
         extra += b'Age: %d\r\nWarning: 110 kms-agent "Response is Stale"\r\n' % int(stale_age)
     if request.shape == "raw":

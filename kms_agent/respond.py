@@ -105,6 +105,7 @@ def response(
     return b"".join(
         (
             _STATUS.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
+            b"Cache-Control: no-store\r\n",  # nothing here may be kept by a cache between
             _type_line(content_type),
             b"Content-Length: %d\r\n" % len(body),
             extra,
@@ -161,10 +162,7 @@ def secret(
     record = entry.record
     value = record.value.reveal()
     if stale_age is not None:
-        extra = (
-            b'Cache-Control: no-store\r\nAge: %d\r\nWarning: 110 kms-agent "Response is Stale"\r\n'
-            % (int(stale_age))
-        )
+        extra = b'Age: %d\r\nWarning: 110 kms-agent "Response is Stale"\r\n' % (int(stale_age))
         if shape == "native":
             body = render.native_stale(record, stale_age)
         else:
