@@ -102,7 +102,12 @@ class Front:
             conn.memo_key = self._config
         memo = conn.memo.get(head.target)
         if memo is not None and memo.checked is head and memo.tokens is state.auth.token_set:
-            return self.serve(memo.request, head, start)  # type: ignore[arg-type]
+            request = memo.request
+            assert request is not None
+            try:
+                return self.serve(request, head, start)
+            except AgentError as err:
+                return self.fail(err, request.route, request.route.dialect, head, start, request)
         if head.error is not None:
             return self.fail(head.error, _UNMATCHED, self.dialect, head, start)
         if memo is None:
@@ -215,7 +220,9 @@ class Front:
         kind = request.route.kind
         status = 200
         if kind is Kind.PING:
-            data = respond.response(200, respond.TEXT, b"healthy", request_id, close=head.close)
+            # The AWS and Alibaba agents send no Content-Type on anything, "healthy" too.
+            ctype = respond.TEXT if request.route.dialect is Dialect.NATIVE else respond.NONE
+            data = respond.response(200, ctype, b"healthy", request_id, close=head.close)
         elif kind is Kind.READY:
             status, body = state.readiness()
             data = respond.json_response(status, body, request_id, close=head.close)

@@ -372,6 +372,8 @@ def parse(found: tuple[Route, bytes], query: bytes, source_of: RouteName) -> Req
     kind = route.kind
     if route.target is Target.VAULT:
         return _vault(route, rest, query, source_of)
+    if route.public:
+        return Request(route)  # health routes take no parameters and ignore any query
     values = params(query, route)
     if kind is Kind.SECRET:
         if route.dialect is Dialect.NATIVE:
