@@ -22,6 +22,7 @@ own spelling of "previous".
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Callable, Mapping
@@ -106,10 +107,16 @@ class Request:
     shape: str = "native"
     prefix: str = ""
     role_arn: str | None = None
+    #: The cache key: ``(source, name, version_id, version_stage)``, made once.
+    key: tuple[str, str, str | None, str | None] = dataclasses.field(init=False, compare=False)
+    #: A plain secret read (no refresh, field or role): a fresh hit answers it as it is.
+    hot: bool = dataclasses.field(init=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, str, str | None, str | None]:
-        return (self.source, self.name, self.version_id, self.version_stage)
+    def __post_init__(self) -> None:
+        key = (self.source, self.name, self.version_id, self.version_stage)
+        object.__setattr__(self, "key", key)
+        hot = self.route.kind is Kind.SECRET and not self.refresh and self.field is None
+        object.__setattr__(self, "hot", hot and self.role_arn is None)
 
 
 class Source(Protocol):
