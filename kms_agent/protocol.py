@@ -8,14 +8,17 @@ token:
 
 * **Heads are bounded.** The request line and each header field are limited to
   ``server.max_header_bytes``, the fields to ``server.max_headers``, and the whole head to
-  ``server.max_head_bytes``, counted on the raw bytes as they are fed (so llhttp's own
+  ``server.max_head_bytes``, counted on what llhttp hands over (exact, even for a head
+  that ends inside a fed slice) and on the raw bytes as they are fed (so llhttp's own
   buffers stay bounded too); a head not complete within ``server.head_timeout`` closes the
   connection.
 * **No bodies.** The agent only reads: a request framed with a body (``Content-Length``
   other than 0, any ``Transfer-Encoding``) is answered and the connection closed without
   reading the body, so no byte of a body is ever taken for a request, and nothing of a
   trailer section is ever taken for a header. ``Upgrade`` and ``CONNECT`` likewise close
-  after their answer.
+  after their answer. A close after an answer is a lingering one: our side is shut for
+  writing and what the caller still sends is dropped (bounded), so that no reset destroys
+  the answer before the caller reads it.
 * **Flow control.** Pipelined requests are answered in order, one at a time; at most
   :data:`PIPELINE_MAX` parsed requests wait, the rest of what was received stays unparsed
   and reading pauses; while the transport's buffer is over its high-water mark
@@ -46,6 +49,15 @@ if TYPE_CHECKING:
 PIPELINE_MAX = 32
 #: Bytes fed to the parser at a time (the head budget is checked between slices).
 SLICE = 4096
+#: After an answer that closes the connection, the caller's further bytes are read and
+#: dropped for at most this long (and :data:`LINGER_BYTES`) with our side already shut for
+#: writing: closing a socket with unread input sends a reset, which can destroy the answer
+#: before the caller has read it (a pipelining caller would lose the 400 that explains
+#: why). Bounded, so a caller that keeps sending gains nothing.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 65536
+#: The request line's bytes besides its target: ``GET``, two spaces, ``HTTP/1.1``, CRLF.
+_LINE_OVERHEAD = 15
 #: Headers the pipeline reads; others are counted and dropped. Token headers are added.
 BASE_HEADERS = frozenset(
     {
@@ -182,10 +194,14 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_begin_at",
         "_busy",
+        "_eof",
         "_fed",
         "_head",
         "_head_at",
+        "_head_bytes",
         "_in_head",
+        "_linger_left",
+        "_linger_until",
         "_parser",
         "_queue",
         "_read_paused",
@@ -217,10 +233,16 @@ class Connection(asyncio.Protocol):
         self._begin_at = 0
         self._in_head = False
         self._busy = False
+        self._eof = False
         self._stop = False
         self._read_paused = False
         self._write_paused = False
         self._head_at = 0.0
+        #: The head's bytes as llhttp hands them over (line and fields, with their CRLFs
+        #: and ": "): the budget is exact even when a head ends inside a fed slice.
+        self._head_bytes = 0
+        self._linger_until = 0.0
+        self._linger_left = 0
         self.active_at = time.monotonic()
         #: The bytes of the last request that came alone in one read, and its head: the
         #: same bytes again parse to the same head, so llhttp is not run on them twice.
@@ -263,7 +285,13 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stop or self.transport is None:
-            return  # after a request that closes the connection, nothing more is read
+            # After a request that closes the connection, nothing more is parsed; while
+            # lingering, what arrives is dropped up to a bound.
+            if self._linger_until:
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self._close_now()
+            return
         last = self.last
         if (
             last is not None
@@ -305,7 +333,10 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # Answer what was asked, then close (a half-closed caller still reads).
         self._stop = True
-        if not self._queue and not self._busy and self.transport is not None:
+        self._eof = True
+        if self._linger_until:
+            self._close_now()  # the caller has sent everything: nothing unread is left
+        elif not self._queue and not self._busy and self.transport is not None:
             self.transport.close()
         return True
 
@@ -331,15 +362,18 @@ class Connection(asyncio.Protocol):
                 self._refuse_framing(BadRequest(f"malformed request: {_reason(exc)}"))
                 return
             if self._in_head and self._fed - self._begin_at > limits.max_head:
-                self._refuse_framing(
-                    BadRequest(
-                        f"the request head is over {limits.max_head} bytes",
-                        hint="server.max_head_bytes limits a request's line and headers",
-                    )
-                )
+                self._refuse_head()
                 return
         if self._unfed and not self._stop:
             self._pause_reading()  # resumed once the queue has drained
+
+    def _refuse_head(self) -> None:
+        self._refuse_framing(
+            BadRequest(
+                f"the request head is over {self.limits.max_head} bytes",
+                hint="server.max_head_bytes limits a request's line and headers",
+            )
+        )
 
     def _refuse_framing(self, err: AgentError) -> None:
         head = self._head if self._in_head else Head()
@@ -356,16 +390,20 @@ class Connection(asyncio.Protocol):
         self._head = Head()
         self._in_head = True
         self._head_at = time.monotonic()
+        self._head_bytes = _LINE_OVERHEAD
 
     def on_url(self, url: bytes) -> None:
         if self._stop:
             return
         head = self._head
         head.target += url
+        self._head_bytes += len(url)
         if len(head.target) > self.limits.max_line:
             self._refuse_framing(
                 BadRequest(f"the request target is over {self.limits.max_line} bytes")
             )
+        elif self._head_bytes > self.limits.max_head:
+            self._refuse_head()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._stop or not self._in_head:
@@ -376,6 +414,10 @@ class Connection(asyncio.Protocol):
             self._refuse_framing(BadRequest(f"a header field is over {limits.max_field} bytes"))
             return
         head.count += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > limits.max_head:
+            self._refuse_head()
+            return
         key = name.lower()
         if key in self.front.interesting:
             if key in head.headers:
@@ -441,7 +483,7 @@ class Connection(asyncio.Protocol):
             self._read_paused = False
             transport.resume_reading()
         if self._stop and not self._queue and not transport.is_closing():
-            transport.close()
+            self._linger()
 
     async def _later(self, answer: Awaitable[bytes], head: Head) -> None:
         try:
@@ -463,6 +505,28 @@ class Connection(asyncio.Protocol):
             self._stop = True
             self._queue.clear()
             self._unfed = b""
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after the last answer without a reset: shut our side for writing (the
+        answer is flushed first), drop what the caller still sends, close at its end of
+        stream or after :data:`LINGER_SECONDS` / :data:`LINGER_BYTES`."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._linger_until:
+            return
+        if self._eof or self.connections.closing or not transport.can_write_eof():
+            transport.close()
+            return
+        self._linger_until = time.monotonic() + LINGER_SECONDS
+        self._linger_left = LINGER_BYTES
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _close_now(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             transport.close()
 
     # ------------------------------------------------------------------ timers and closing
@@ -476,7 +540,10 @@ class Connection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         """Close this connection if its head is late or it idled too long (the sweep)."""
         limits = self.limits
-        if self._in_head:
+        if self._linger_until:
+            if now > self._linger_until:
+                self._close_now()
+        elif self._in_head:
             if limits.head_timeout > 0 and now - self._head_at > limits.head_timeout:
                 self.connections.count_close("head_timeout")
                 self.abort()
