@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 #: Parsed requests a connection holds before it stops parsing what it received.
 PIPELINE_MAX = 32
-#: Bytes fed to the parser at a time (the head budget is checked between slices).
+#: Bytes fed to the parser at a time (the raw head bound is checked between slices).
 SLICE = 4096
 #: After an answer that closes the connection, the caller's further bytes are read and
 #: dropped for at most this long (and :data:`LINGER_BYTES`) with our side already shut for
@@ -205,6 +205,7 @@ class Connection(asyncio.Protocol):
         "_parser",
         "_queue",
         "_read_paused",
+        "_slice_at",
         "_stop",
         "_unfed",
         "_write_paused",
@@ -230,6 +231,8 @@ class Connection(asyncio.Protocol):
         self._queue: deque[Head] = deque()
         self._unfed = b""
         self._fed = 0
+        #: Where the slice being fed starts, and the slice a head began in (byte offsets).
+        self._slice_at = 0
         self._begin_at = 0
         self._in_head = False
         self._busy = False
@@ -350,10 +353,8 @@ class Connection(asyncio.Protocol):
                 chunk, self._unfed = self._unfed, b""
             else:
                 chunk, self._unfed = self._unfed[:SLICE], self._unfed[SLICE:]
-            start = self._fed
+            self._slice_at = self._fed
             self._fed += len(chunk)
-            if not self._in_head:
-                self._begin_at = start
             try:
                 self._parser.feed_data(chunk)
             except httptools.HttpParserUpgrade:
@@ -361,7 +362,10 @@ class Connection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 self._refuse_framing(BadRequest(f"malformed request: {_reason(exc)}"))
                 return
-            if self._in_head and self._fed - self._begin_at > limits.max_head:
+            # The raw bound: the head began inside the slice fed from ``_begin_at``, so past
+            # this it is over the budget whatever llhttp left out (whitespace); the exact
+            # count is ``_head_bytes``.
+            if self._in_head and self._fed - self._begin_at > limits.max_head + SLICE:
                 self._refuse_head()
                 return
         if self._unfed and not self._stop:
@@ -391,6 +395,7 @@ class Connection(asyncio.Protocol):
         self._in_head = True
         self._head_at = time.monotonic()
         self._head_bytes = _LINE_OVERHEAD
+        self._begin_at = self._slice_at
 
     def on_url(self, url: bytes) -> None:
         if self._stop:

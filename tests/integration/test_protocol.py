@@ -356,6 +356,16 @@ CASES: dict[str, tuple[bytes, list[int | tuple[int, str]], bool]] = {
         True,
     ),
     "head-just-under-budget": (get("a", *fill(SERVER.max_head_bytes - 40)), [(200, "a")], False),
+    "pipelined-long-heads": (
+        b"".join(get(NAMES[i % 4], b"X-Pad: " + b"p" * 2011) for i in range(12)),
+        [(200, NAMES[i % 4]) for i in range(12)],
+        False,
+    ),
+    "pipelined-many": (
+        b"".join(get(NAMES[i % 4]) for i in range(300)),
+        [(200, NAMES[i % 4]) for i in range(300)],
+        False,
+    ),
     "fields-at-the-limit": (
         get("a", *(b"X-F%d: v" % i for i in range(SERVER.max_headers - 3))),
         [(200, "a")],
