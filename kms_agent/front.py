@@ -118,12 +118,15 @@ class Front:
                 return self.fail(err, request.route, request.route.dialect, head, start, request)
         if head.error is not None:
             return self.fail(head.error, _UNMATCHED, self.dialect, head, start)
+        target_error: AgentError | None = None
         if memo is None:
             try:
                 path, query = grammar.split_target(head.target)
             except AgentError as err:
-                return self.fail(err, _UNMATCHED, self.dialect, head, start)
-            memo = _Memo(self._routes.find(path), query)
+                # Refused in its place in the order: after the token and method checks
+                # (CONNECT's authority-form target is a 405 like every other method).
+                target_error, path, query = err, b"", b""
+            memo = _Memo(self._routes.find(path) if target_error is None else None, query)
         found = memo.found
         route: Route = found[0] if found is not None else _UNMATCHED
         dialect = route.dialect if found is not None else self.dialect
@@ -142,8 +145,11 @@ class Front:
                     f"method {head.method.decode('latin-1')[:16]} is not allowed",
                     hint="the agent only reads: use GET",
                 )
-            if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
+            length = headers.get(b"content-length", b"0").strip()
+            if b"transfer-encoding" in headers or length not in (b"0", b""):
                 raise BadRequest("request bodies are not accepted", hint="send GET without a body")
+            if target_error is not None:
+                raise target_error
             if found is None:
                 raise RouteNotFound(
                     f"no route {head.target[:LOGGED_NAME].decode('latin-1')!r}",

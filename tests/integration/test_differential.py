@@ -144,8 +144,12 @@ def oracle(state: AgentState, method: bytes, target: bytes, headers: dict[bytes,
     routes = grammar.routes(Dialect.NATIVE, state.config.server.response_type)
     dialect = Dialect.NATIVE
     try:
-        path, query = grammar.split_target(target)
-        found = routes.find(path)
+        target_error: AgentError | None = None
+        try:
+            path, query = grammar.split_target(target)
+        except AgentError as err:  # refused after the token and method checks
+            target_error, path, query = err, None, b""
+        found = routes.find(path) if path is not None else None
         if found is not None:
             dialect = found[0].dialect
         if b"x-forwarded-for" in headers or b"forwarded" in headers:
@@ -154,6 +158,8 @@ def oracle(state: AgentState, method: bytes, target: bytes, headers: dict[bytes,
             state.auth.check_raw(headers)
         if method != b"GET":
             raise MethodNotAllowed("method")
+        if target_error is not None:
+            raise target_error
         if found is None:
             raise RouteNotFound("route")
         request = grammar.parse(found, query, state.router.route)
