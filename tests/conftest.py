@@ -413,3 +413,20 @@ def _tmpfs(tmp_path):
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def moto_source(moto: dict, *, match: str = "*", endpoint: str | None = None, extra: str = "") -> str:
+    """A ``[[sources]]`` table for an aws source over the moto fixture's server."""
+    return f"""
+[[sources]]
+name = "aws"
+provider = "aws"
+region = "us-east-1"
+endpoint = "{endpoint or moto["url"]}"
+match = ["{match}"]
+timeout_seconds = 5
+{extra}
+[sources.credentials]
+access_key_id = "{moto["ak"]}"
+secret_access_key = "{moto["sk"]}"
+"""

@@ -55,7 +55,7 @@ from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from kms_agent.agent import Agent
 from kms_agent.store import LocalStore
-from tests.conftest import PLANTED, running_agent
+from tests.conftest import PLANTED, moto_source, running_agent
 
 #: The token the AWS agent's harness starts its binary with (``AWS_TOKEN``).
 AWS_TOKEN = "test-token-123"
@@ -203,20 +203,19 @@ def cache_table(ttl: float) -> str:
     return f"[cache]\nttl = {ttl}\n"
 
 
+async def versioned(client: Any) -> tuple[str, str, str]:
+    """The harness's versioned secret: AWSCURRENT and an AWSPENDING version; its name and
+    both version ids."""
+    name = unique("versioned")
+    made = await asyncio.to_thread(client.create_secret, Name=name,
+                                   SecretString=json.dumps(CURRENT))  # fmt: skip
+    put = await asyncio.to_thread(client.put_secret_value, SecretId=name,
+                                  SecretString=json.dumps(PENDING), VersionStages=["AWSPENDING"])  # fmt: skip
+    return name, made["VersionId"], put["VersionId"]
+
+
 def aws_source(moto: dict[str, str], *, endpoint: str | None = None, extra: str = "") -> str:
-    return f"""
-[[sources]]
-name = "aws"
-provider = "aws"
-region = "us-east-1"
-endpoint = "{endpoint or moto["url"]}"
-match = ["*"]
-timeout_seconds = 5
-{extra}
-[sources.credentials]
-access_key_id = "{moto["ak"]}"
-secret_access_key = "{moto["sk"]}"
-"""
+    return moto_source(moto, endpoint=endpoint, extra=extra)
 
 
 LOCAL_SOURCE = '\n[[sources]]\nname = "local"\nprovider = "local"\nmatch = ["*"]\n'
@@ -470,12 +469,7 @@ async def test_version_id_retrieval(tmp_path: Path, moto: dict[str, str]) -> Non
     pending version each answer that version id and value; lib.rs: all parameters together
     (``versionStage``, ``versionId``, ``refreshNow``) are accepted."""
     client = moto_client(moto)
-    name = unique("versioned")
-    made = await asyncio.to_thread(client.create_secret, Name=name,
-                                   SecretString=json.dumps(CURRENT))  # fmt: skip
-    put = await asyncio.to_thread(client.put_secret_value, SecretId=name,
-                                  SecretString=json.dumps(PENDING), VersionStages=["AWSPENDING"])  # fmt: skip
-    current, pending = made["VersionId"], put["VersionId"]
+    name, current, pending = await versioned(client)
     async with aws_agent(tmp_path, aws_source(moto)) as call:
         body = await call.ok(name, version_id=current)
         assert (body["VersionId"], "currentuser" in body["SecretString"]) == (current, True)
@@ -681,12 +675,7 @@ async def test_version_stage_transitions(tmp_path: Path, moto: dict[str, str]) -
     consistent at once), and ``versionId=<old>&refreshNow=true`` the old version without
     AWSCURRENT."""
     client = moto_client(moto)
-    name = unique("versioned")
-    made = await asyncio.to_thread(client.create_secret, Name=name,
-                                   SecretString=json.dumps(CURRENT))  # fmt: skip
-    put = await asyncio.to_thread(client.put_secret_value, SecretId=name,
-                                  SecretString=json.dumps(PENDING), VersionStages=["AWSPENDING"])  # fmt: skip
-    current, pending = made["VersionId"], put["VersionId"]
+    name, current, pending = await versioned(client)
     async with aws_agent(tmp_path, aws_source(moto)) as call:
         body = await call.ok(name, version_stage="AWSPENDING")
         assert (body["VersionId"], "pendinguser" in body["SecretString"]) == (pending, True)

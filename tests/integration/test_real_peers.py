@@ -16,7 +16,7 @@ import pytest
 from kms_agent.agent import Agent
 from kms_agent.signing import aws as sigv4
 from kms_agent.store import LocalStore
-from tests.conftest import PLANTED, TOKEN, running_agent
+from tests.conftest import PLANTED, TOKEN, moto_source, running_agent
 
 H = {"X-KMS-Token": TOKEN}
 
@@ -33,19 +33,8 @@ async def get(agent: Agent, path: str) -> tuple[int, bytes]:
 
 
 def aws_source(moto: dict, extra: str = "") -> str:
-    return f"""
-[[sources]]
-name = "aws"
-provider = "aws"
-region = "us-east-1"
-endpoint = "{moto["url"]}"
-match = ["aws/*"]
-timeout_seconds = 5
-{extra}
-[sources.credentials]
-access_key_id = "{moto["ak"]}"
-secret_access_key = "{moto["sk"]}"
-"""
+    """An aws source over moto for the names under ``aws/``."""
+    return moto_source(moto, match="aws/*", extra=extra)
 
 
 def sm(moto: dict):
