@@ -107,11 +107,7 @@ class Front:
             if request.hot:  # a plain read: a fresh hit is answered here, at once
                 entry = state.cache.fresh(request.key)
                 if entry is not None and not state.config.logging.log_hits:
-                    data = respond.secret(
-                        entry, request.shape, state.next_request_id(), close=head.close
-                    )
-                    count_hit(state, request.route.template, time.perf_counter() - start)
-                    return data
+                    return self._hit(request, entry, head, start)
             try:
                 return self.serve(request, head, start)
             except AgentError as err:
@@ -197,15 +193,20 @@ class Front:
 
     # ------------------------------------------------------------------ answers
 
+    def _hit(self, request: Request, entry: Entry, head: Head, start: float) -> bytes:
+        """A fresh hit not logged one by one: its bytes, counted for the summary line."""
+        state = self.state
+        data = respond.secret(entry, request.shape, state.next_request_id(), close=head.close)
+        count_hit(state, request.route.template, time.perf_counter() - start)
+        return data
+
     def secret(
         self, request: Request, entry: Entry, outcome: Outcome, head: Head, start: float
     ) -> bytes:
         state = self.state
-        request_id = state.next_request_id()
         if outcome is Outcome.HIT and request.field is None and not state.config.logging.log_hits:
-            data = respond.secret(entry, request.shape, request_id, close=head.close)
-            count_hit(state, request.route.template, time.perf_counter() - start)
-            return data
+            return self._hit(request, entry, head, start)
+        request_id = state.next_request_id()
         stale_age = state.cache.now() - entry.fetched_at if outcome is Outcome.STALE else None
         try:
             if request.field is not None:

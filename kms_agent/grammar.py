@@ -193,6 +193,19 @@ class Routes:
         return ", ".join(dict.fromkeys(names))
 
 
+def _add(
+    exact: dict[bytes, Route],
+    prefixes: list[tuple[bytes, Route]],
+    table: tuple[tuple[bytes, Route], ...],
+) -> None:
+    """Paths ending in ``/`` are prefixes (the rest is the name); others are exact."""
+    for path, route in table:
+        if path.endswith(b"/"):
+            prefixes.append((path, route))
+        else:
+            exact[path] = route
+
+
 def routes(dialect: Dialect, response_type: str = "aws") -> Routes:
     """The route table of a listener speaking ``dialect``."""
     exact: dict[bytes, Route] = {}
@@ -202,13 +215,10 @@ def routes(dialect: Dialect, response_type: str = "aws") -> Routes:
         prefixes.append((b"/secrets/", _NATIVE_SECRET))
         exact.update(_HEALTH)
         exact[b"/ping"] = Route("/ping", Kind.PING, Dialect.NATIVE, public=True)
-        compat = Dialect(response_type)
-        for path, route in _compat(compat):
-            (prefixes.append((path, route)) if path.endswith(b"/") else exact.update({path: route}))
+        _add(exact, prefixes, _compat(Dialect(response_type)))
     elif dialect in (Dialect.AWS, Dialect.KMS):
         exact[b"/ping"] = Route("/ping", Kind.PING, dialect, public=True)
-        for path, route in _compat(dialect):
-            (prefixes.append((path, route)) if path.endswith(b"/") else exact.update({path: route}))
+        _add(exact, prefixes, _compat(dialect))
     else:
         exact[b"/v1/sys/health"] = Route("/v1/sys/health", Kind.HEALTH, dialect, public=True)
         exact[b"/v1/auth/token/lookup-self"] = Route(

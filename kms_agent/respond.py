@@ -74,7 +74,6 @@ def _type_line(content_type: bytes) -> bytes:
 
 
 HEADS = {t: _Heads(t) for t in (JSON, TEXT, BINARY, NONE)}
-_HEADS_JSON, _HEADS_NONE = HEADS[JSON], HEADS[NONE]
 _date_at = 0
 _tail = b""
 _tail_close = b""
@@ -173,14 +172,9 @@ def secret(
     before, after = made.before, made.after
     rid = request_id.encode()
     if shape == "vault":  # the envelope's own request_id leads the body
-        before = b'{"request_id":"%s",%s' % (rid, before)
+        before = render.with_request_id(shape, before, request_id)
     length = len(before) + (0 if after is None else len(value) + len(after))
-    if shape == "aws":
-        head = _HEADS_NONE[length]
-    elif shape == "raw":
-        head = HEADS[content_type(entry, shape)][length]
-    else:
-        head = _HEADS_JSON[length]
+    head = HEADS[content_type(entry, shape)][length]
     if after is None:
         return b"".join((head, rid, tail(close), before))
     return b"".join((head, rid, tail(close), before, value, after))
