@@ -14,6 +14,12 @@
 * Permanent refusals (not found, denied, bad credentials) are cached for ``negative_ttl``.
 * Forced refreshes coalesce: concurrent ones share one fetch, and one within
   ``refresh_min_interval`` of the key's last upstream read is answered with that read.
+* A breaker per source: after ``BREAKER_FAILURES`` transient failures in a row from a
+  source, no call is sent to it but one probe at a time (the first due after 0.5 s,
+  doubling to ``BREAKER_MAX_WAIT``); meanwhile cold keys fail at once with
+  :class:`SourceFailing` (the last error, ``Retry-After``) and cached ones are served
+  stale. The probe's success closes the breaker and ends every entry's back-off for that
+  source, so recovery follows the upstream's within one probe interval.
 
 The fetch function and the clock are injected: the cache knows nothing of providers.
 """
@@ -34,6 +40,7 @@ import structlog
 from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AgentError,
+    SourceFailing,
     UpstreamError,
 )
 from kms_agent.model import SecretRecord
@@ -52,6 +59,12 @@ VALUE_COPIES = 3
 MAX_RETRY_BACKOFF = 30.0
 #: Failed reads remembered for forced refreshes (swept each maintenance tick).
 MAX_FAILED = 4096
+#: Transient failures in a row from one source that open its breaker.
+BREAKER_FAILURES = 5
+#: The open breaker's first probe is this long after it opened, doubling per failed
+#: probe up to the cap (jittered down to half, so agents of a fleet do not probe in step).
+BREAKER_FIRST_WAIT = 0.5
+BREAKER_MAX_WAIT = 4.0
 
 
 class Outcome(enum.Enum):
@@ -100,6 +113,21 @@ class _Negative:
     until: float
 
 
+@dataclass(slots=True)
+class _Health:
+    """One source's breaker: transient failures in a row, and while open when the next
+    probe is due and whether one is out."""
+
+    failures: int = 0
+    last: AgentError | None = None
+    probe_at: float = 0.0
+    probing: bool = False
+
+    @property
+    def open(self) -> bool:
+        return self.failures >= BREAKER_FAILURES
+
+
 class Cache:
     def __init__(
         self,
@@ -124,6 +152,8 @@ class Cache:
         self._failed: dict[Key, tuple[float, AgentError]] = {}
         self._generation = 0
         self.bytes = 0
+        #: Sources that failed lately, by name (a healthy source has no entry).
+        self._health: dict[str, _Health] = {}
 
     # ------------------------------------------------------------------ reads
 
@@ -147,7 +177,12 @@ class Cache:
             return None
         self._entries.move_to_end(key)
         entry.read = True
-        if now >= entry.refresh_at and now >= entry.retry_at and key not in self._inflight:
+        if (
+            now >= entry.refresh_at
+            and now >= entry.retry_at
+            and key not in self._inflight
+            and self._may_call(key[0], now)
+        ):
             self._start(key, background=True)
         return entry
 
@@ -165,14 +200,11 @@ class Cache:
             return hit, Outcome.HIT
         now = self._clock()
         entry = self._entries.get(key)
-        if (
-            entry is not None
-            and (now < entry.retry_at or entry.failures)
-            and now < entry.expires_at + self.settings.max_stale
-        ):
+        usable = entry is not None and now < entry.expires_at + self.settings.max_stale
+        if entry is not None and usable and (now < entry.retry_at or entry.failures):
             # The source is failing for this entry: serve stale without making the caller
             # wait; once the back-off is over, the retry runs in the background.
-            if now >= entry.retry_at and key not in self._inflight:
+            if now >= entry.retry_at and key not in self._inflight and self._may_call(key[0], now):
                 self._start(key, background=True)
             self._entries.move_to_end(key)
             return entry, Outcome.STALE
@@ -183,6 +215,11 @@ class Cache:
         task = self._inflight.get(key)
         outcome = Outcome.MISS
         if task is None:
+            if not self._may_call(key[0], now):
+                if entry is not None and usable:
+                    self._entries.move_to_end(key)
+                    return entry, Outcome.STALE
+                raise self._failing(key[0], now)
             task = self._start(key, background=False)
         else:
             outcome = Outcome.COALESCED
@@ -213,11 +250,71 @@ class Cache:
             failed = self._failed.get(key)
             if failed is not None and now - failed[0] < interval:
                 raise copy.copy(failed[1])
+            if not self._may_call(key[0], now):
+                raise self._failing(key[0], now)
             task = self._start(key, background=False, forced=True)
         result = await asyncio.shield(task)
         if isinstance(result, Entry):
             return result, Outcome.REFRESH_FORCED
         raise copy.copy(result)
+
+    # ------------------------------------------------------------------ the breaker
+
+    def _may_call(self, source: str, now: float) -> bool:
+        """Whether a call may be sent to ``source`` now; with its breaker open, only the
+        one probe when due (taking it counts as sending it)."""
+        health = self._health.get(source)
+        if health is None or not health.open:
+            return True
+        if health.probing or now < health.probe_at:
+            return False
+        health.probing = True
+        return True
+
+    def _failing(self, source: str, now: float) -> SourceFailing:
+        health = self._health[source]
+        last = health.last
+        said = last.message if last is not None else "it failed"
+        err = SourceFailing(
+            f"source {source!r} is failing, so this call was not sent; its last error: {said}",
+            hint="the agent probes it and resumes at once when it answers; "
+            "cached secrets are served stale meanwhile",
+            retry_after=max(1, round(health.probe_at - now + 0.5)),
+        )
+        if last is not None and last.upstream_status is not None:
+            err.upstream(last.upstream_status, last.upstream_code or "", last.upstream_message)
+        return err
+
+    def _source_failed(self, source: str, exc: AgentError, now: float) -> None:
+        health = self._health.get(source)
+        if health is None:
+            health = self._health[source] = _Health()
+        health.failures += 1
+        health.last = exc
+        health.probing = False
+        if health.open:
+            wait = min(
+                BREAKER_MAX_WAIT, BREAKER_FIRST_WAIT * 2.0 ** (health.failures - BREAKER_FAILURES)
+            )
+            health.probe_at = now + wait * (0.5 + self._rng() / 2)
+            if health.failures == BREAKER_FAILURES:
+                log.warning(
+                    "source_failing", source=source, code=exc.code, failures=health.failures
+                )
+
+    def _source_answered(self, source: str) -> None:
+        """``source`` answered (a value or a permanent refusal): it is healthy. If its
+        breaker was open, every entry's back-off for it ends: they refresh on their next
+        read instead of waiting out back-offs grown during the outage."""
+        health = self._health.pop(source, None)
+        if health is None or not health.open:
+            return
+        resumed = 0
+        for key, entry in self._entries.items():
+            if key[0] == source and entry.failures:
+                entry.retry_at = 0.0
+                resumed += 1
+        log.info("source_recovered", source=source, failures=health.failures, entries=resumed)
 
     # ------------------------------------------------------------------ fetching
 
@@ -247,6 +344,7 @@ class Cache:
             return err
         finally:
             self._inflight.pop(key, None)
+        self._source_answered(key[0])
         if background and self._on_refresh is not None:
             self._on_refresh("success")
         return self._store(key, record, cacheable=generation == self._generation)
@@ -257,6 +355,12 @@ class Cache:
         if background and self._on_refresh is not None:
             self._on_refresh("error")
         now = self._clock()
+        if exc.transient and exc.from_source:
+            self._source_failed(key[0], exc, now)
+        elif not exc.transient:
+            self._source_answered(key[0])
+        elif (health := self._health.get(key[0])) is not None:
+            health.probing = False  # not sent (our limiter): says nothing of the source
         if len(self._failed) >= MAX_FAILED:
             self._failed.clear()  # swept every second; a flood of failing names is bounded
         self._failed[key] = (now, exc)

@@ -27,7 +27,9 @@ Tree::
     │   ├── InvalidUpstreamRequest 400
     │   ├── Throttled              503   transient: stale value served if we have one
     │   ├── Unavailable            503   transient
+    │   │   └── SourceFailing      503   the source's breaker is open: not sent (Retry-After)
     │   └── UpstreamTimeout        504   transient
+    │       └── HeldByLimiter      504   our quota limiter would hold it past the deadline
     ├── StoreCorrupt               500   a local store file failed to read or decrypt
     └── ConfigError                      invalid configuration (never reaches HTTP)
 """
@@ -46,6 +48,10 @@ class AgentError(Exception):
     transient: ClassVar[bool] = False
     #: The secret is gone or forbidden: drop any cached value at once.
     drops_cache: ClassVar[bool] = False
+    #: Whether this says something about the source's health (the breaker counts it).
+    from_source: ClassVar[bool] = True
+    #: Seconds a caller should wait before asking again (a ``Retry-After``), if any.
+    retry_after: int | None = None
 
     #: What the upstream itself answered (status, error code), where a dialect passes it
     #: through (the AWS agent's ``{"__type", "message"}``); set by providers.
@@ -182,6 +188,24 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "UpstreamTimeout"
     transient = True
+
+
+class HeldByLimiter(UpstreamTimeout):
+    """Not sent: the source's quota limiter would have held the call past its deadline.
+    Says nothing about the source's health (the breaker does not count it)."""
+
+    from_source = False
+
+
+class SourceFailing(Unavailable):
+    """Not sent: the source failed repeatedly and its breaker is open; one probe at a time
+    checks for recovery. Carries the last error the source gave and when to try again."""
+
+    code = "SourceFailing"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class StoreCorrupt(AgentError):

@@ -290,5 +290,6 @@ def error(
         status, ctype, body = _vault_error(err)
     else:
         status, ctype, body = _native_error(err, request_id)
-    extra = b"Retry-After: 1\r\n" if isinstance(err, TooManyConnections) else b""
+    retry = 1 if isinstance(err, TooManyConnections) else err.retry_after
+    extra = b"Retry-After: %d\r\n" % retry if retry is not None else b""
     return response(status, ctype, body, request_id, extra=extra, close=close), status

@@ -8,13 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kms_agent.cache import Cache, Outcome
+from kms_agent.cache import BREAKER_FAILURES, BREAKER_FIRST_WAIT, BREAKER_MAX_WAIT, Cache, Outcome
 from kms_agent.config import CacheConfig
 from kms_agent.errors import (
     AccessDenied,
+    AgentError,
     BadCredentials,
+    HeldByLimiter,
     PendingDeletion,
     SecretNotFound,
+    SourceFailing,
     Unavailable,
 )
 from tests.conftest import PLANTED, FakeClock, ScriptedProvider
@@ -486,3 +489,100 @@ async def test_permanent_refusals_are_remembered_briefly(provider, clock, error)
     with pytest.raises(type(error)):
         await cache.get(key("a"))
     assert provider.calls == {"a": 2}
+
+
+async def _fail_cold(cache: Cache, names: list[str]) -> list[BaseException]:
+    """Read each cold name once, in order; collect what each raised."""
+    errors: list[BaseException] = []
+    for name in names:
+        with pytest.raises(AgentError) as info:
+            await cache.get(key(name))
+        errors.append(info.value)
+    return errors
+
+
+async def test_breaker_opens_after_repeated_failures_and_fails_cold_keys_fast(provider, clock):
+    """After BREAKER_FAILURES transient failures in a row, cold keys of the source are
+    answered SourceFailing at once (no upstream call), naming the last error and when to
+    try again; one probe goes out when due, and its success closes the breaker."""
+    names = [f"k{i}" for i in range(BREAKER_FAILURES + 10)]
+    for name in names:
+        provider.failures[name] = Unavailable("HTTP 500 from the store")
+        provider.values[name] = name
+    cache = make_cache(provider, clock)
+    errors = await _fail_cold(cache, names)
+    assert all(type(e) is Unavailable for e in errors[:BREAKER_FAILURES])
+    assert all(isinstance(e, SourceFailing) for e in errors[BREAKER_FAILURES:])
+    assert sum(provider.calls.values()) == BREAKER_FAILURES  # the rest were never sent
+    refused = errors[-1]
+    assert isinstance(refused, SourceFailing)
+    assert refused.status == 503
+    assert "HTTP 500 from the store" in refused.message
+    assert refused.retry_after is not None and refused.retry_after >= 1
+    clock.advance(BREAKER_FIRST_WAIT)  # the first probe is due (rng 0.5: 3/4 of the wait)
+    provider.failures.clear()
+    entry, outcome = await cache.get(key("k0"))  # this read is the probe
+    assert (entry.record.text(), outcome) == ("k0", Outcome.MISS)
+    entry, outcome = await cache.get(key("k1"))  # closed again: an ordinary miss
+    assert outcome is Outcome.MISS
+
+
+async def test_open_breaker_sends_one_probe_at_a_time_spaced_by_its_backoff(provider, clock):
+    """While the source stays down, the open breaker lets one probe out per wait, the
+    wait doubling up to BREAKER_MAX_WAIT: a flood of callers is a trickle upstream."""
+    provider.failures.update({f"k{i}": Unavailable("down") for i in range(200)})
+    cache = make_cache(provider, clock)
+    await _fail_cold(cache, [f"k{i}" for i in range(BREAKER_FAILURES)])
+    sent = []
+    for step in range(120):  # 60 s of callers, 2 per 0.5 s
+        for i in range(2):
+            with pytest.raises(AgentError):
+                await cache.get(key(f"k{(step * 2 + i) % 200}"))
+        sent.append(sum(provider.calls.values()))
+        clock.advance(0.5)
+    probes = sent[-1] - BREAKER_FAILURES
+    # waits 0.5, 1, 2, 4, 4, ... (x 3/4 with rng 0.5): about 60 / 3 probes in 60 s
+    assert 10 <= probes <= 25
+    last_10s = sent[-1] - sent[-21]
+    assert last_10s <= 10 / (BREAKER_MAX_WAIT * 0.5) + 1
+
+
+async def test_probe_success_ends_every_entrys_backoff_for_the_source(provider, clock):
+    """Recovery follows the upstream: once a probe succeeds, entries that were backing
+    off after a long outage refresh on their next read instead of at their own retry_at."""
+    names = [f"k{i}" for i in range(20)]
+    for name in names:
+        provider.values[name] = name + "-old"
+    cache = make_cache(provider, clock, ttl=10, max_stale=1000)
+    for name in names:
+        await cache.get(key(name))
+    clock.advance(11)
+    for name in names:
+        provider.failures[name] = Unavailable("down")
+    for _ in range(60):  # a long outage: read everything once a second
+        for name in names:
+            entry, outcome = await cache.get(key(name))
+            assert outcome is Outcome.STALE
+        await asyncio.gather(*cache._inflight.values())
+        clock.advance(1)
+    assert max(e.retry_at for e in cache.entries()) > clock.now + 1  # backed off
+    for name in names:
+        del provider.failures[name]
+        provider.values[name] = name + "-new"
+    clock.advance(BREAKER_MAX_WAIT)  # the next probe is due
+    for _ in range(2):
+        for name in names:
+            await cache.get(key(name))
+        await asyncio.gather(*cache._inflight.values())
+    for name in names:
+        entry, outcome = await cache.get(key(name))
+        assert (entry.record.text(), outcome) == (name + "-new", Outcome.HIT)
+
+
+async def test_limiter_holds_do_not_open_the_breaker(provider, clock):
+    """A call our own limiter held back says nothing about the source's health."""
+    provider.failures.update({f"k{i}": HeldByLimiter("held") for i in range(20)})
+    cache = make_cache(provider, clock)
+    errors = await _fail_cold(cache, [f"k{i}" for i in range(20)])
+    assert all(type(e) is HeldByLimiter for e in errors)
+    assert sum(provider.calls.values()) == 20
