@@ -23,6 +23,7 @@ import aiohttp
 from kms_agent.errors import (
     AgentError,
     ConfigError,
+    HeldByLimiter,
     Unavailable,
     UpstreamTimeout,
 )
@@ -55,7 +56,7 @@ class TokenBucket:
     async def acquire(self, deadline: float | None = None) -> bool:
         """Take one token, waiting if needed. Returns whether the caller had to wait.
 
-        Raises UpstreamTimeout if the wait would end past ``deadline`` (a clock() value).
+        Raises HeldByLimiter if the wait would end past ``deadline`` (a clock() value).
         """
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
@@ -68,7 +69,7 @@ class TokenBucket:
         wait = -self._tokens / self.rate
         if deadline is not None and now + wait > deadline:
             self._tokens += 1
-            raise UpstreamTimeout(
+            raise HeldByLimiter(
                 f"the source's rate limit would hold this call {wait:.2f} s, past its deadline",
                 hint="raise rate_limit_qps (staying under the store's quota) or cache.ttl",
             )
@@ -154,12 +155,18 @@ def new_session(
     """One keep-alive session per source, TLS verified (against ``ca_file`` if given)."""
     context = ssl.create_default_context(cafile=ca_file)
     connector = aiohttp.TCPConnector(limit=limit, ssl=context, keepalive_timeout=30)
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout),
         raise_for_status=False,
         trust_env=False,
     )
+    # aiohttp re-sends an idempotent request (GET: Huawei, Vault) by itself after a reset,
+    # outside the limiter and the retry policy, doubling the load on a failing upstream.
+    # Every attempt on the wire must be one of ours; aiohttp's own test client turns it
+    # off the same way (there is no public switch).
+    session._retry_connection = False  # noqa: SLF001
+    return session
 
 
 def option(

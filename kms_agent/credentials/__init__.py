@@ -4,12 +4,15 @@ A source (static keys, an OIDC exchange, instance metadata) fetches :class:`Cred
 :class:`Refreshing` holds the current ones, refreshes them ``stale_before`` seconds before
 they expire in the background (callers keep using the current ones meanwhile), and only
 makes callers wait when the credentials are missing or about to expire. One refresh runs at
-a time: concurrent callers share it.
+a time: concurrent callers share it. A failed fetch is not repeated for a while (1 s,
+doubling to 15 s): callers get the same error meanwhile, or the current credentials while
+they have not expired, so a refusing STS or metadata service sees a trickle, not a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +31,9 @@ MUST_REFRESH_BEFORE = 60
 #: Background refreshes are at least this far apart (short-lived credentials would
 #: otherwise sit in their refresh window and be refreshed on every call).
 MIN_REFRESH_INTERVAL = 60
+#: After a failed fetch, the next is this long later, doubling per failure up to the cap.
+FAILED_RETRY_BASE = 1.0
+FAILED_RETRY_MAX = 15.0
 
 
 def credential_kind(
@@ -88,6 +94,11 @@ class Refreshing:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self._refreshed_at = -1e18
+        #: The last fetch's failure (None after a success), how many in a row, and when the
+        #: next fetch may run.
+        self._failure: AgentError | None = None
+        self._failures = 0
+        self._retry_at = -1e18
 
     @property
     def current(self) -> Credentials | None:
@@ -133,14 +144,23 @@ class Refreshing:
         async with self._lock:
             if self._current is not seen and self._current is not None:
                 return self._current  # someone refreshed while we waited for the lock
+            now = self._clock()
+            if self._failure is not None and now < self._retry_at:
+                if seen is not None and (seen.expiration is None or now < seen.expiration):
+                    return seen  # still valid: use it until the next attempt is due
+                raise copy.copy(self._failure)
             try:
                 fresh = await self._fetch()
-            except AgentError:
+            except AgentError as exc:
+                self._failed(exc)
                 raise
             except Exception as exc:
-                raise BadCredentials(
+                err = BadCredentials(
                     f"credentials for {self.name} could not be obtained ({type(exc).__name__})"
-                ) from exc
+                )
+                self._failed(err)
+                raise err from exc
+            self._failure, self._failures = None, 0
             self._current = fresh
             self._refreshed_at = self._clock()
             log.info(
@@ -153,6 +173,12 @@ class Refreshing:
                 else round(fresh.expiration - self._clock()),
             )
             return fresh
+
+    def _failed(self, exc: AgentError) -> None:
+        self._failure = exc
+        self._failures += 1
+        delay = min(FAILED_RETRY_MAX, FAILED_RETRY_BASE * 2.0 ** (self._failures - 1))
+        self._retry_at = self._clock() + delay
 
     async def _refresh_quietly(self) -> None:
         try:

@@ -4,6 +4,7 @@ credentials they keep fresh."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from kms_agent.credentials import Refreshing
-from kms_agent.errors import ConfigError
+from kms_agent.errors import AgentError, ConfigError, HeldByLimiter
 from kms_agent.providers import Changed
 from kms_agent.upstream import TokenBucket, UpstreamStats, new_session, option, with_retries
 
@@ -38,6 +39,9 @@ class CloudProvider:
         self.attempts = int(option(opts, "max_attempts", int, where, 4))
         self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
         self.stats = UpstreamStats()
+        #: The source's last transient failure and when (monotonic): what a call held back
+        #: by the limiter reports.
+        self._last_failure: tuple[float, AgentError | None] = (0.0, None)
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -51,15 +55,39 @@ class CloudProvider:
 
     async def _limited(self, attempt: Callable[[float], Awaitable[_T]]) -> _T:
         """Run ``attempt(remaining_seconds)`` under the quota limiter, retrying what is
-        retryable with jittered backoff, all inside ``timeout_seconds``."""
+        retryable with jittered backoff, all inside ``timeout_seconds``.
+
+        When the limiter would hold a call past its deadline while the source has just
+        failed, the caller is told what the source said, not only that our limiter held
+        the call: the limiter is full because of retries against a failing source."""
         deadline = time.monotonic() + self.timeout
 
         async def limited(remaining: float) -> _T:
-            if await self.limiter.acquire(deadline):
+            try:
+                waited = await self.limiter.acquire(deadline)
+            except HeldByLimiter as held:
+                raise self._masked(held) from None
+            if waited:
                 self.stats.rate_limited += 1
-            return await attempt(max(0.1, min(remaining, deadline - time.monotonic())))
+            try:
+                return await attempt(max(0.1, min(remaining, deadline - time.monotonic())))
+            except AgentError as exc:
+                if exc.transient:
+                    self._last_failure = (time.monotonic(), exc)
+                raise
 
         return await with_retries(limited, deadline=deadline, attempts=self.attempts)
+
+    def _masked(self, held: HeldByLimiter) -> AgentError:
+        """The source's own recent transient failure (within one deadline), as a fresh
+        error saying this call was held back; else the limiter's error itself."""
+        at, last = self._last_failure
+        if last is None or time.monotonic() - at > self.timeout:
+            return held
+        said = copy.copy(last)
+        said.message = f"{last.message} (this call was not sent: {held.message})"
+        said.args = (said.message,)
+        return said
 
     def credentials_expiry(self) -> float | None:
         return self.credentials.expiration
