@@ -44,6 +44,7 @@ from kms_agent.errors import (
     UpstreamError,
 )
 from kms_agent.model import SecretRecord
+from kms_agent.upstream import ONE_ATTEMPT
 
 log = structlog.get_logger("kms_agent.cache")
 
@@ -177,14 +178,20 @@ class Cache:
             return None
         self._entries.move_to_end(key)
         entry.read = True
-        if (
-            now >= entry.refresh_at
-            and now >= entry.retry_at
-            and key not in self._inflight
-            and self._may_call(key[0], now)
-        ):
+        if now >= entry.refresh_at and self._refresh_allowed(key, entry, now):
             self._start(key, background=True)
         return entry
+
+    def _refresh_allowed(self, key: Key, entry: Entry, now: float) -> bool:
+        """Whether a refresh-ahead of ``entry`` may go out now: not while one runs, its
+        back-off lasts, the source refused it for good lately (the negative cache), or the
+        source's breaker holds it."""
+        if now < entry.retry_at or key in self._inflight:
+            return False
+        negative = self._negatives.get(key)
+        if negative is not None and now < negative.until:
+            return False
+        return self._may_call(key[0], now)
 
     async def get(self, key: Key, *, force_refresh: bool = False) -> tuple[Entry, Outcome]:
         """The entry for ``key`` and how it was obtained; raises AgentError on failure."""
@@ -321,7 +328,15 @@ class Cache:
     def _start(
         self, key: Key, *, background: bool, forced: bool = False
     ) -> asyncio.Task[Entry | AgentError]:
-        task = asyncio.get_running_loop().create_task(self._run_fetch(key, background, forced))
+        health = self._health.get(key[0])
+        # With the breaker open, a fetch started is its probe (_may_call let it out): one
+        # attempt, no retries. The task takes a copy of this context when created.
+        probe = ONE_ATTEMPT.set(True) if health is not None and health.open else None
+        try:
+            task = asyncio.get_running_loop().create_task(self._run_fetch(key, background, forced))
+        finally:
+            if probe is not None:
+                ONE_ATTEMPT.reset(probe)
         self._inflight[key] = task
         return task
 
@@ -440,7 +455,7 @@ class Cache:
                 dead.append(key)
             elif key in self._inflight:
                 continue
-            elif entry.read and now >= entry.refresh_at and now >= entry.retry_at:
+            elif entry.read and now >= entry.refresh_at and self._refresh_allowed(key, entry, now):
                 self._start(key, background=True)
                 started += 1
         for key in dead:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import json
 import random
@@ -29,6 +30,10 @@ from kms_agent.errors import (
 )
 
 _T = TypeVar("_T")
+
+#: Set (by the cache) in a call that probes a failing source: one attempt, no retries —
+#: a probe asks whether the source is back, and a failed first attempt answers that.
+ONE_ATTEMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("one_attempt", default=False)
 
 
 @dataclass(slots=True)
@@ -95,7 +100,10 @@ async def with_retries(
     retryable: Callable[[AgentError], bool] = lambda e: e.transient,
     clock: Callable[[], float] = time.monotonic,
 ) -> _T:
-    """Run ``call(remaining_seconds)``; retry retryable errors with backoff, inside the deadline."""
+    """Run ``call(remaining_seconds)``; retry retryable errors with backoff, inside the
+    deadline (no retries in a probe, see :data:`ONE_ATTEMPT`)."""
+    if ONE_ATTEMPT.get():
+        attempts = 1
     delays = backoff_delays(base, cap)
     for attempt in range(1, attempts + 1):
         remaining = deadline - clock()

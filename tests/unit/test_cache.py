@@ -20,6 +20,7 @@ from kms_agent.errors import (
     SourceFailing,
     Unavailable,
 )
+from kms_agent.upstream import ONE_ATTEMPT
 from tests.conftest import PLANTED, FakeClock, ScriptedProvider
 
 NO_JITTER = CacheConfig(jitter=0.0)
@@ -586,3 +587,63 @@ async def test_limiter_holds_do_not_open_the_breaker(provider, clock):
     errors = await _fail_cold(cache, [f"k{i}" for i in range(20)])
     assert all(type(e) is HeldByLimiter for e in errors)
     assert sum(provider.calls.values()) == 20
+
+
+async def test_refresh_ahead_sends_nothing_while_the_breaker_is_open(provider, clock):
+    """The maintenance tick's refresh-ahead obeys the breaker like callers do: with the
+    source down, read entries in their refresh window are not each refreshed every tick."""
+    names = [f"k{i}" for i in range(20)]
+    for name in names:
+        provider.values[name] = name
+    cache = make_cache(provider, clock, ttl=10, max_stale=1000)
+    for name in names:
+        await cache.get(key(name))
+    for name in names:
+        provider.failures[name] = Unavailable("down")
+    clock.advance(9)  # every entry is in its refresh window
+    for name in names[:BREAKER_FAILURES]:
+        await cache.get(key(name))  # read: starts its refresh-ahead, which fails
+    await asyncio.gather(*cache._inflight.values())
+    for name in names[BREAKER_FAILURES:]:
+        await cache.get(key(name))  # read, but the breaker is open: no refresh yet
+    before = sum(provider.calls.values())
+    for _ in range(10):  # 10 ticks within BREAKER_FIRST_WAIT: the breaker is open
+        clock.advance(BREAKER_FIRST_WAIT / 20)
+        cache.refresh_due()
+        await asyncio.gather(*cache._inflight.values())
+    assert sum(provider.calls.values()) - before <= 1
+
+
+async def test_a_probe_is_one_attempt(provider, clock):
+    """The open breaker's probe asks once: the provider runs it with ONE_ATTEMPT set (no
+    retries), while ordinary fetches may retry."""
+    seen: list[bool] = []
+    fetch = provider.fetch
+
+    async def recording(k):
+        seen.append(ONE_ATTEMPT.get())
+        return await fetch(k)
+
+    provider.failures.update({f"k{i}": Unavailable("down") for i in range(BREAKER_FAILURES + 1)})
+    cache = Cache(recording, CacheConfig(jitter=0.0), clock=clock, rng=lambda: 0.5)
+    await _fail_cold(cache, [f"k{i}" for i in range(BREAKER_FAILURES)])
+    clock.advance(BREAKER_FIRST_WAIT)
+    await _fail_cold(cache, [f"k{BREAKER_FAILURES}"])
+    assert seen == [False] * BREAKER_FAILURES + [True]
+
+
+async def test_refresh_ahead_waits_out_a_permanent_refusal(provider, clock):
+    """A secret the source refuses for good (bad credentials keep the entry until it
+    expires) is not refreshed again on every read of its refresh window: the negative
+    cache spaces the refresh-ahead too."""
+    provider.values["a"] = "1"
+    cache = make_cache(provider, clock, ttl=10, negative_ttl=5)
+    await cache.get(key("a"))
+    provider.failures["a"] = BadCredentials("refused")
+    clock.advance(8.5)  # in the refresh window
+    for _ in range(20):
+        _entry, outcome = await cache.get(key("a"))
+        assert outcome is Outcome.HIT
+        await asyncio.gather(*cache._inflight.values())
+        clock.advance(0.05)
+    assert provider.calls["a"] == 2  # the first read and one refresh

@@ -4,6 +4,7 @@ credential fetches backed off, and a call held by the limiter reports the source
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import FAILED_RETRY_BASE, FAILED_RETRY_MAX, Credentials, Refreshing
 from kms_agent.errors import BadCredentials, HeldByLimiter, Unavailable, UpstreamTimeout
 from kms_agent.providers.vault import Provider as VaultProvider
+from kms_agent.upstream import ONE_ATTEMPT, with_retries
 from tests.conftest import FakeClock
 
 
@@ -67,7 +69,7 @@ async def test_failed_credential_fetches_are_backed_off():
             with pytest.raises(BadCredentials, match="refused the role"):
                 await creds.get()
         clock.advance(1)
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert len(calls) <= 6  # at 0, 1, 3, 7, 15, 30 at most
     assert gaps[0] >= FAILED_RETRY_BASE
     assert all(g <= FAILED_RETRY_MAX + 1 for g in gaps)
@@ -113,9 +115,7 @@ async def test_a_call_held_by_the_limiter_reports_what_the_source_said(aiohttp_s
     app = web.Application()
     app.router.add_get("/{tail:.*}", broken)
     server = await aiohttp_server(app)
-    provider = vault(
-        str(server.make_url("")).rstrip("/"), rate_limit_qps=1, timeout_seconds=0.5
-    )
+    provider = vault(str(server.make_url("")).rstrip("/"), rate_limit_qps=1, timeout_seconds=0.5)
     try:
         results = await asyncio.gather(
             *(provider.get(f"s{i}") for i in range(6)), return_exceptions=True
@@ -127,3 +127,23 @@ async def test_a_call_held_by_the_limiter_reports_what_the_source_said(aiohttp_s
     assert held, results
     assert all("storage backend down" in r.message for r in held)
     assert not any(type(r) is HeldByLimiter for r in results)
+
+
+async def test_with_retries_makes_one_attempt_in_a_probe():
+    """Inside a probe (ONE_ATTEMPT set), a transient failure is not retried."""
+    calls = 0
+
+    async def failing(remaining: float) -> None:
+        nonlocal calls
+        calls += 1
+        raise Unavailable("down")
+
+    for probe, expected in ((False, 3), (True, 1)):
+        calls = 0
+        token = ONE_ATTEMPT.set(probe)
+        try:
+            with pytest.raises(Unavailable):
+                await with_retries(failing, deadline=time.monotonic() + 5, attempts=3, base=0.001)
+        finally:
+            ONE_ATTEMPT.reset(token)
+        assert calls == expected
