@@ -10,6 +10,7 @@ the server refuses them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -91,6 +92,9 @@ class Provider(CloudProvider):
         self._secret_id_file = option(opts, "secret_id_file", str, where, None)
         self._role = option(opts, "role", str, where, None)
         self._jwt_file = str(option(opts, "jwt_file", str, where, K8S_JWT))
+        #: KV v2 answers carry no path: a crossed answer (another secret's) is caught by
+        #: reading the version's metadata beside it and comparing (a second call a fetch).
+        self.verify_answers = bool(option(opts, "verify_answers", bool, where, default=True))
         self._limits(opts, where, default_qps=100.0)
         self.ca_file = option(opts, "ca_file", str, where, None)
         if opts:
@@ -245,10 +249,18 @@ class Provider(CloudProvider):
         elif version is None and stage:
             raise InvalidUpstreamRequest(f"Vault has no stage {version_stage!r}; use a version id")
         query = f"?version={version}" if version else ""
-        body = await self._call(f"/v1/{self.mount}/data/{path}{query}", name)
+        read = self._call(f"/v1/{self.mount}/data/{path}{query}", name)
+        if self.verify_answers:
+            body, listing = await asyncio.gather(
+                read, self._call(f"/v1/{self.mount}/metadata/{path}", name)
+            )
+        else:
+            body, listing = await read, None
         try:
             data = body["data"]["data"]
             meta = body["data"]["metadata"]
+            if listing is not None:
+                self._check_answer(name, version, meta, listing["data"])
             stages = (self.stages.current,) if version is None else ()
             return SecretRecord(
                 name=name,
@@ -261,6 +273,23 @@ class Provider(CloudProvider):
             )
         except (KeyError, TypeError) as exc:
             raise Unavailable(f"Vault answered without {exc!s:.40}") from None
+
+    @staticmethod
+    def _check_answer(
+        name: str, asked: str | None, meta: dict[str, Any], listing: dict[str, Any]
+    ) -> None:
+        """Raise Unavailable unless the data answer is the version ``listing`` (the path's
+        metadata, read beside it) says it is: the version asked for, or the current one,
+        created at the same instant."""
+        version = str(meta["version"])
+        expected = asked if asked is not None else str(listing["current_version"])
+        created = (listing.get("versions") or {}).get(version, {}).get("created_time")
+        if version != expected or created != meta.get("created_time"):
+            raise Unavailable(
+                f"Vault answered for {name!r} with a version its metadata does not have "
+                "(another secret's answer, or a write in between); the answer was not used",
+                hint="if this repeats, something between the agent and Vault crosses answers",
+            )
 
     async def describe(self, name: str) -> SecretMetadata:
         body = await self._call(f"/v1/{self.mount}/metadata/{self._path(name)}", name)
