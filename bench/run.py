@@ -62,6 +62,15 @@ MINIMAL = textwrap.dedent(
 )
 
 
+def fill_name(i: int) -> str:
+    """The name of the ``i``-th secret ``Servers.start_agent(fill=...)`` writes (1 KiB each)."""
+    return f"fill/s{i}"
+
+
+def fill_value() -> bytes:
+    return os.urandom(512).hex().encode()
+
+
 def free_port() -> int:
     import socket
 
@@ -162,7 +171,7 @@ class Servers:
         store.put(NAME, VALUE.encode())
         store.put(NAME + "-cold", VALUE.encode())
         for i in range(fill):
-            store.put(f"fill/s{i}", os.urandom(512).hex().encode())
+            store.put(fill_name(i), fill_value())
         env = {**os.environ, "KMS_TOKEN": TOKEN, "KMS_AGENT_DATA_DIR": str(data),
                "KMS_AGENT_RUNTIME_DIR": str(self.tmp / f"{name}-run"),
                "KMS_AGENT_METRICS_LISTEN": f"127.0.0.1:{metrics}",
@@ -187,6 +196,17 @@ class Servers:
         self.urls[name + "-varying"] = self.urls[name]  # the same agent, varying requests
         self.cpu_pids[name + "-varying"] = [proc.pid]
         return ready
+
+    def start_moto(self) -> str:
+        """moto's server (AWS Secrets Manager, any credentials accepted) on loopback; its URL."""
+        port = free_port()
+        moto_bin = Path(sys.executable).parent / "moto_server"
+        proc = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.procs["moto"] = proc
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/moto-api/")
+        return url
 
     def body(self) -> bytes:
         req = urllib.request.Request(self.urls["agent"], headers={"X-Aws-Parameters-Secrets-Token": TOKEN})
@@ -254,15 +274,17 @@ def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, s
     return {k: {m: statistics.median(s[m] for s in v) for m in v[0]} for k, v in samples.items()}
 
 
+def upstream_calls(metrics: str) -> float:
+    """Upstream calls the agent has made, all sources and results, from its metrics."""
+    text = urllib.request.urlopen(metrics).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kms_agent_upstream_requests_total{"))  # fmt: skip
+
+
 async def herd(url: str, metrics: str) -> int:
     import aiohttp
 
-    def upstream_calls() -> float:
-        text = urllib.request.urlopen(metrics).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("kms_agent_upstream_requests_total{"))  # fmt: skip
-
-    before = upstream_calls()
+    before = upstream_calls(metrics)
     cold = url.replace(NAME, NAME + "-cold")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
@@ -273,7 +295,7 @@ async def herd(url: str, metrics: str) -> int:
 
         statuses = await asyncio.gather(*(one() for _ in range(1000)))
     assert set(statuses) == {200}, set(statuses)
-    return int(upstream_calls() - before)
+    return int(upstream_calls(metrics) - before)
 
 
 async def fill(url: str, count: int, concurrency: int) -> None:
@@ -283,7 +305,7 @@ async def fill(url: str, count: int, concurrency: int) -> None:
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
-            async with sem, s.get(url.replace(NAME, f"fill/s{i}"),
+            async with sem, s.get(url.replace(NAME, fill_name(i)),
                                   headers={"X-Aws-Parameters-Secrets-Token": TOKEN}) as r:  # fmt: skip
                 await r.read()
 
@@ -388,13 +410,8 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         from aws_secretsmanager_caching import SecretCache
     except ImportError:
         return {"skipped": "pip install '.[bench]' (boto3, aws-secretsmanager-caching)"}
-    moto = free_port()
-    moto_bin = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(moto)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    servers.procs["moto"] = proc
-    wait_http(f"http://127.0.0.1:{moto}/moto-api/")
-    client = boto3.client("secretsmanager", endpoint_url=f"http://127.0.0.1:{moto}",
+    moto = servers.start_moto()
+    client = boto3.client("secretsmanager", endpoint_url=moto,
                           region_name="us-east-1", aws_access_key_id="bench",
                           aws_secret_access_key="bench")  # fmt: skip
     client.create_secret(Name=NAME, SecretString=VALUE)
