@@ -318,13 +318,13 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     The upstream is the Alibaba KMS emulator (signatures checked) in its own process; the
     direct call uses the agent's own provider code and HTTP client from this process, so the
     difference is what the agent adds on a miss: HTTP in, routing, cache, single flight.
-    The agent is asked through kms_agent.client (a blocking call: nothing else runs here
+    The agent is asked through kms_agent_client (a blocking call: nothing else runs here
     meanwhile), and through an aiohttp client session, whose own cost is in its figure."""
     import aiohttp
 
     from kms_agent import providers
-    from kms_agent.client import Client
     from kms_agent.config import load
+    from kms_agent_client import Client
 
     port = free_port()
     emu = subprocess.Popen(
@@ -446,8 +446,8 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         return call
 
     def ours(name: str):
-        """kms_agent.client: keep-alive, request bytes built once, llhttp for the answer."""
-        from kms_agent.client import Client
+        """kms_agent_client: keep-alive, request bytes built once, llhttp for the answer."""
+        from kms_agent_client import Client
 
         agent = Client(servers.urls[name + ":base"].removeprefix("http://"), token=TOKEN)
 
@@ -578,9 +578,9 @@ def report_speed(results: dict) -> None:
               f"parsed {pc['agent_json_us']:.0f} us"
               + (f", agent before ({results.get('before')}) {pc['agent_before_raw_us']:.0f} us" if "agent_before_raw_us" in pc else "")
               + "; "
-              f"kms_agent.client: agent {pc['agent_client_us']:.0f} us; "
+              f"kms_agent_client: agent {pc['agent_client_us']:.0f} us; "
               f"aws-secretsmanager-caching hit {pc['library_hit_us']:.0f} us (agent / library: "
-              f"http.client {pc['agent_raw_vs_library']:.2f}, kms_agent.client {pc['agent_client_vs_library']:.2f})")
+              f"http.client {pc['agent_raw_vs_library']:.2f}, kms_agent_client {pc['agent_client_vs_library']:.2f})")
     m = results["miss"]
     print(f"cold miss over the Alibaba emulator: agent p50 {m['agent_p50_ms']:.2f} ms, direct call p50 "
           f"{m['direct_p50_ms']:.2f} ms -> agent overhead {m['overhead_p50_ms']:.2f} ms ({m['samples']} each; "

@@ -21,10 +21,12 @@ import structlog
 
 from kms_agent.config import AuthConfig
 from kms_agent.errors import ConfigError, Forbidden, Unauthorized
+from kms_agent_client import TOKEN_FILE
 
 log = structlog.get_logger("kms_agent.auth")
 
-TOKEN_FILE_NAME = "token"  # noqa: S105 (a file name)
+#: The client looks for it under the same name (one copy, in the client).
+TOKEN_FILE_NAME = TOKEN_FILE
 #: Shorter tokens are refused; tokens shorter than the recommended length are warned
 #: about (the AWS agent takes any, and its own tests use 14 characters).
 MIN_TOKEN_LENGTH = 8

@@ -20,10 +20,10 @@ from typing import Any
 from kms_agent import __version__
 from kms_agent import config as config_mod
 from kms_agent.auth import TOKEN_FILE_NAME, new_token, token_variable
-from kms_agent.client import Client, ClientError, read_token_file
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
 from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
+from kms_agent_client import Client, ClientError, read_token_file
 
 EXIT_OK = 0
 EXIT_FAIL = 1  # not found, or the operation was refused

@@ -17,16 +17,24 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from kms_agent.errors import ConfigError
 from kms_agent.grammar import DIALECTS
+from kms_agent_client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_HEADER,
+    TOKEN_ENV,
+    default_data_dir,
+    default_runtime_dir,
+)
 
 ENV_PREFIX = "KMS_AGENT_"
 ENV_CONFIG = "KMS_AGENT_CONFIG"
 
-DEFAULT_LISTEN = "127.0.0.1:2025"
+#: The address, first header and first variable are the client's defaults (one copy each).
+DEFAULT_LISTEN = DEFAULT_ADDRESS
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9125"
-DEFAULT_TOKEN_HEADERS = ("X-KMS-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
+DEFAULT_TOKEN_HEADERS = (DEFAULT_HEADER, "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 #: Read in this order; the first that is set holds the token (or ``file://PATH``).
 DEFAULT_TOKEN_ENV = (
-    "KMS_TOKEN",
+    TOKEN_ENV,
     "KMS_SESSION_TOKEN",
     "KMS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_TOKEN",
@@ -409,16 +417,6 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def default_data_dir(environ: Mapping[str, str]) -> str:
-    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "kms-agent")
-
-
-def default_runtime_dir(environ: Mapping[str, str], data_dir: str) -> str:
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    return str(Path(runtime) / "kms-agent") if runtime else data_dir
-
-
 def load(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -467,7 +465,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     listeners = cfg.server.listeners
     if not listeners:
-        raise ConfigError('server.listen: give at least one listener, like "127.0.0.1:2025"')
+        raise ConfigError(f'server.listen: give at least one listener, like "{DEFAULT_LISTEN}"')
     for i, (_, address) in enumerate(listeners):
         if not address.is_loopback and not cfg.server.allow_non_loopback:
             raise ConfigError(

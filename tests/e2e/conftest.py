@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,17 @@ START_TIMEOUT = 20.0
 
 
 class AgentProcess:
-    """One ``kms-agent run`` process with its own data and runtime dirs."""
+    """One ``kms-agent run`` process with its own data and runtime dirs. ``command`` is how
+    ``kms-agent`` is started (by default this interpreter's ``-m kms_agent``)."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "kms_agent"),
+    ) -> None:
         self.root = root
+        self.command = list(command)
         base = {k: v for k, v in os.environ.items() if not k.startswith("KMS_AGENT_")}
         for var in DEFAULT_TOKEN_ENV:
             base.pop(var, None)
@@ -48,7 +55,7 @@ class AgentProcess:
     def cli(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None):
         """Run a ``kms-agent`` command with this agent's environment."""
         return subprocess.run(
-            [sys.executable, "-m", "kms_agent", *args],
+            [*self.command, *args],
             input=stdin,
             capture_output=True,
             env={**self.env, **(env or {})},
@@ -56,9 +63,10 @@ class AgentProcess:
             check=False,
         )
 
-    def start(self, *args: str, listen: str = "127.0.0.1:0") -> AgentProcess:
+    def start(self, *args: str, listen: str | None = "127.0.0.1:0") -> AgentProcess:
+        """Start ``run`` (with ``--listen`` unless ``listen`` is None) and wait until ready."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kms_agent", *args, "run", "--listen", listen],
+            [*self.command, *args, "run", *(("--listen", listen) if listen else ())],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""kms_agent.client against a running agent: values, errors, keep-alive, reconnects, tokens.
+"""kms_agent_client against a running agent: values, errors, keep-alive, reconnects, tokens.
 
 The client blocks, the agent runs on the test's event loop: every call goes through
 ``asyncio.to_thread``.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kms_agent.client import Client, ClientError
 from kms_agent.store import LocalStore
+from kms_agent_client import Client, ClientError
 from tests.conftest import PLANTED, TOKEN, running_agent
 
 
