@@ -26,7 +26,9 @@ rules around it live here:
   :data:`UNKNOWN_KID_REFETCH_INTERVAL`, shared by every concurrent caller. A caller without
   a valid token can therefore never make the agent hammer the API server.
 
-Error messages and reprs never carry the token nor any claim but the principal.
+Error messages and reprs never carry the token nor any claim but the principal. The
+online alternative, asking the API server (TokenReview), is :mod:`kms_agent.k8s_tokenreview`;
+it shares :class:`TokenCache`, :func:`service_account_of` and :func:`make_identity`.
 Everything here runs on one event loop; nothing is thread-safe.
 """
 
@@ -42,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import jwt
@@ -60,6 +62,7 @@ from kms_agent.errors import (
 from kms_agent.upstream import check_endpoint, mapped_errors, new_session
 
 log = structlog.get_logger("kms_agent.k8s_identity")
+_V = TypeVar("_V")
 
 #: Allowed clock skew between the agent and the API server, for ``exp``, ``nbf``, ``iat``.
 CLOCK_LEEWAY = 30.0
@@ -85,9 +88,9 @@ JWKS_RETRY_INTERVAL = 30.0
 #: Larger JWKS documents and tokens are refused unread.
 JWKS_MAX_BYTES = 256 * 1024
 MAX_TOKEN_BYTES = 16 * 1024
-#: Timeouts of the JWKS fetch (seconds).
-JWKS_CONNECT_TIMEOUT = 5.0
-JWKS_TOTAL_TIMEOUT = 10.0
+#: Timeouts of calls to the API server (seconds).
+API_CONNECT_TIMEOUT = 5.0
+API_TOTAL_TIMEOUT = 10.0
 
 #: In a pod: where the API server publishes its JWKS, and the pod's own credentials.
 IN_CLUSTER_JWKS_URL = "https://kubernetes.default.svc/openid/v1/jwks"
@@ -173,6 +176,29 @@ def cache_max_age(values: Iterable[str]) -> float:
     if age is None:
         age = JWKS_DEFAULT_MAX_AGE
     return min(JWKS_MAX_MAX_AGE, max(JWKS_MIN_MAX_AGE, age))
+
+
+def agent_bearer(token_file: Path) -> str:
+    """The agent's own service-account token, read afresh (the kubelet rotates it)."""
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadCredentials(
+            f"cannot read the agent's service-account token file {token_file} "
+            f"({type(exc).__name__})"
+        ) from None
+    if not token:
+        raise BadCredentials(f"the agent's service-account token file {token_file} is empty")
+    return token
+
+
+def api_session(ca_file: Path | None) -> aiohttp.ClientSession:
+    """A session to the API server, TLS verified against the cluster's CA file."""
+    return new_session(
+        connect_timeout=API_CONNECT_TIMEOUT,
+        total_timeout=API_TOTAL_TIMEOUT,
+        ca_file=str(ca_file) if ca_file is not None else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,13 +436,9 @@ class JwksSource:
         try:
             headers = {"Accept": "application/json"}
             if self._token_file is not None:
-                headers["Authorization"] = "Bearer " + self._bearer()
+                headers["Authorization"] = "Bearer " + agent_bearer(self._token_file)
             if self._session is None:
-                self._session = new_session(
-                    connect_timeout=JWKS_CONNECT_TIMEOUT,
-                    total_timeout=JWKS_TOTAL_TIMEOUT,
-                    ca_file=str(self._ca_file) if self._ca_file is not None else None,
-                )
+                self._session = api_session(self._ca_file)
             with mapped_errors(what):
                 async with self._session.get(
                     self._url, headers=headers, allow_redirects=False
@@ -442,21 +464,6 @@ class JwksSource:
             raise self._failed(exc) from None
         return self._adopt(keys)
 
-    def _bearer(self) -> str:
-        assert self._token_file is not None
-        try:
-            token = self._token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadCredentials(
-                f"cannot read the agent's service-account token file {self._token_file} "
-                f"({type(exc).__name__})"
-            ) from None
-        if not token:
-            raise BadCredentials(
-                f"the agent's service-account token file {self._token_file} is empty"
-            )
-        return token
-
     def _adopt(self, keys: KeySet) -> KeySet:
         old = self._keys
         self._keys = keys
@@ -474,12 +481,61 @@ class JwksSource:
         return exc
 
 
-@dataclass(slots=True)
+class TokenCache(Generic[_V]):
+    """Answers about tokens, keyed by the token's SHA-256 (:meth:`key`), each until its own
+    time. Bounded: when full, expired entries go first, then the oldest until at most 90 %
+    are left, so a full cache is swept once per tenth of its size, not on every insert."""
+
+    __slots__ = ("_entries", "_max")
+
+    def __init__(self, max_entries: int = VERIFIED_CACHE_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ConfigError("a token cache needs at least one entry")
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[float, _V]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"TokenCache({len(self._entries)}/{self._max})"
+
+    @staticmethod
+    def key(token: bytes) -> bytes:
+        return hashlib.sha256(token).digest()
+
+    def get(self, key: bytes, now: float) -> _V | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        if now < hit[0]:
+            return hit[1]
+        del self._entries[key]
+        return None
+
+    def put(self, key: bytes, value: _V, until: float, now: float) -> None:
+        entries = self._entries
+        if len(entries) >= self._max and key not in entries:
+            live = {k: e for k, e in entries.items() if e[0] > now}
+            excess = len(live) - (self._max - max(1, self._max // 10))
+            for k in list(live)[: max(excess, 0)]:
+                del live[k]
+            self._entries = entries = live
+        entries[key] = (until, value)
+
+    def retain(self, keep: Callable[[_V], bool]) -> None:
+        """Drop every entry whose value ``keep`` refuses."""
+        self._entries = {k: e for k, e in self._entries.items() if keep(e[1])}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass(frozen=True, slots=True)
 class _Verified:
     identity: K8sIdentity
     kid: str
     ref: bytes
-    valid_until: float
 
 
 def _timestamp(claims: Mapping[str, Any], name: str) -> float:
@@ -489,22 +545,20 @@ def _timestamp(claims: Mapping[str, Any], name: str) -> float:
     return float(value)
 
 
-def _optional_name(claim: Mapping[str, Any], member: str, pattern: re.Pattern[str]) -> str | None:
-    """``claim[member]["name"|"uid"]``-style optional strings, shape-checked for the log."""
-    value = claim.get(member)
+def _checked(value: object, pattern: re.Pattern[str]) -> str | None:
+    """An optional pod, node or uid string, shape-checked: it goes into the log line."""
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > _SUBDOMAIN_MAX or not pattern.fullmatch(value):
-        raise Forbidden("the token's kubernetes.io claim is malformed", hint=_HINT_PROJECT)
+        raise Forbidden("the token's pod or node is malformed", hint=_HINT_PROJECT)
     return value
 
 
-def _identity_of(claims: Mapping[str, Any], expires_at: float) -> K8sIdentity:
-    """The caller named by verified claims; ``sub`` and ``kubernetes.io`` must agree."""
-    sub = claims["sub"]
-    if not isinstance(sub, str) or not sub.startswith(SA_SUBJECT_PREFIX):
+def service_account_of(subject: object) -> tuple[str, str]:
+    """``(namespace, name)`` of ``system:serviceaccount:<namespace>:<name>``, or Forbidden."""
+    if not isinstance(subject, str) or not subject.startswith(SA_SUBJECT_PREFIX):
         raise Forbidden("the token's subject is not a service account", hint=_HINT_PROJECT)
-    parts = sub[len(SA_SUBJECT_PREFIX) :].split(":")
+    parts = subject[len(SA_SUBJECT_PREFIX) :].split(":")
     if (
         len(parts) != 2
         or not _LABEL.fullmatch(parts[0])
@@ -515,8 +569,34 @@ def _identity_of(claims: Mapping[str, Any], expires_at: float) -> K8sIdentity:
             "the token's subject is not system:serviceaccount:<namespace>:<name>",
             hint=_HINT_PROJECT,
         )
-    namespace, account = parts
-    principal = f"{PRINCIPAL_PREFIX}:{namespace}:{account}"
+    return parts[0], parts[1]
+
+
+def make_identity(
+    namespace: str,
+    account: str,
+    *,
+    pod: object,
+    pod_uid: object,
+    node: object,
+    expires_at: float,
+) -> K8sIdentity:
+    """The identity of a service account (as :func:`service_account_of` returned it), with
+    its pod, pod uid and node checked to be None or well-formed names."""
+    return K8sIdentity(
+        principal=f"{PRINCIPAL_PREFIX}:{namespace}:{account}",
+        namespace=namespace,
+        service_account=account,
+        pod=_checked(pod, _SUBDOMAIN),
+        pod_uid=_checked(pod_uid, _UID),
+        node=_checked(node, _SUBDOMAIN),
+        expires_at=expires_at,
+    )
+
+
+def _identity_of(claims: Mapping[str, Any], expires_at: float) -> K8sIdentity:
+    """The caller named by verified claims; ``sub`` and ``kubernetes.io`` must agree."""
+    namespace, account = service_account_of(claims["sub"])
     k8s = claims["kubernetes.io"]
     sa = k8s.get("serviceaccount") if isinstance(k8s, dict) else None
     if (
@@ -526,22 +606,20 @@ def _identity_of(claims: Mapping[str, Any], expires_at: float) -> K8sIdentity:
         or sa.get("name") != account
     ):
         raise Forbidden(
-            f"the token's subject ({principal}) and its kubernetes.io claim disagree",
+            f"the token's subject ({PRINCIPAL_PREFIX}:{namespace}:{account}) and its "
+            "kubernetes.io claim disagree",
             hint="the token was not issued by kube-apiserver as it is; refuse it",
         )
-    pod = k8s.get("pod")
-    node = k8s.get("node")
-    if (pod is not None and not isinstance(pod, dict)) or (
-        node is not None and not isinstance(node, dict)
-    ):
-        raise Forbidden("the token's kubernetes.io claim is malformed", hint=_HINT_PROJECT)
-    return K8sIdentity(
-        principal=principal,
-        namespace=namespace,
-        service_account=account,
-        pod=_optional_name(pod, "name", _SUBDOMAIN) if pod else None,
-        pod_uid=_optional_name(pod, "uid", _UID) if pod else None,
-        node=_optional_name(node, "name", _SUBDOMAIN) if node else None,
+    pod = k8s.get("pod") or {}
+    node = k8s.get("node") or {}
+    if not isinstance(pod, dict) or not isinstance(node, dict):
+        raise Forbidden("the token's pod or node is malformed", hint=_HINT_PROJECT)
+    return make_identity(
+        namespace,
+        account,
+        pod=pod.get("name"),
+        pod_uid=pod.get("uid"),
+        node=node.get("name"),
         expires_at=expires_at,
     )
 
@@ -598,16 +676,13 @@ class ServiceAccountVerifier:
                 f"service-account algorithms: {', '.join(refused) or 'none given'} not allowed; "
                 f"choose from {allowed}"
             )
-        if cache_entries < 1:
-            raise ConfigError("the verified-token cache needs at least one entry")
         self.issuer = issuer
         self.audiences = audiences
         self.algorithms = frozenset(algorithms)
         self._audience_list = list(audiences)
         self._jwks = jwks
         self._clock = clock
-        self._max_entries = cache_entries
-        self._verified: dict[bytes, _Verified] = {}
+        self._verified: TokenCache[_Verified] = TokenCache(cache_entries)
         self._keys_seen: KeySet | None = None
 
     def __repr__(self) -> str:
@@ -639,12 +714,10 @@ class ServiceAccountVerifier:
         keys = self._jwks.current()
         if keys is not self._keys_seen:
             self._adopt(keys)
-        digest = hashlib.sha256(token).digest()
-        hit = self._verified.get(digest)
+        digest = TokenCache.key(token)
+        hit = self._verified.get(digest, self._clock())
         if hit is not None:
-            if self._clock() < hit.valid_until:
-                return hit.identity
-            del self._verified[digest]
+            return hit.identity
         return self._verify_signed(token, digest, keys)
 
     async def verify_async(self, token: bytes) -> K8sIdentity:
@@ -673,7 +746,7 @@ class ServiceAccountVerifier:
             self._verified.clear()
         else:
             refs = keys.refs
-            self._verified = {d: v for d, v in self._verified.items() if refs.get(v.kid) == v.ref}
+            self._verified.retain(lambda v: refs.get(v.kid) == v.ref)
         self._keys_seen = keys
 
     def _verify_signed(self, token: bytes, digest: bytes, keys: KeySet | None) -> K8sIdentity:
@@ -731,19 +804,5 @@ class ServiceAccountVerifier:
                 f"the service-account token of {identity.principal} is not valid yet",
                 hint="check the clocks of this node and the API server",
             )
-        self._remember(digest, _Verified(identity, kid, keys.refs[kid], valid_until), now)
+        self._verified.put(digest, _Verified(identity, kid, keys.refs[kid]), valid_until, now)
         return identity
-
-    def _remember(self, digest: bytes, entry: _Verified, now: float) -> None:
-        cache = self._verified
-        if len(cache) >= self._max_entries and digest not in cache:
-            # Expired entries go first, then the oldest until at most 90 % are left, so a
-            # full cache is swept once per tenth of its size, not on every insert.
-            live = {d: v for d, v in cache.items() if v.valid_until > now}
-            floor = self._max_entries - max(1, self._max_entries // 10)
-            excess = len(live) - floor
-            if excess > 0:
-                for d in list(live)[:excess]:
-                    del live[d]
-            self._verified = cache = live
-        cache[digest] = entry

@@ -325,6 +325,24 @@ def test_subject_and_kubernetes_claim_must_agree(verifier, clock):
         assert "subject" in refusal(verifier, mint(sa_claims(now, sub=sub))).message
 
 
+def test_malformed_pod_or_node_is_refused(verifier, clock):
+    """Pod and node names go into the log line: a name that is not a DNS subdomain (a
+    newline, upper case, a non-string) or a pod claim that is not an object is refused."""
+    for pod in (
+        {"name": "api\nlevel=admin", "uid": "1"},
+        {"name": "API", "uid": "1"},
+        {"name": 7, "uid": "1"},
+        {"name": "api", "uid": "not a uid"},
+        "api",
+    ):
+        claims = sa_claims(clock())
+        claims["kubernetes.io"] = {**claims["kubernetes.io"], "pod": pod}
+        assert "malformed" in refusal(verifier, mint(claims)).message
+    claims = sa_claims(clock())
+    claims["kubernetes.io"] = {**claims["kubernetes.io"], "node": {"name": "a b"}}
+    assert "malformed" in refusal(verifier, mint(claims)).message
+
+
 @pytest.mark.parametrize("claim", ["exp", "iat", "nbf", "iss", "aud", "sub", "kubernetes.io"])
 def test_required_claims(verifier, clock, claim):
     """A token lacking any claim kube-apiserver always sets is refused, naming the claim."""
