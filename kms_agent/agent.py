@@ -23,6 +23,7 @@ import structlog
 from kms_agent import providers
 from kms_agent.auth import (
     Authenticator,
+    ServiceAccounts,
 )
 from kms_agent.cache import Cache
 from kms_agent.config import Config
@@ -59,6 +60,10 @@ class Agent:
         self.reloaded = asyncio.Condition()
         self.notifier = Notifier(self.environ)
         self._tasks: list[asyncio.Task[Any]] = []
+        #: Service-account verification (``[auth.kubernetes]``), and whether its JWKS is
+        #: being kept fresh yet.
+        self.accounts: ServiceAccounts | None = None
+        self._jwks_kept = False
         self.listeners: SecretsListeners | None = None
         self.metrics_listener: MetricsListener | None = None
         self._state: AgentState | None = None
@@ -86,6 +91,7 @@ class Agent:
             (s.match, providers.create(s, config, self.environ)) for s in config.sources
         ]
         router = providers.Router(built)
+        self.accounts = accounts = ServiceAccounts.from_config(config.auth.kubernetes)
         metrics = Metrics()
         metrics.track_sources(router.providers)
         for _, provider in built:
@@ -101,7 +107,12 @@ class Agent:
             config=config,
             router=router,
             cache=cache,
-            auth=Authenticator(config.auth.headers, tokens),
+            auth=Authenticator(
+                config.auth.headers,
+                tokens,
+                verifier=accounts.verifier if accounts else None,
+                reviewer=accounts.reviewer if accounts else None,
+            ),
             metrics=metrics,
             on_phase=self._phase_changed,
         )
@@ -174,6 +185,17 @@ class Agent:
     async def _check_and_prefetch(self) -> bool:
         """Check every source; if all pass, prefetch and become ready. False if one failed."""
         state = self.state
+        if self.accounts is not None:
+            try:
+                await self.accounts.open()
+            except AgentError as exc:
+                state.enter(Phase.WAITING, f"auth.kubernetes: {exc.code}: {exc.message}")
+                log.error("jwks_load_failed", code=exc.code, message=exc.message, hint=exc.hint)
+                return False
+            if not self._jwks_kept:
+                self._jwks_kept = True
+                jwks = self.accounts.verifier.jwks
+                self._tasks.append(asyncio.create_task(jwks.keep_fresh(), name="jwks"))
         for provider in state.router.providers.values():
             try:
                 await provider.check()
@@ -284,6 +306,8 @@ class Agent:
             await state.cache.close()
             for provider in state.router.providers.values():
                 await provider.close()
+        if self.accounts is not None:
+            await self.accounts.close()
         log.info("stopped")
 
     async def run(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -19,8 +20,17 @@ from pathlib import Path
 
 import structlog
 
-from kms_agent.config import AuthConfig
+from kms_agent.config import AuthConfig, KubernetesAuthConfig
 from kms_agent.errors import ConfigError, Forbidden, Unauthorized
+from kms_agent.k8s_identity import (
+    JwksSource,
+    K8sIdentity,
+    ServiceAccountVerifier,
+    UnknownSigningKey,
+    bearer_token,
+)
+from kms_agent.k8s_tokenreview import TokenReviewer
+from kms_agent.policy import token_principal
 from kms_agent_client import TOKEN_FILE
 
 log = structlog.get_logger("kms_agent.auth")
@@ -41,22 +51,45 @@ def new_token() -> str:
 
 @dataclass(frozen=True, slots=True)
 class TokenSet:
-    """The tokens accepted right now, and where each set came from (for logs)."""
+    """The tokens accepted right now, each token's name (its caller's principal is
+    ``token:<name>``), and where each set came from (for logs)."""
 
     tokens: tuple[bytes, ...]
     origins: tuple[str, ...]
     files: tuple[Path, ...]
+    names: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"TokenSet(<{len(self.tokens)} tokens redacted>, origins={self.origins!r})"
 
+    def name(self, index: int) -> str:
+        return self.names[index] if index < len(self.names) else UNNAMED
 
-def _parse_token_lines(text: str, origin: str) -> list[bytes]:
-    out: list[bytes] = []
+
+#: The name of a token given without one (its principal: ``token:default``).
+UNNAMED = "default"
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+_Named = tuple[str, bytes]
+
+
+def _parse_token_lines(text: str, origin: str) -> list[_Named]:
+    """``TOKEN`` or ``NAME:TOKEN`` lines (a token holds no ``:``), ``#`` comments."""
+    out: list[_Named] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue
+        name, colon, rest = token.partition(":")
+        if colon:
+            if not _TOKEN_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{origin} line {lineno}: a token's name (before the ':') is 1-64 "
+                    "letters, digits, - . _, like ci-deploy:TOKEN"
+                )
+            token = rest.strip()
+        else:
+            name = UNNAMED
         if len(token) < MIN_TOKEN_LENGTH or not set(token) <= _TOKEN_CHARS:
             raise ConfigError(
                 f"{origin} line {lineno}: a token must be at least {MIN_TOKEN_LENGTH} characters "
@@ -66,11 +99,11 @@ def _parse_token_lines(text: str, origin: str) -> list[bytes]:
             log.warning(
                 "token_short", origin=origin, line=lineno, recommended=RECOMMENDED_TOKEN_LENGTH
             )
-        out.append(token.encode())
+        out.append((name, token.encode()))
     return out
 
 
-def _read_token_file(path: Path, origin: str) -> list[bytes]:
+def _read_token_file(path: Path, origin: str) -> list[_Named]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -108,7 +141,7 @@ def load_tokens(
     cfg: AuthConfig, environ: Mapping[str, str], extra_files: tuple[Path, ...] = ()
 ) -> TokenSet:
     """Read every configured token source. Raises ConfigError naming the bad one."""
-    tokens: list[bytes] = []
+    tokens: list[_Named] = []
     origins: list[str] = []
     files: list[Path] = []
     var, value = token_variable(cfg.token_env, environ)
@@ -132,7 +165,10 @@ def load_tokens(
         tokens += _read_token_file(path, "generated token file")
         files.append(path)
         origins.append(str(path))
-    return TokenSet(tuple(dict.fromkeys(tokens)), tuple(origins), tuple(files))
+    named: dict[bytes, str] = {}
+    for name, token in tokens:
+        named.setdefault(token, name)  # a token listed twice keeps its first name
+    return TokenSet(tuple(named), tuple(origins), tuple(files), names=tuple(named.values()))
 
 
 def ensure_generated_token(runtime_dir: Path) -> Path:
@@ -157,14 +193,52 @@ def _raw_names(headers: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(h.lower().encode("latin-1") for h in headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request comes from: its principals (kms_agent.policy's spelling), until when
+    that proof holds (a service-account token's ``exp``; None: while the token set does),
+    and what the access log says of it."""
+
+    principals: tuple[str, ...]
+    expires_at: float | None = None
+    detail: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def principal(self) -> str:
+        return self.principals[0] if self.principals else ""
+
+    def valid(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+class IdentityPending(Forbidden):
+    """The caller's service-account token cannot be judged without waiting (its signing
+    key is not loaded yet, or it awaits its TokenReview): the front door awaits
+    :meth:`Authenticator.identify_async` and asks again."""
+
+
+def _looks_like_jwt(token: bytes) -> bool:
+    return token.startswith(b"eyJ") and token.count(b".") == 2
+
+
 class Authenticator:
-    """Checks a request's token headers against the current token set."""
+    """Who a request comes from, from its token headers (a caller token, or a Kubernetes
+    service-account token), its ``Authorization: Bearer`` header, or its Unix-socket peer."""
 
-    __slots__ = ("_headers", "_tokens", "header_keys")
+    __slots__ = ("_headers", "_reviewer", "_tokens", "_verifier", "header_keys")
 
-    def __init__(self, headers: tuple[str, ...], tokens: TokenSet) -> None:
+    def __init__(
+        self,
+        headers: tuple[str, ...],
+        tokens: TokenSet,
+        *,
+        verifier: ServiceAccountVerifier | None = None,
+        reviewer: TokenReviewer | None = None,
+    ) -> None:
         self._headers = headers
         self._tokens = tokens
+        self._verifier = verifier
+        self._reviewer = reviewer
         #: The token headers as lower-case bytes, for callers holding raw headers.
         self.header_keys = _raw_names(headers)
 
@@ -175,6 +249,10 @@ class Authenticator:
     def token_set(self) -> TokenSet:
         return self._tokens
 
+    @property
+    def kubernetes(self) -> bool:
+        return self._verifier is not None or self._reviewer is not None
+
     def update(self, tokens: TokenSet, headers: tuple[str, ...] | None = None) -> None:
         """Swap in a new token set atomically (one attribute assignment)."""
         self._tokens = tokens
@@ -182,26 +260,77 @@ class Authenticator:
             self._headers = headers
             self.header_keys = _raw_names(headers)
 
+    def match(self, candidate: bytes) -> int | None:
+        """The index of the token ``candidate`` is, or None. Every token is compared, in
+        constant time, so the answer's timing says nothing about how much matched."""
+        found = None
+        for index, token in enumerate(self._tokens.tokens):
+            if hmac.compare_digest(candidate, token):
+                found = index
+        return found
+
     def accepts(self, candidate: bytes) -> bool:
-        """Whether ``candidate`` is one of the tokens. Every token is compared, in constant
-        time, so the answer's timing says nothing about which (or how much) matched."""
-        ok = False
-        for token in self._tokens.tokens:
-            ok |= hmac.compare_digest(candidate, token)
-        return ok
+        return self.match(candidate) is not None
+
+    def presented(self, headers: Mapping[bytes, bytes]) -> bytes | None:
+        """The token a request presents: the first token header's, else a bearer token."""
+        for name in self.header_keys:
+            value = headers.get(name)
+            if value is not None:
+                return value
+        authorization = headers.get(b"authorization")
+        return bearer_token(authorization) if authorization is not None else None
+
+    def identify(
+        self, headers: Mapping[bytes, bytes], peer: tuple[str, ...] = (), *, peer_only: bool = False
+    ) -> Caller:
+        """The caller; raise Unauthorized (nothing presented), Forbidden (refused) or
+        IdentityPending. ``headers``: raw, lower-case names, as the protocol keeps them.
+        ``peer``: a Unix-socket peer's principals, added to the token's; with
+        ``peer_only`` (policies are on) the peer alone identifies a caller with no token."""
+        presented = self.presented(headers)
+        if presented is None:
+            if peer and peer_only:
+                return Caller(peer)
+            raise self._missing()
+        if self.kubernetes and _looks_like_jwt(presented):
+            identity = self._service_account(presented)
+            return Caller(
+                (identity.principal, *peer),
+                expires_at=identity.expires_at,
+                detail=_k8s_detail(identity),
+            )
+        index = self.match(presented)
+        if index is None:
+            raise self._wrong()
+        return Caller((token_principal(self._tokens.name(index)), *peer))
+
+    async def identify_async(self, headers: Mapping[bytes, bytes]) -> None:
+        """Do the waiting :class:`IdentityPending` asked for (a rate-limited JWKS refresh,
+        or the TokenReview), so that :meth:`identify` answers at once; raise its refusal."""
+        presented = self.presented(headers)
+        if presented is None:
+            return
+        if self._reviewer is not None:
+            await self._reviewer.verify(presented)
+        elif self._verifier is not None:
+            await self._verifier.verify_async(presented)
+
+    def _service_account(self, token: bytes) -> K8sIdentity:
+        if self._reviewer is not None:
+            identity = self._reviewer.cached(token)
+            if identity is None:
+                raise IdentityPending("the service-account token awaits its review")
+            return identity
+        assert self._verifier is not None
+        try:
+            return self._verifier.verify(token)
+        except UnknownSigningKey:
+            raise IdentityPending("the token's signing key is not loaded") from None
 
     def check_raw(self, headers: Mapping[bytes, bytes]) -> None:
-        """Raise Unauthorized (no token) or Forbidden (wrong token); return if accepted.
-        ``headers``: raw, lower-case names, as the protocol keeps them."""
-        presented = None
-        for name in self.header_keys:
-            presented = headers.get(name)
-            if presented is not None:
-                break
-        if presented is None:
-            raise self._missing()
-        if not self.accepts(presented):
-            raise self._wrong()
+        """Raise unless ``headers`` present an accepted token (tests and tools)."""
+        self.identify(headers)
 
     def _missing(self) -> Unauthorized:
         return Unauthorized(
@@ -215,3 +344,56 @@ class Authenticator:
         return Forbidden(
             "the token is not valid", hint="re-read the token file; it may have been rotated"
         )
+
+
+def _k8s_detail(identity: K8sIdentity) -> tuple[tuple[str, str], ...]:
+    """What the access log says of a service account's caller: its pod and node."""
+    fields = (("pod", identity.pod), ("pod_uid", identity.pod_uid), ("node", identity.node))
+    return tuple((key, value) for key, value in fields if value)
+
+
+@dataclass(slots=True)
+class ServiceAccounts:
+    """The service-account checks ``[auth.kubernetes]`` asks for: the offline verifier,
+    and the TokenReviewer in tokenreview mode; opened before readiness, closed at stop."""
+
+    verifier: ServiceAccountVerifier
+    reviewer: TokenReviewer | None = None
+
+    @classmethod
+    def from_config(cls, cfg: KubernetesAuthConfig) -> ServiceAccounts | None:
+        if not cfg.enabled:
+            return None
+        where = "auth.kubernetes"
+        try:
+            jwks = (
+                JwksSource.from_file(Path(cfg.jwks_file))
+                if cfg.jwks_file
+                else JwksSource.from_url(
+                    cfg.jwks_url, token_file=Path(cfg.token_file), ca_file=Path(cfg.ca_file)
+                )
+            )
+            verifier = ServiceAccountVerifier(cfg.issuer, cfg.audiences, jwks)
+            reviewer = (
+                TokenReviewer(
+                    cfg.audiences,
+                    api_url=cfg.api_url,
+                    token_file=Path(cfg.token_file),
+                    ca_file=Path(cfg.ca_file),
+                    offline=verifier,
+                )
+                if cfg.mode == "tokenreview"
+                else None
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+        return cls(verifier, reviewer)
+
+    async def open(self) -> None:
+        """Load the JWKS (readiness waits for it); raises its error."""
+        await self.verifier.ensure_loaded()
+
+    async def close(self) -> None:
+        await self.verifier.jwks.close()
+        if self.reviewer is not None:
+            await self.reviewer.close()

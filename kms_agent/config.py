@@ -17,6 +17,16 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from kms_agent.errors import ConfigError
 from kms_agent.grammar import DIALECTS
+from kms_agent.k8s_identity import (
+    DEFAULT_AUDIENCE as DEFAULT_SA_AUDIENCE,
+)
+from kms_agent.k8s_identity import (
+    IN_CLUSTER_API_URL,
+    IN_CLUSTER_CA_FILE,
+    IN_CLUSTER_JWKS_URL,
+    IN_CLUSTER_TOKEN_FILE,
+)
+from kms_agent.policy import PolicySet
 from kms_agent_client import (
     DEFAULT_ADDRESS,
     DEFAULT_HEADER,
@@ -31,6 +41,8 @@ ENV_CONFIG = "KMS_AGENT_CONFIG"
 #: The address, first header and first variable are the client's defaults (one copy each).
 DEFAULT_LISTEN = DEFAULT_ADDRESS
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9125"
+#: Unix-socket listeners: the agent's group (the application's) may connect.
+DEFAULT_SOCKET_MODE = "0660"
 DEFAULT_TOKEN_HEADERS = (DEFAULT_HEADER, "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 #: Read in this order; the first that is set holds the token (or ``file://PATH``).
 DEFAULT_TOKEN_ENV = (
@@ -147,6 +159,14 @@ class ServerConfig:
     max_head_bytes: int = field(default=16384, metadata=_meta(lo=2048, hi=1048576))
     #: From a request's first byte to the end of its head.
     head_timeout: float = field(default=10.0, metadata=_meta(lo=0.1, hi=600, duration=True))
+    #: Unix-socket listeners: their mode (octal) and owning group (name or number; "" is
+    #: the agent's own). Peers are known by SO_PEERCRED (principals unix:uid:, unix:gid:).
+    socket_mode: str = DEFAULT_SOCKET_MODE
+    socket_group: str = ""
+
+    @property
+    def socket_permissions(self) -> int:
+        return int(self.socket_mode, 8)
 
     @property
     def listeners(self) -> tuple[tuple[str, ListenAddress], ...]:
@@ -167,11 +187,35 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesAuthConfig:
+    """Callers proven by a projected service-account token (``Authorization: Bearer`` or
+    the token header), verified against the cluster's JWKS; on when ``issuer`` is set."""
+
+    issuer: str = ""
+    audiences: tuple[str, ...] = (DEFAULT_SA_AUDIENCE,)
+    #: A JWKS file; when empty, the JWKS is fetched from ``jwks_url``.
+    jwks_file: str = ""
+    jwks_url: str = IN_CLUSTER_JWKS_URL
+    #: The agent's own service-account token and the cluster CA, for the API server.
+    token_file: str = IN_CLUSTER_TOKEN_FILE
+    ca_file: str = IN_CLUSTER_CA_FILE
+    #: offline: the JWKS alone; tokenreview: the API server is asked too (deleted pods).
+    mode: Literal["offline", "tokenreview"] = "offline"
+    api_url: str = IN_CLUSTER_API_URL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     headers: tuple[str, ...] = DEFAULT_TOKEN_HEADERS
+    #: One token a line: ``TOKEN``, or ``NAME:TOKEN`` (the caller's principal token:NAME).
     token_files: tuple[str, ...] = ()
     token_env: tuple[str, ...] = DEFAULT_TOKEN_ENV
     generate_token: bool = True
+    kubernetes: KubernetesAuthConfig = field(default_factory=KubernetesAuthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +267,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = ()
+    #: ``[policies]``, compiled (kms_agent.policy); empty: every caller may read everything.
+    policies: PolicySet = field(default_factory=PolicySet)
     path: str = ""  # the file it was loaded from, if any
 
     @property
@@ -382,13 +428,21 @@ def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``KMS_AGENT_<SECTION>_<KEY>`` (or ``KMS_AGENT_<KEY>`` at top level) as a raw table."""
     targets: dict[str, tuple[str, ...]] = {}
+
+    def add(cls: type, where: tuple[str, ...]) -> None:
+        hints = get_type_hints(cls)
+        for sub in fields(cls):
+            if hasattr(hints[sub.name], "__dataclass_fields__"):
+                add(hints[sub.name], (*where, sub.name))
+            else:
+                targets[ENV_PREFIX + "_".join((*where, sub.name)).upper()] = (*where, sub.name)
+
     for top in fields(Config):
-        if top.name in ("path", "sources"):
+        if top.name in ("path", "sources", "policies"):
             continue
         section = get_type_hints(Config)[top.name]
         if hasattr(section, "__dataclass_fields__"):
-            for sub in fields(section):
-                targets[f"{ENV_PREFIX}{top.name}_{sub.name}".upper()] = (top.name, sub.name)
+            add(section, (top.name,))
         else:
             targets[f"{ENV_PREFIX}{top.name}".upper()] = (top.name,)
     out: dict[str, Any] = {}
@@ -441,6 +495,7 @@ def load(
     if overrides:
         raw = _merge(raw, overrides)
     sources = _build_sources(raw.pop("sources", None))
+    policies = PolicySet.from_config(raw.pop("policies", {}))
     cfg = _build(Config, raw, "")
     data_dir = cfg.data_dir or default_data_dir(env)
     runtime_dir = cfg.runtime_dir or default_runtime_dir(env, data_dir)
@@ -449,6 +504,7 @@ def load(
         data_dir=data_dir,
         runtime_dir=runtime_dir,
         sources=sources,
+        policies=policies,
         path=os.fspath(path) if path is not None else "",
     )
     validate(cfg)
@@ -463,6 +519,14 @@ def _replace(cfg: Config, **changes: Any) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
+    if not re.fullmatch(r"0?[0-7]{3}", cfg.server.socket_mode):
+        raise ConfigError(
+            f"server.socket_mode: {cfg.server.socket_mode!r} is not an octal file mode; "
+            'write it like "0660" (owner and group may connect)'
+        )
+    k8s = cfg.auth.kubernetes
+    if k8s.enabled and not k8s.audiences:
+        raise ConfigError('auth.kubernetes.audiences: give at least one, like ["kms-agent"]')
     listeners = cfg.server.listeners
     if not listeners:
         raise ConfigError(f'server.listen: give at least one listener, like "{DEFAULT_LISTEN}"')
@@ -488,14 +552,22 @@ def validate(cfg: Config) -> None:
 def field_docs() -> dict[str, Any]:
     """Every key with its default, for ``check-config --defaults`` and the docs test."""
     out: dict[str, Any] = {}
+
+    def add(section: Any, where: str) -> None:
+        for sub in fields(section):
+            value = getattr(section, sub.name)
+            if hasattr(value, "__dataclass_fields__"):
+                add(value, f"{where}.{sub.name}")
+            else:
+                out[f"{where}.{sub.name}"] = value
+
     cfg = Config()
     for top in fields(Config):
-        if top.name in ("path", "sources"):
+        if top.name in ("path", "sources", "policies"):
             continue
         value = getattr(cfg, top.name)
         if hasattr(value, "__dataclass_fields__"):
-            for sub in fields(value):
-                out[f"{top.name}.{sub.name}"] = getattr(value, sub.name)
+            add(value, top.name)
         else:
             out[top.name] = value if top.default is not MISSING else None
     return out

@@ -12,7 +12,8 @@ Tree::
     │   ├── ProxiedRequest         400 X-Forwarded-For / Forwarded present
     │   ├── Unauthorized           401 no token
     │   ├── Forbidden              403 wrong token, or denied by policy
-    │   │   └── RoleNotAllowed     403 a roleArn outside the source's allow-list
+    │   │   ├── RoleNotAllowed     403 a roleArn outside the source's allow-list
+    │   │   └── AccessDeniedByPolicy 403 no policy lets this caller do this to this secret
     │   ├── RouteNotFound          404
     │   ├── MethodNotAllowed       405
     │   ├── TooManyConnections     503 the listener is at server.max_connections
@@ -114,6 +115,13 @@ class RoleNotAllowed(Forbidden):
     """A ``roleArn`` the source may not assume for callers."""
 
     code = "RoleNotAllowed"
+
+
+class AccessDeniedByPolicy(Forbidden):
+    """The caller is known, and no policy statement allows it this action on this secret
+    (or one denies it). The message names the principal and the action, never a value."""
+
+    code = "AccessDeniedByPolicy"
 
 
 class TooManyConnections(RequestError):

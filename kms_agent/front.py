@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from kms_agent import grammar, render, respond
+from kms_agent.auth import Caller, IdentityPending
 from kms_agent.cache import Entry, Outcome
 from kms_agent.errors import (
+    AccessDeniedByPolicy,
     AgentError,
     BadRequest,
     FieldNotFound,
@@ -31,6 +33,7 @@ from kms_agent.errors import (
 )
 from kms_agent.grammar import Dialect, Kind, Request, Route
 from kms_agent.model import check_name_for
+from kms_agent.policy import DESCRIBE_SECRET, GET_SECRET_VALUE, LIST_SECRETS
 from kms_agent.protocol import BASE_HEADERS, Head
 from kms_agent.state import AgentState
 
@@ -52,6 +55,14 @@ REFUSED_LINES_PER_SECOND = 20
 #: Targets whose parse a connection remembers (most callers repeat a few).
 MEMO_MAX = 8
 _UNMATCHED = Route("unmatched", Kind.HEALTH, Dialect.NATIVE)
+#: A caller not (yet) identified: public routes, and refusals before the identity step.
+ANONYMOUS = Caller(())
+#: The policy action each kind of request is (kinds not here need none).
+_ACTIONS = {
+    Kind.SECRET: GET_SECRET_VALUE,
+    Kind.LIST: LIST_SECRETS,
+    Kind.VAULT_METADATA: DESCRIBE_SECRET,
+}
 
 
 class _Memo:
@@ -59,7 +70,7 @@ class _Memo:
     that passed them, with the token set it passed under (the protocol hands the very same
     head again for the very same bytes: it passes the same checks under the same tokens)."""
 
-    __slots__ = ("checked", "found", "query", "request", "tokens")
+    __slots__ = ("caller", "checked", "found", "query", "request", "tokens")
 
     def __init__(self, found: tuple[Route, bytes] | None, query: bytes) -> None:
         self.found = found
@@ -67,6 +78,7 @@ class _Memo:
         self.request: Request | None = None
         self.checked: Head | None = None
         self.tokens: object = None
+        self.caller: Caller = ANONYMOUS
 
 
 class Front:
@@ -87,12 +99,15 @@ class Front:
         state = self.state
         self._config = state.config
         self._routes = grammar.routes(self.dialect, state.config.server.response_type)
-        self.interesting = BASE_HEADERS | frozenset(state.auth.header_keys)
+        self.interesting = BASE_HEADERS | frozenset((*state.auth.header_keys, b"authorization"))
 
     # ------------------------------------------------------------------ the steps
 
-    def answer(self, head: Head, conn: Connection) -> bytes | Awaitable[bytes]:
-        """The answer to one request: bytes now (hits, refusals), or later (loads)."""
+    def answer(
+        self, head: Head, conn: Connection, *, waited: bool = False
+    ) -> bytes | Awaitable[bytes]:
+        """The answer to one request: bytes now (hits, refusals), or later (loads, and a
+        service-account token whose signing key or review must be waited for)."""
         start = time.perf_counter()
         state = self.state
         if state.config is not self._config:
@@ -101,17 +116,26 @@ class Front:
             conn.memo.clear()
             conn.memo_key = self._config
         memo = conn.memo.get(head.target)
-        if memo is not None and memo.checked is head and memo.tokens is state.auth.token_set:
+        if (
+            memo is not None
+            and memo.checked is head
+            and memo.tokens is state.auth.token_set
+            and (memo.caller.expires_at is None or memo.caller.valid(time.time()))
+        ):
             request = memo.request
+            caller = memo.caller
             assert request is not None
-            if request.hot:  # a plain read: a fresh hit is answered here, at once
+            if request.hot and self._allowed(request, caller):
+                # A plain read this caller may make: a fresh hit is answered here, at once.
                 entry = state.cache.fresh(request.key)
                 if entry is not None and not state.config.logging.log_hits:
                     return self._hit(request, entry, head, start)
             try:
-                return self.serve(request, head, start)
+                return self.serve(request, head, start, caller)
             except AgentError as err:
-                return self.fail(err, request.route, request.route.dialect, head, start, request)
+                return self.fail(
+                    err, request.route, request.route.dialect, head, start, request, caller
+                )
         if head.error is not None:
             return self.fail(head.error, _UNMATCHED, self.dialect, head, start)
         target_error: AgentError | None = None
@@ -126,6 +150,7 @@ class Front:
         found = memo.found
         route: Route = found[0] if found is not None else _UNMATCHED
         dialect = route.dialect if found is not None else self.dialect
+        caller = ANONYMOUS
         try:
             headers = head.headers
             if b"x-forwarded-for" in headers or b"forwarded" in headers:
@@ -134,7 +159,20 @@ class Front:
                     hint="call the agent directly on loopback, not through a proxy",
                 )
             if not route.public:
-                state.auth.check_raw(headers)
+                try:
+                    caller = state.auth.identify(
+                        headers, conn.peer_principals, peer_only=state.config.policies.enabled
+                    )
+                except IdentityPending:
+                    if waited:
+                        raise Forbidden(
+                            "the service-account token could not be verified",
+                            hint="its signing key is not in the cluster's JWKS",
+                        ) from None
+                    return self._identify_then_answer(head, conn, route, dialect, start)
+                if conn.peer_pid is not None:
+                    caller = Caller(caller.principals, caller.expires_at,
+                                    (*caller.detail, ("peer_pid", str(conn.peer_pid))))  # fmt: skip
                 conn.trust()
             if head.method != b"GET":
                 raise MethodNotAllowed(
@@ -159,13 +197,62 @@ class Front:
                     conn.memo.clear()
                 conn.memo[head.target] = memo
             if not route.public:
-                memo.checked, memo.tokens = head, state.auth.token_set
-            return self.serve(request, head, start)
+                memo.checked, memo.tokens, memo.caller = head, state.auth.token_set, caller
+            return self.serve(request, head, start, caller)
+        except AgentError as err:
+            return self.fail(err, route, dialect, head, start, caller=caller)
+
+    async def _identify_then_answer(
+        self, head: Head, conn: Connection, route: Route, dialect: Dialect, start: float
+    ) -> bytes:
+        """Wait for what the caller's service-account token needs (a rate-limited JWKS
+        refresh, or its TokenReview), then answer it as if it had come now."""
+        try:
+            await self.state.auth.identify_async(head.headers)
         except AgentError as err:
             return self.fail(err, route, dialect, head, start)
+        result = self.answer(head, conn, waited=True)
+        return result if isinstance(result, bytes) else await result
 
-    def serve(self, request: Request, head: Head, start: float) -> bytes | Awaitable[bytes]:
+    def _allowed(self, request: Request, caller: Caller) -> bool:
+        """Whether the policies let ``caller`` make ``request`` (no policies: yes)."""
+        policies = self.state.config.policies
+        if not policies.enabled:
+            return True
+        action = _ACTIONS.get(request.route.kind)
+        return action is None or policies.decide(caller.principals, action, request.name).allowed
+
+    def authorize(self, request: Request, caller: Caller) -> None:
+        """Raise AccessDeniedByPolicy unless a policy lets ``caller`` make ``request``;
+        decided before the cache is asked, so a value cached for one caller reaches another
+        only if it too may read it."""
+        policies = self.state.config.policies
+        action = _ACTIONS.get(request.route.kind)
+        if not policies.enabled or action is None:
+            return
+        if request.route.kind is Kind.LIST:
+            decision = policies.decide_list(caller.principals)
+        else:
+            decision = policies.decide(caller.principals, action, request.name)
+        if decision.allowed:
+            return
+        self.state.metrics.policy_denials.labels(decision.reason).inc()
+        why = (
+            f"denied by {decision.statement}"
+            if decision.reason == "explicit_deny"
+            else "no policy statement allows it"
+        )
+        raise AccessDeniedByPolicy(
+            f"{caller.principal or 'this caller'} may not {action} here: {why}",
+            hint=decision.hint
+            or f"grant {action} to {caller.principal} in [policies], or ask who runs the agent",
+        )
+
+    def serve(
+        self, request: Request, head: Head, start: float, caller: Caller = ANONYMOUS
+    ) -> bytes | Awaitable[bytes]:
         kind = request.route.kind
+        self.authorize(request, caller)
         if kind is Kind.SECRET:
             if request.role_arn is not None:
                 raise RoleNotAllowed(
@@ -176,20 +263,22 @@ class Front:
             if not request.refresh:
                 entry = self.state.cache.fresh(request.key)
                 if entry is not None:
-                    return self.secret(request, entry, Outcome.HIT, head, start)
-            return self._load(request, head, start)
+                    return self.secret(request, entry, Outcome.HIT, head, start, caller)
+            return self._load(request, head, start, caller)
         if kind is Kind.LIST:
-            return self._list(request, head, start)
+            return self._list(request, head, start, caller)
         if kind is Kind.VAULT_METADATA:
             return self._metadata(request, head, start)
         return self.plain(request, head, start)
 
-    async def _load(self, request: Request, head: Head, start: float) -> bytes:
+    async def _load(self, request: Request, head: Head, start: float, caller: Caller) -> bytes:
         try:
             entry, outcome = await self.state.cache.load(request.key, force_refresh=request.refresh)
         except AgentError as err:
-            return self.fail(err, request.route, request.route.dialect, head, start, request)
-        return self.secret(request, entry, outcome, head, start)
+            return self.fail(
+                err, request.route, request.route.dialect, head, start, request, caller
+            )
+        return self.secret(request, entry, outcome, head, start, caller)
 
     # ------------------------------------------------------------------ answers
 
@@ -201,7 +290,13 @@ class Front:
         return data
 
     def secret(
-        self, request: Request, entry: Entry, outcome: Outcome, head: Head, start: float
+        self,
+        request: Request,
+        entry: Entry,
+        outcome: Outcome,
+        head: Head,
+        start: float,
+        caller: Caller = ANONYMOUS,
     ) -> bytes:
         state = self.state
         if outcome is Outcome.HIT and request.field is None and not state.config.logging.log_hits:
@@ -223,6 +318,9 @@ class Front:
             count_hit(state, route, elapsed)
         else:
             ctx: dict[str, Any] = {"source": request.source, "cache": outcome.value}
+            if caller.principals:
+                ctx["principal"] = caller.principal
+                ctx.update(caller.detail)
             if stale_age is not None:
                 ctx["age"] = round(stale_age, 3)
             self.account(route, request_id, request.name, 200, elapsed, ctx)
@@ -255,14 +353,16 @@ class Front:
                      time.perf_counter() - start, {})  # fmt: skip
         return data
 
-    async def _list(self, request: Request, head: Head, start: float) -> bytes:
+    async def _list(self, request: Request, head: Head, start: float, caller: Caller) -> bytes:
         state = self.state
         out: list[dict[str, str]] = []
+        # Only what the caller may read (or describe) is shown.
+        shown = state.config.policies.may_list(caller.principals)
         try:
             for provider in state.router.route_prefix(request.prefix):
                 for name in await provider.list_names(request.prefix):
                     # A name is visible through a source only if requests for it route there.
-                    if _routes_to(state, name, provider.name):
+                    if _routes_to(state, name, provider.name) and shown(name):
                         out.append({"name": name, "source": provider.name})
         except AgentError as err:
             return self.fail(err, request.route, request.route.dialect, head, start, request)
@@ -313,6 +413,7 @@ class Front:
         head: Head,
         start: float,
         request: Request | None = None,
+        caller: Caller = ANONYMOUS,
     ) -> bytes:
         """``err`` answered in ``dialect``, with its access line."""
         state = self.state
@@ -324,6 +425,9 @@ class Front:
         if reason is not None:
             state.metrics.auth_failures.labels(reason).inc()
         ctx: dict[str, Any] = {"error": err.code}
+        if caller.principals:
+            ctx["principal"] = caller.principal
+            ctx.update(caller.detail)
         if request is not None and request.source:
             ctx["source"] = request.source
         name = request.name if request is not None else None

@@ -93,7 +93,10 @@ API_CONNECT_TIMEOUT = 5.0
 API_TOTAL_TIMEOUT = 10.0
 
 #: In a pod: where the API server publishes its JWKS, and the pod's own credentials.
-IN_CLUSTER_JWKS_URL = "https://kubernetes.default.svc/openid/v1/jwks"
+IN_CLUSTER_API_URL = "https://kubernetes.default.svc"
+IN_CLUSTER_JWKS_URL = IN_CLUSTER_API_URL + "/openid/v1/jwks"
+#: The audience callers' projected tokens are minted for (``serviceAccountToken.audience``).
+DEFAULT_AUDIENCE = "kms-agent"
 IN_CLUSTER_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
 IN_CLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
@@ -288,6 +291,8 @@ class JwksSource:
         self._clock = clock
         self._keys: KeySet | None = None
         self._file_digest: bytes | None = None
+        #: The file's (inode, size, mtime) when it was last read.
+        self._stat_seen: tuple[int, int, int] | None = None
         self._next_check = -math.inf
         self._last_attempt = -math.inf
         self._inflight: asyncio.Task[KeySet] | None = None
@@ -355,6 +360,13 @@ class JwksSource:
         keys = self._keys
         if keys is not None and kid is not None and kid in keys.keys:
             return True
+        if self._path is not None and keys is not None:
+            # A file is local: re-read it at once if it changed on disk (a stat, then the
+            # read only when its size, mtime or inode moved), whatever the interval.
+            if self._file_stat() != self._stat_seen:
+                with contextlib.suppress(AgentError):
+                    keys = self._read_file(only_if_changed=True)
+            return kid is not None and kid in keys.keys
         if self._inflight is None and (
             self._clock() - self._last_attempt < UNKNOWN_KID_REFETCH_INTERVAL
         ):
@@ -400,6 +412,7 @@ class JwksSource:
         assert self._path is not None
         path = self._path
         try:
+            self._stat_seen = self._file_stat()
             with path.open("rb") as fh:
                 data = fh.read(JWKS_MAX_BYTES + 1)
             digest = hashlib.sha256(data).digest()
@@ -427,6 +440,14 @@ class JwksSource:
             ) from None
         self._next_check = self._clock() + FILE_RECHECK_INTERVAL
         return self._adopt(keys)
+
+    def _file_stat(self) -> tuple[int, int, int] | None:
+        assert self._path is not None
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     async def _fetch(self) -> KeySet:
         assert self._url is not None

@@ -45,6 +45,7 @@ from kms_agent.errors import (
     UpstreamTimeout,
 )
 from kms_agent.k8s_identity import (
+    IN_CLUSTER_API_URL,
     IN_CLUSTER_CA_FILE,
     IN_CLUSTER_TOKEN_FILE,
     MAX_TOKEN_BYTES,
@@ -59,8 +60,6 @@ from kms_agent.k8s_identity import (
 )
 from kms_agent.upstream import TokenBucket, check_endpoint, mapped_errors
 
-#: The API server as a pod reaches it.
-IN_CLUSTER_API_URL = "https://kubernetes.default.svc"
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 #: An accepted token is re-reviewed after this long (seconds): a token revoked meanwhile
 #: (its pod deleted) is accepted at most this much longer.
@@ -101,6 +100,16 @@ def _unverified_exp(token: bytes) -> float | None:
     if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
         return None
     return float(exp)
+
+
+def _identity_of(verdict: _Verdict) -> K8sIdentity:
+    if verdict.identity is None:
+        raise Forbidden(
+            "the API server did not authenticate the token",
+            hint="it may have expired, been revoked (its pod deleted) or be meant for "
+            "another audience",
+        )
+    return verdict.identity
 
 
 class TokenReviewer:
@@ -160,13 +169,13 @@ class TokenReviewer:
                 self._inflight[digest] = task
                 task.add_done_callback(lambda t: self._done(digest, t))
             verdict = await asyncio.shield(task)
-        if verdict.identity is None:
-            raise Forbidden(
-                "the API server did not authenticate the token",
-                hint="it may have expired, been revoked (its pod deleted) or be meant for "
-                "another audience",
-            )
-        return verdict.identity
+        return _identity_of(verdict)
+
+    def cached(self, token: bytes) -> K8sIdentity | None:
+        """The remembered verdict on ``token`` without waiting: its identity, None when it
+        has not been reviewed (await :meth:`verify`), Forbidden when it was refused."""
+        verdict = self._answers.get(TokenCache.key(token), self._clock())
+        return None if verdict is None else _identity_of(verdict)
 
     async def close(self) -> None:
         for task in self._inflight.values():

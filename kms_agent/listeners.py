@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 import resource
 import stat
@@ -15,7 +16,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from kms_agent.config import Config, ListenAddress, listen_key
+from kms_agent.config import Config, ListenAddress, ServerConfig, listen_key
 from kms_agent.errors import ConfigError
 from kms_agent.front import Front
 from kms_agent.grammar import Dialect
@@ -29,7 +30,6 @@ log = structlog.get_logger("kms_agent.listeners")
 LISTEN_BACKLOG = 4096
 #: Descriptors kept free beyond the connection limit: sources' sessions, files, watchers.
 FD_RESERVE = 64
-UNIX_SOCKET_MODE = 0o660
 
 
 def limits(config: Config) -> Limits:
@@ -101,7 +101,7 @@ class SecretsListeners:
                     "pick another with --listen",
                 ) from None
             if address.unix_path:
-                os.chmod(address.unix_path, UNIX_SOCKET_MODE)  # noqa: PTH101
+                _own_socket(address.unix_path, config.server)
             self.servers.append(server)
             self.addresses += _addresses(server)
 
@@ -228,3 +228,20 @@ class QuietLoopErrors:
             error=str(exc)[:200] if exc is not None else None,
             suppressed_before=self.suppressed,
         )
+
+
+def _own_socket(path: str, server: ServerConfig) -> None:
+    """A Unix-socket listener's mode and group, as configured: who may connect at all
+    (what each may read is the policies' business, by the peer's uid and groups)."""
+    group = server.socket_group
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            os.chown(path, -1, gid)
+        except (KeyError, OSError) as exc:
+            raise ConfigError(
+                f"server.socket_group: cannot give {path} to group {group!r} "
+                f"({type(exc).__name__})",
+                hint="name an existing group the agent is a member of (or run it as root)",
+            ) from None
+    os.chmod(path, server.socket_permissions)  # noqa: PTH101

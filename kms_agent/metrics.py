@@ -26,6 +26,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "refresh_forced", "refresh_coalesced")
 EVICTION_REASONS = ("capacity", "bytes", "expired", "revoked", "invalidated")
 AUTH_FAILURE_REASONS = ("missing_token", "invalid_token", "forwarded")
+POLICY_DENIAL_REASONS = ("explicit_deny", "no_allow")
 #: Why a connection was closed or refused by the agent (``kms_agent_connections_closed``).
 CLOSE_REASONS = ("limit", "evicted", "head_timeout", "idle", "bad_request", "upgrade")
 
@@ -162,6 +163,11 @@ class Metrics:
             "kms_agent_auth_failures", "Requests refused before reaching a secret, by reason.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.policy_denials = Counter(
+            "kms_agent_policy_denials", "Requests a policy refused, by reason "
+            "(explicit_deny: a Deny matched; no_allow: no Allow did).",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.config_reloads = Counter(
             "kms_agent_config_reloads", "Configuration reloads, by result.",
             ["result"], registry=r,
@@ -195,6 +201,8 @@ class Metrics:
             self.config_reloads.labels(result)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+        for reason in POLICY_DENIAL_REASONS:
+            self.policy_denials.labels(reason)
         for reason in CLOSE_REASONS:
             self.connections_closed.labels(reason)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from kms_agent import peers
 from kms_agent.errors import AgentError, BadRequest, TooManyConnections
 
 if TYPE_CHECKING:
@@ -217,6 +219,8 @@ class Connection(asyncio.Protocol):
         "memo",
         "memo_key",
         "peer",
+        "peer_pid",
+        "peer_principals",
         "task",
         "transport",
     )
@@ -255,6 +259,10 @@ class Connection(asyncio.Protocol):
         self.memo_key: object = None
         self.task: asyncio.Task[None] | None = None
         self.peer: object = None
+        #: A Unix-socket peer's principals and pid, from the kernel (SO_PEERCRED); none
+        #: over TCP.
+        self.peer_principals: tuple[str, ...] = ()
+        self.peer_pid: int | None = None
 
     # ------------------------------------------------------------------ asyncio
 
@@ -271,6 +279,12 @@ class Connection(asyncio.Protocol):
             self.transport = None
             return
         self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            found = peers.credentials(sock)
+            if found is not None:
+                self.peer_pid, uid, gids = found
+                self.peer_principals = peers.principals(uid, gids)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.forget(self)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from kms_agent import render
 from kms_agent.cache import Entry
 from kms_agent.errors import (
     AccessDenied,
+    AccessDeniedByPolicy,
     AgentError,
     BadCredentials,
     DecryptDenied,
@@ -38,6 +40,8 @@ from kms_agent.errors import (
     UpstreamTimeout,
 )
 from kms_agent.grammar import Dialect
+
+_V = TypeVar("_V")
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
@@ -192,7 +196,7 @@ _AWS_PLAIN: dict[type[AgentError], tuple[int, str]] = {
     TooManyConnections: (429, "Connection limit exceeded"),
 }
 #: Its messages for failures of the connection to the store.
-_AWS_MESSAGES = {Unavailable: "Read Error", UpstreamTimeout: "Timeout"}
+_AWS_MESSAGES: dict[type[AgentError], str] = {Unavailable: "Read Error", UpstreamTimeout: "Timeout"}
 #: Secrets Manager's error types for errors of other stores, and their statuses.
 _AWS_TYPES: dict[type[AgentError], tuple[int, str]] = {
     SecretNotFound: (400, "ResourceNotFoundException"),
@@ -210,20 +214,30 @@ _AWS_TYPES: dict[type[AgentError], tuple[int, str]] = {
 def _aws_error(err: AgentError) -> tuple[int, bytes, bytes]:
     """The AWS agent's answers: its own refusals in plain text, the store's errors as
     ``{"__type", "message"}`` with the store's status, never a Content-Type."""
-    if isinstance(err, RoleNotAllowed):
+    if isinstance(err, RoleNotAllowed | AccessDeniedByPolicy):
         return 403, NONE, _aws_type("AccessDeniedException", err.message)
-    plain = _AWS_PLAIN.get(type(err))
+    plain = _by_type(_AWS_PLAIN, err)
     if plain is not None:
         return plain[0], NONE, plain[1].encode()
     if isinstance(err, UpstreamError):
         if err.upstream_code is not None:  # Secrets Manager's own answer, passed through
             message = err.upstream_message or err.message
             return err.upstream_status or 400, NONE, _aws_type(err.upstream_code, message)
-        status, code = _AWS_TYPES.get(type(err), (500, "InternalFailure"))
-        return status, NONE, _aws_type(code, _AWS_MESSAGES.get(type(err), err.message))
+        status, code = _by_type(_AWS_TYPES, err) or (500, "InternalFailure")
+        return status, NONE, _aws_type(code, _by_type(_AWS_MESSAGES, err) or err.message)
     if err.status >= 500:
         return 500, NONE, _aws_type("InternalFailure", "")
     return err.status, NONE, err.message.encode()
+
+
+def _by_type(table: Mapping[type[AgentError], _V], err: AgentError) -> _V | None:
+    """``err``'s entry in ``table``, or its nearest base class's (SourceFailing answers as
+    Unavailable does)."""
+    for cls in type(err).__mro__:
+        found = table.get(cls)
+        if found is not None:
+            return found
+    return None
 
 
 def _aws_type(code: str, message: str) -> bytes:
@@ -238,7 +252,7 @@ def _kms_error(err: AgentError, request_id: str) -> tuple[int, bytes, bytes]:
     store's errors in KMS's own shape ``{"Code", "Message", "RequestId", "HttpStatus"}``."""
     if isinstance(err, UpstreamError):
         status = err.upstream_status or err.status
-        code = err.upstream_code or _KMS_CODES.get(type(err), err.code)
+        code = err.upstream_code or _by_type(_KMS_CODES, err) or err.code
         obj = {"Code": code, "Message": err.message, "RequestId": request_id, "HttpStatus": status}
         return status, JSON, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     status, _, body = _aws_error(err)

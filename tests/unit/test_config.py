@@ -141,7 +141,7 @@ def test_example_documents_every_key_with_its_default():
     sections: dict[str, str] = {}
     current = ""
     for line in text.splitlines():
-        if m := re.fullmatch(r"\[(\w+)\]", line):
+        if m := re.fullmatch(r"\[([\w.]+)\]", line):
             current = m.group(1)
         elif m := re.fullmatch(r"# (\w+) = (.*)", line):
             sections[f"{current}.{m.group(1)}" if current else m.group(1)] = m.group(2)

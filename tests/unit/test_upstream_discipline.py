@@ -41,7 +41,7 @@ async def test_a_reset_get_is_not_resent_by_the_http_client(aiohttp_server):
     app = web.Application()
     app.router.add_get("/{tail:.*}", reset)
     server = await aiohttp_server(app)
-    provider = vault(str(server.make_url("")).rstrip("/"), max_attempts=1)
+    provider = vault(str(server.make_url("")).rstrip("/"), max_attempts=1, verify_answers=False)
     try:
         with pytest.raises(Unavailable):
             await provider.get("db")
