@@ -22,6 +22,7 @@ from kms_agent import config as config_mod
 from kms_agent.auth import TOKEN_FILE_NAME, new_token, token_variable
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
+from kms_agent.policy import ACTIONS, GET_SECRET_VALUE
 from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
 from kms_agent_client import Client, ClientError, read_token_file
 
@@ -125,6 +126,24 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("action", choices=["list", "delete", "disable"])
     key.add_argument("alias", nargs="?")
 
+    policy = sub.add_parser("policy", help="the [policies] of the configuration")
+    psub = _Subparsers(
+        policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION"), common
+    )
+    pcheck = psub.add_parser(
+        "check", help="would a caller be allowed this action on this secret? (exit 0 yes, 1 no)"
+    )
+    pcheck.add_argument(
+        "--principal", action="append", required=True, metavar="P",
+        help="the caller's principal (repeatable: a peer has a uid and groups), like "
+        "k8s:payments:api, token:ci, unix:uid:1001",
+    )  # fmt: skip
+    pcheck.add_argument(
+        "--action", default=GET_SECRET_VALUE, help=f"default {GET_SECRET_VALUE}; or one of "
+        + ", ".join(a for a in ACTIONS if a != GET_SECRET_VALUE),
+    )  # fmt: skip
+    pcheck.add_argument("name", help="the secret's name, as a caller asks for it")
+
     token = sub.add_parser("token", help="caller tokens")
     tsub = _Subparsers(
         token.add_subparsers(dest="token_command", required=True, metavar="ACTION"), common
@@ -219,10 +238,13 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(_as_dict(cfg), indent=2, default=str))
     else:
         names = ", ".join(f"{s.name} ({s.provider})" for s in cfg.sources)
+        policies = ", ".join(cfg.policies.policies) or "none (every token reads everything)"
         print(
             f"ok: {cfg.path or 'built-in defaults'}; listen {', '.join(cfg.server.listen)}; "
-            f"sources: {names}"
+            f"sources: {names}; policies: {policies}"
         )
+        for note in cfg.policies.notes:
+            print(f"  note: {note}")
     return EXIT_OK
 
 
@@ -474,6 +496,30 @@ def _cmd_key(store: LocalStore, args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def _cmd_policy(cfg: Config, args: argparse.Namespace) -> int:
+    """``policy check``: the decision and the statement that made it."""
+    policies = cfg.policies
+    if not policies.enabled:
+        print(f"allow: no [policies] in {cfg.path or 'the configuration'}: every caller with a "
+              "valid token may read every secret")  # fmt: skip
+        return EXIT_OK
+    if args.action.lower() not in {a.lower() for a in ACTIONS}:
+        _err(f"--action {args.action!r} is not an action", "one of " + ", ".join(ACTIONS))
+        return EXIT_ERROR
+    decision = policies.decide(tuple(args.principal), args.action, args.name)
+    who = ", ".join(args.principal)
+    if decision.allowed:
+        print(f"allow: {who} may {args.action} {args.name!r}: {decision.statement}")
+        return EXIT_OK
+    if decision.reason == "explicit_deny":
+        print(f"deny: {who} may not {args.action} {args.name!r}: denied by {decision.statement}")
+    else:
+        print(f"deny: {who} may not {args.action} {args.name!r}: no statement allows it")
+    if decision.hint:
+        print(f"  hint: {decision.hint}")
+    return EXIT_FAIL
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     token = new_token()
     if args.add_to:
@@ -508,6 +554,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _cmd_health(cfg, args)
         if args.command == "doctor":
             return _cmd_doctor(cfg, args, env)
+        if args.command == "policy":
+            return _cmd_policy(cfg, args)
         return _cmd_store(cfg, args)
     except ConfigError as exc:
         _err(exc.message, exc.hint)

@@ -318,3 +318,29 @@ document = '''{"Statement": [
         assert await status(65534, "payments/db") == "403"
         assert await status(65534, "shop/db") == "200"
         assert await status(0, "shop/db") == "403"
+
+
+@pytest.mark.parametrize(
+    ("principal", "action", "name", "code", "says"),
+    [
+        ("k8s:payments:api", "kms:GetSecretValue", "payments/db", 0, "Sid Alpha"),
+        ("k8s:payments:api", "kms:GetSecretValue", "payments/root", 1, "denied by"),
+        ("k8s:shop:web", "kms:GetSecretValue", "payments/db", 1, "no statement allows it"),
+        ("token:bravo", "kms:ListSecrets", "shop/db", 0, "Sid Bravo"),
+    ],
+)
+def test_policy_check_says_which_statement_decided(
+    tmp_path, capsys, principal, action, name, code, says
+):
+    """`kms-agent policy check` answers allow/deny for operators writing policies, names
+    the deciding statement, and exits 0 for allow and 1 for deny."""
+    from kms_agent.cli import main
+
+    path = tmp_path / "kms.toml"
+    path.write_text(config(tmp_path))
+    argv = ["--config", str(path), "policy", "check", "--principal", principal,
+            "--action", action, name]  # fmt: skip
+    assert main(argv, environ={}) == code
+    out = capsys.readouterr().out
+    assert out.startswith("allow" if code == 0 else "deny")
+    assert says in out

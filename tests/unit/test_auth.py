@@ -131,3 +131,32 @@ def test_exposed_file_warning(tmp_path, log_capture, mode, allowed, warned):
     if warned:
         assert str(path) in logged
         assert oct(mode) in logged
+
+
+def test_named_tokens_identify_their_caller(tmp_path):
+    """`NAME:TOKEN` lines name the caller (principal token:NAME); a bare token is
+    token:default; a Bearer header is read like the token headers."""
+    a, b, c = new_token(), new_token(), new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"ci-deploy:{a}\nweb.frontend: {b}\n{c}\n")
+    auth = Authenticator(HEADERS, load_tokens(AuthConfig(token_files=(str(path),)), {}))
+    assert auth.identify(raw({"X-KMS-Token": a})).principals == ("token:ci-deploy",)
+    assert auth.identify(raw({"Authorization": f"Bearer {b}"})).principals == (
+        "token:web.frontend",
+    )
+    assert auth.identify(raw({"X-Vault-Token": c})).principals == ("token:default",)
+    peer = ("unix:uid:1001", "unix:gid:1001")
+    assert auth.identify(raw({"X-KMS-Token": a}), peer).principals == ("token:ci-deploy", *peer)
+    assert auth.identify({}, peer, peer_only=True).principals == peer
+    with pytest.raises(Unauthorized):
+        auth.identify({}, peer)  # without policies a peer still needs a token
+    assert a not in repr(auth.token_set) and a not in repr(auth)
+
+
+@pytest.mark.parametrize("line", ["bad name:" + "x" * 20, ":" + "x" * 20, "ok:short"])
+def test_bad_named_token_lines_are_refused_by_line(tmp_path, line):
+    """A malformed name or token is a ConfigError naming the file's line."""
+    path = tmp_path / "tokens"
+    path.write_text(f"# header\n{line}\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_tokens(AuthConfig(token_files=(str(path),)), {})
