@@ -267,6 +267,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = ()
+    #: TOML files of ``[policies.NAME]`` tables besides the config's own (a ConfigMap of
+    #: their own, say); watched and reloaded like the config file.
+    policy_files: tuple[str, ...] = ()
     #: ``[policies]``, compiled (kms_agent.policy); empty: every caller may read everything.
     policies: PolicySet = field(default_factory=PolicySet)
     path: str = ""  # the file it was loaded from, if any
@@ -495,8 +498,9 @@ def load(
     if overrides:
         raw = _merge(raw, overrides)
     sources = _build_sources(raw.pop("sources", None))
-    policies = PolicySet.from_config(raw.pop("policies", {}))
+    own_policies = raw.pop("policies", {})
     cfg = _build(Config, raw, "")
+    policies = _policies(own_policies, cfg.policy_files)
     data_dir = cfg.data_dir or default_data_dir(env)
     runtime_dir = cfg.runtime_dir or default_runtime_dir(env, data_dir)
     cfg = _replace(
@@ -509,6 +513,35 @@ def load(
     )
     validate(cfg)
     return cfg
+
+
+def _policies(own: Any, files: tuple[str, ...]) -> PolicySet:
+    """The config's ``[policies]`` and those of ``policy_files``, compiled as one set; a
+    name defined twice is an error naming both places."""
+    if not isinstance(own, Mapping):
+        raise ConfigError("policies: expected tables like [policies.NAME]")
+    merged: dict[str, Any] = dict(own)
+    defined = dict.fromkeys(own, "the config file")
+    for i, name in enumerate(files):
+        key = f"policy_files[{i}]"
+        try:
+            table = tomllib.loads(Path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: {name!r} does not exist") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{key}: {name!r} cannot be read as TOML: {exc}") from None
+        extra = set(table) - {"policies"}
+        if extra:
+            raise ConfigError(
+                f"{key}: {name!r} may hold only [policies.NAME] tables, not {min(extra)}"
+            )
+        for policy, value in table.get("policies", {}).items():
+            if policy in merged:
+                raise ConfigError(
+                    f"{key}: policy {policy!r} is defined in {defined[policy]} and in {name}"
+                )
+            merged[policy], defined[policy] = value, name
+    return PolicySet.from_config(merged)
 
 
 def _replace(cfg: Config, **changes: Any) -> Config:

@@ -110,10 +110,12 @@ class Reloader:
         files = list(self.state.auth.token_set.files)
         if self.config.path:
             files.append(Path(self.config.path))
+        files += (Path(name) for name in self.config.policy_files)
         return files
 
     def rewatch(self) -> asyncio.Event:
-        """(Re)start the watcher over the config file's and token files' directories."""
+        """(Re)start the watcher over the directories of the config file, the token files
+        and the policy files."""
         if self._watch_task is not None:
             self._watch_task.cancel()
         started = asyncio.Event()

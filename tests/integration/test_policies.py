@@ -344,3 +344,50 @@ def test_policy_check_says_which_statement_decided(
     out = capsys.readouterr().out
     assert out.startswith("allow" if code == 0 else "deny")
     assert says in out
+
+
+async def test_a_watched_policy_file_reloads_without_dropping_a_request(tmp_path, values):
+    """Policies in a policy file of their own: a change to it is picked up by the watcher
+    (no signal, no restart) while a client reads in a loop; no request fails, and the
+    changed grant holds from then on."""
+    policy_file = tmp_path / "policies.toml"
+    policy_file.write_text(POLICIES)
+    text = f'policy_files = ["{policy_file}"]\n' + config(tmp_path, policies="")
+    async with running_agent(
+        tmp_path, text, {"KMS_TOKEN": ""}, sources=[(("*",), values)], loader=True
+    ) as agent:
+        failures: list[int] = []
+        done = asyncio.Event()
+
+        async def client() -> None:
+            async with aiohttp.ClientSession() as session:
+                while not done.is_set():
+                    async with session.get(
+                        f"http://{agent.addresses[0]}/secrets/payments/db",
+                        headers={"X-KMS-Token": TOKEN_A},
+                    ) as resp:
+                        if resp.status != 200:
+                            failures.append(resp.status)
+
+        reader = asyncio.create_task(client())
+        assert (await get(agent, "/secrets/shop/db", **{"X-KMS-Token": TOKEN_A}))[0] == 403
+        reloads = agent.state.metrics.config_reloads
+        async with agent.reloaded:  # a broken file is refused; the policies in force hold
+            policy_file.write_text(POLICIES.replace('"Effect": "Deny"', '"Effect": "deny"'))
+            await agent.reloaded.wait_for(lambda: reloads.labels("error")._value.get() >= 1)
+        widened = POLICIES.replace(
+            '"Resource": "secret/payments/**"',
+            '"Resource": ["secret/payments/**", "secret/shop/db"]',
+        )
+
+        def shop_allowed() -> bool:
+            policies = agent.state.config.policies
+            return policies.decide(("token:alpha",), "kms:GetSecretValue", "shop/db").allowed
+
+        async with agent.reloaded:
+            policy_file.write_text(widened)
+            await agent.reloaded.wait_for(shop_allowed)
+        assert (await get(agent, "/secrets/shop/db", **{"X-KMS-Token": TOKEN_A}))[0] == 200
+        done.set()
+        await reader
+        assert failures == []
