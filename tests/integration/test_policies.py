@@ -391,3 +391,30 @@ async def test_a_watched_policy_file_reloads_without_dropping_a_request(tmp_path
         done.set()
         await reader
         assert failures == []
+
+
+async def test_the_python_client_sends_a_projected_token_file(tmp_path, values):
+    """An application reads with kms_agent_client and the kubelet's projected token file
+    as its token_file: the agent knows it as its service account, and a secret outside
+    its policy is a ClientError with the code AccessDeniedByPolicy."""
+    from kms_agent_client import Client, ClientError
+
+    text = k8s_config(tmp_path, jwks(jwk_of(RSA_A, "rsa-a")))
+    token_file = tmp_path / "sa-token"
+    token_file.write_bytes(mint(sa_claims(time.time(), ns="payments", sa="api")))
+    async with running_agent(
+        tmp_path, text, {"KMS_TOKEN": ""}, sources=[(("*",), values)]
+    ) as agent:
+
+        def read() -> tuple[str, str]:
+            with Client(agent.addresses[0], token_file=token_file, environ={}) as client:
+                first = client.get_text("payments/db")
+                try:
+                    client.get_text("shop/db")
+                except ClientError as exc:
+                    refused = exc.code
+            return first, refused
+
+        first, refused = await asyncio.to_thread(read)
+        assert first == PLANTED + "-payments"
+        assert refused == "AccessDeniedByPolicy"
