@@ -16,6 +16,7 @@ import yaml
 from kms_agent import cli
 from kms_agent.agent import Agent
 from kms_agent.config import load
+from kms_agent.policy import GET_SECRET_VALUE, PolicySet, service_account_principal
 from tests.conftest import TOKEN, ScriptedProvider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,20 @@ def pod_spec(doc: dict) -> dict | None:
     return None
 
 
+def restricted_containers(spec: dict) -> list[dict]:
+    """A pod spec's containers, after checking the restricted Pod Security settings."""
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    containers = spec.get("initContainers", []) + spec["containers"]
+    for c in containers:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert {"requests", "limits"} <= set(c["resources"]), c["name"]
+    return containers
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=[k.name for k in KUSTOMIZATIONS])
 def test_manifests_pass_strict_schema_validation(kustomization):
     """Every rendered object passes kubernetes-validate --strict for 1.31 and later."""
@@ -76,15 +91,7 @@ def test_pods_meet_restricted_pod_security_and_probe_the_agent(kustomization):
     assert workloads
     for doc in workloads:
         spec = pod_spec(doc)
-        assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        containers = spec.get("initContainers", []) + spec["containers"]
-        for c in containers:
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False, c["name"]
-            assert sc["readOnlyRootFilesystem"] is True, c["name"]
-            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
-            assert {"requests", "limits"} <= set(c["resources"]), c["name"]
+        containers = restricted_containers(spec)
         agent = next(c for c in containers if c["name"] == "kms-agent")
         ports = {p["name"] for p in agent["ports"]}
         assert "metrics" in ports
@@ -124,6 +131,161 @@ def test_podmonitor_selects_the_pods_and_their_port():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = [p["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"] for p in c["ports"]]
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+# --------------------------------------------------------------------------- the node agent
+
+NODE_AGENT = DEPLOY / "kubernetes" / "overlays" / "daemonset"
+EXAMPLE_APP = DEPLOY / "kubernetes" / "examples" / "payments-app.yaml"
+#: What the JWKS fetch needs from the API server, and all the node agent may ask for.
+DISCOVERY_URLS = {"/openid/v1/jwks", "/.well-known/openid-configuration"}
+#: The sample policy: each service account and the secret names it alone may read.
+SAMPLE_GRANTS = {
+    "k8s:payments:app": ("payments/db", "payments/psp/key"),
+    "k8s:shop:web": ("shop/db",),
+}
+
+
+@pytest.fixture(name="node_agent", scope="module")
+def _node_agent() -> list[dict]:
+    """The DaemonSet overlay, rendered once for this module."""
+    return render(NODE_AGENT)
+
+
+def agent_config(docs: list[dict]) -> dict:
+    return tomllib.loads(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.toml"])
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
+
+
+def mounted_files(spec: dict, container: dict) -> dict[str, dict]:
+    """Each file path in ``container`` that a projected volume source provides -> that source."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files: dict[str, dict] = {}
+    for mount in container.get("volumeMounts", []):
+        for source in volumes[mount["name"]].get("projected", {}).get("sources", []):
+            for kind, body in source.items():
+                items = body.get("items", [])
+                for path in [body["path"]] if "path" in body else [i["path"] for i in items]:
+                    files[f"{mount['mountPath']}/{path}"] = {kind: body}
+    return files
+
+
+def test_node_agent_holds_no_shared_token_and_verifies_service_accounts(node_agent):
+    """No tokens Secret, no token list, no generated token: callers are service accounts
+    whose tokens (audience kms-agent) the agent verifies offline with its own projected
+    API token and the cluster CA, mounted where the config looks for them."""
+    assert [d for d in node_agent if d["kind"] == "Secret"] == []
+    auth = agent_config(node_agent)["auth"]
+    assert "token_files" not in auth
+    assert auth["generate_token"] is False
+    k8s = auth["kubernetes"]
+    assert k8s["issuer"].startswith("https://")
+    assert k8s["audiences"] == ["kms-agent"]
+    assert k8s["mode"] == "offline"
+    spec = pod_spec(one(node_agent, "DaemonSet"))
+    assert not any("secret" in v for v in spec["volumes"])
+    assert spec["automountServiceAccountToken"] is False
+    files = mounted_files(spec, next(c for c in spec["containers"] if c["name"] == "kms-agent"))
+    token = files[k8s["token_file"]]["serviceAccountToken"]
+    assert "audience" not in token  # the API server's own: the one the JWKS fetch presents
+    assert files[k8s["ca_file"]]["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_node_agent_rbac_is_only_the_issuer_discovery(node_agent):
+    """The agent's RBAC: get on the two discovery URLs, no resource, no wildcard, bound to
+    the DaemonSet's own service account and to nothing else."""
+    roles = {d["metadata"]["name"]: d for d in node_agent if d["kind"] in ("Role", "ClusterRole")}
+    assert roles
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert set(rule) == {"nonResourceURLs", "verbs"}, rule
+            assert set(rule["nonResourceURLs"]) <= DISCOVERY_URLS
+            assert rule["verbs"] == ["get"]
+    rules = [rule for role in roles.values() for rule in role["rules"]]
+    granted = {url for rule in rules for url in rule["nonResourceURLs"]}
+    assert granted == DISCOVERY_URLS
+    daemonset = one(node_agent, "DaemonSet")
+    account = one(node_agent, "ServiceAccount")
+    assert pod_spec(daemonset)["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    bindings = [d for d in node_agent if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert bindings
+    for binding in bindings:
+        assert binding["roleRef"]["name"] in roles  # no built-in role with more in it
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": account["metadata"]["name"],
+                "namespace": account["metadata"]["namespace"],
+            }
+        ]
+
+
+def test_sample_policy_gives_each_service_account_only_its_prefix(node_agent):
+    """Each sample service account reads and lists its own prefix, not the other's; a
+    third, and another service account of the same namespace, read nothing."""
+    policies = PolicySet.from_config(agent_config(node_agent)["policies"])
+    assert policies.enabled
+    everyone = [name for names in SAMPLE_GRANTS.values() for name in names]
+    for principal, own in SAMPLE_GRANTS.items():
+        for name in everyone:
+            decision = policies.decide([principal], GET_SECRET_VALUE, name)
+            assert decision.allowed is (name in own), (principal, name, decision)
+        shown = policies.may_list([principal])
+        assert policies.decide_list([principal]).allowed
+        assert [n for n in everyone if shown(n)] == list(own)
+    for stranger in ("k8s:other:default", "k8s:payments:default", "k8s:shop:app"):
+        for name in everyone:
+            assert not policies.decide([stranger], GET_SECRET_VALUE, name).allowed, (stranger, name)
+        assert not policies.decide_list([stranger]).allowed
+
+
+def test_example_app_reads_its_secret_with_a_projected_token(node_agent):
+    """The example pod passes strict validation at restricted Pod Security (no hostPath,
+    no hostPort), sends a projected token of the agent's audience from where it is
+    mounted to the node IP and the DaemonSet's hostPort, and the sample policy lets its
+    service account read the secret it asks for."""
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all(EXAMPLE_APP.read_text()) if d]
+    for doc in docs:
+        for version in k8s_versions():
+            kubernetes_validate.validate(doc, version, strict=True)
+    deployment = one(docs, "Deployment")
+    namespace = deployment["metadata"]["namespace"]
+    labels = one(docs, "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    spec = pod_spec(deployment)
+    [app] = restricted_containers(spec)
+    assert not any("hostPath" in v for v in spec["volumes"])
+    assert not any("hostPort" in p for p in app.get("ports", []))
+    assert spec["automountServiceAccountToken"] is False
+
+    files = mounted_files(spec, app)
+    script = "\n".join(app["args"])
+    bearer = re.search(r"Bearer \$\(cat (\S+)\)", script)
+    assert bearer, script
+    token = files[bearer.group(1)]["serviceAccountToken"]
+    assert token["audience"] in agent_config(node_agent)["auth"]["kubernetes"]["audiences"]
+    assert token["expirationSeconds"] == 3600
+
+    env = {e["name"]: e for e in app["env"]}
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    url = re.search(r"http://\$HOST_IP:(\d+)/secrets/([^?\"]+)", script)
+    assert url, script
+    port, name = url.groups()
+    agent = pod_spec(one(node_agent, "DaemonSet"))["containers"][0]
+    assert agent["name"] == "kms-agent"
+    assert int(port) in {p.get("hostPort") for p in agent["ports"]}
+
+    policies = PolicySet.from_config(agent_config(node_agent)["policies"])
+    principal = service_account_principal(namespace, spec["serviceAccountName"])
+    assert policies.decide([principal], GET_SECRET_VALUE, name).allowed, (principal, name)
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
