@@ -560,6 +560,13 @@ def validate(cfg: Config) -> None:
     k8s = cfg.auth.kubernetes
     if k8s.enabled and not k8s.audiences:
         raise ConfigError('auth.kubernetes.audiences: give at least one, like ["kms-agent"]')
+    if k8s.enabled and not cfg.policies.enabled:
+        raise ConfigError(
+            "auth.kubernetes: service-account tokens need [policies]: any pod can get a token "
+            "for the kms-agent audience, so without policies every pod would read everything",
+            hint='add [policies.NAME] granting each service account its own secrets, e.g. '
+            '"k8s:payments:app" -> "secret/payments/**"',
+        )
     listeners = cfg.server.listeners
     if not listeners:
         raise ConfigError(f'server.listen: give at least one listener, like "{DEFAULT_LISTEN}"')

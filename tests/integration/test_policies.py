@@ -418,3 +418,16 @@ async def test_the_python_client_sends_a_projected_token_file(tmp_path, values):
         first, refused = await asyncio.to_thread(read)
         assert first == PLANTED + "-payments"
         assert refused == "AccessDeniedByPolicy"
+
+
+def test_service_accounts_without_policies_are_refused_at_start(tmp_path):
+    """[auth.kubernetes] with no [policies] would let every pod read everything (any pod
+    can get a token for the audience): the config is refused, saying why and what to add."""
+    from kms_agent.config import load
+    from kms_agent.errors import ConfigError
+
+    path = tmp_path / "kms.toml"
+    path.write_text(f'[auth.kubernetes]\nissuer = "{ISSUER}"\njwks_file = "x"\n')
+    with pytest.raises(ConfigError, match=r"need \[policies\]") as info:
+        load(path, environ={})
+    assert "k8s:payments:app" in (info.value.hint or "")
