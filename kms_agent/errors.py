@@ -28,7 +28,8 @@ Tree::
     │   ├── InvalidUpstreamRequest 400
     │   ├── Throttled              503   transient: stale value served if we have one
     │   ├── Unavailable            503   transient
-    │   │   └── SourceFailing      503   the source's breaker is open: not sent (Retry-After)
+    │   │   ├── SourceFailing      503   the source's breaker is open: not sent (Retry-After)
+    │   │   └── ConnectionDropped  503   the connection closed before any answer
     │   └── UpstreamTimeout        504   transient
     │       └── HeldByLimiter      504   our quota limiter would hold it past the deadline
     ├── StoreCorrupt               500   a local store file failed to read or decrypt
@@ -203,6 +204,11 @@ class HeldByLimiter(UpstreamTimeout):
     Says nothing about the source's health (the breaker does not count it)."""
 
     from_source = False
+
+
+class ConnectionDropped(Unavailable):
+    """The connection closed before any of the answer came: a server's idle keep-alive
+    close is indistinguishable, so even a probe may try once more (RFC 9112 9.3.1)."""
 
 
 class SourceFailing(Unavailable):

@@ -24,6 +24,7 @@ import aiohttp
 from kms_agent.errors import (
     AgentError,
     ConfigError,
+    ConnectionDropped,
     HeldByLimiter,
     Unavailable,
     UpstreamTimeout,
@@ -103,7 +104,10 @@ async def with_retries(
     """Run ``call(remaining_seconds)``; retry retryable errors with backoff, inside the
     deadline (no retries in a probe, see :data:`ONE_ATTEMPT`)."""
     if ONE_ATTEMPT.get():
-        attempts = 1
+        # A probe asks once; only a connection that closed before any answer (perhaps a
+        # pooled one the server had closed while idle) is worth one more try.
+        attempts = 2
+        retryable = _dropped
     delays = backoff_delays(base, cap)
     for attempt in range(1, attempts + 1):
         remaining = deadline - clock()
@@ -121,6 +125,10 @@ async def with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _dropped(exc: AgentError) -> bool:
+    return isinstance(exc, ConnectionDropped)
+
+
 @contextlib.contextmanager
 def mapped_errors(what: str) -> Iterator[None]:
     """Map transport and decoding failures onto the vocabulary; never leak a body."""
@@ -132,6 +140,8 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise UpstreamTimeout(
             f"{what} did not answer in time", hint="is the endpoint reachable from this network?"
         ) from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise ConnectionDropped(f"{what} closed the connection before answering") from exc
     except aiohttp.ClientConnectorError as exc:
         raise Unavailable(
             f"cannot connect to {what} ({type(exc).__name__})",

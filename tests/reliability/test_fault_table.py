@@ -17,7 +17,8 @@ version fresh. Each answer is judged:
   refusal keys / ``NEGATIVE_TTL``; a flapping source (half healthy, the breaker stays
   closed) is held to a healthy one's refresh rate;
 * recovery: from the fault's end to the last answer that was not the new value fresh —
-  at most ``MAX_RECOVERY_S`` (the longest probe wait, a negative-cache life, a second).
+  at most ``MAX_RECOVERY_S`` (the longest probe wait, a negative-cache life, two seconds
+  for the next reads and a loaded machine).
 
 Vault's answers carry no path: its source checks each value against the version's
 metadata, read beside it (``verify_answers``), so its calls count twice.
@@ -66,7 +67,7 @@ MAX_STEADY_CALLS_PER_S = 2.0
 #: A permanent refusal is remembered per key for NEGATIVE_TTL: keys / NEGATIVE_TTL calls/s
 #: (x2 on Vault), plus one.
 MAX_PERMANENT_CALLS_PER_S = 2 * (2 * KEYS) / NEGATIVE_TTL + 1
-MAX_RECOVERY_S = BREAKER_MAX_WAIT + NEGATIVE_TTL + 1.0
+MAX_RECOVERY_S = BREAKER_MAX_WAIT + NEGATIVE_TTL + 2.0
 RECOVERY_WINDOW = 12.0
 
 MARK = re.compile(r":([^:\"]+):v(\d+)")

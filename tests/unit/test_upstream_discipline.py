@@ -12,7 +12,13 @@ from aiohttp import web
 
 from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import FAILED_RETRY_BASE, FAILED_RETRY_MAX, Credentials, Refreshing
-from kms_agent.errors import BadCredentials, HeldByLimiter, Unavailable, UpstreamTimeout
+from kms_agent.errors import (
+    BadCredentials,
+    ConnectionDropped,
+    HeldByLimiter,
+    Unavailable,
+    UpstreamTimeout,
+)
 from kms_agent.providers.vault import Provider as VaultProvider
 from kms_agent.upstream import ONE_ATTEMPT, with_retries
 from tests.conftest import FakeClock
@@ -147,3 +153,23 @@ async def test_with_retries_makes_one_attempt_in_a_probe():
         finally:
             ONE_ATTEMPT.reset(token)
         assert calls == expected
+
+
+async def test_a_probe_retries_once_a_connection_dropped_before_any_answer():
+    """A connection that closed before any answer (a pooled one the server closed while
+    idle looks the same) gets one more try even in a probe; any other failure none."""
+    calls = 0
+
+    async def dropped(remaining: float) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionDropped("closed before answering")
+        return "ok"
+
+    token = ONE_ATTEMPT.set(True)
+    try:
+        assert await with_retries(dropped, deadline=time.monotonic() + 5, attempts=4) == "ok"
+    finally:
+        ONE_ATTEMPT.reset(token)
+    assert calls == 2
