@@ -431,3 +431,40 @@ def test_service_accounts_without_policies_are_refused_at_start(tmp_path):
     with pytest.raises(ConfigError, match=r"need \[policies\]") as info:
         load(path, environ={})
     assert "k8s:payments:app" in (info.value.hint or "")
+
+
+async def test_tokenreview_mode_asks_the_api_server_once_per_token(
+    tmp_path, values, aiohttp_server
+):
+    """mode = "tokenreview": a new token waits for the API server's TokenReview (after the
+    offline check), then reads what its policy grants; its second request is answered
+    from the remembered review; a token the API server no longer accepts (its pod was
+    deleted) is 403 although it verifies offline."""
+    import certifi
+
+    from tests.unit.test_k8s_tokenreview import FakeReviews
+
+    reviews = FakeReviews()
+    server = await aiohttp_server(reviews.app(), host="127.0.0.1")
+    agent_token = tmp_path / "agent-token"
+    agent_token.write_text("agent-own-token-0123456789\n")
+    keys = tmp_path / "jwks.json"
+    keys.write_bytes(jwks(jwk_of(RSA_A, "rsa-a")))
+    extra = (
+        f'[auth.kubernetes]\nissuer = "{ISSUER}"\njwks_file = "{keys}"\nmode = "tokenreview"\n'
+        f'api_url = "http://127.0.0.1:{server.port}"\ntoken_file = "{agent_token}"\n'
+        f'ca_file = "{certifi.where()}"\n'
+    )
+    live = mint(sa_claims(time.time(), ns="payments", sa="api")).decode()
+    gone = mint(sa_claims(time.time(), ns="payments", sa="api", jti="deleted-pod")).decode()
+    reviews.valid[live] = "payments:api"
+    async with running_agent(
+        tmp_path, config(tmp_path, extra=extra), {"KMS_TOKEN": ""}, sources=[(("*",), values)]
+    ) as agent:
+        bearer = {"Authorization": f"Bearer {live}"}
+        status, body = await get(agent, "/secrets/payments/db", **bearer)
+        assert (status, body["value"]) == (200, PLANTED + "-payments")
+        assert (await get(agent, "/secrets/payments/db", **bearer))[0] == 200
+        assert len(reviews.reviews) == 1
+        assert (await get(agent, "/secrets/payments/db", Authorization=f"Bearer {gone}"))[0] == 403
+        assert len(reviews.reviews) == 2
