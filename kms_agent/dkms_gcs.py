@@ -1,7 +1,8 @@
 """The dkms-gcs protocol of a KMS instance's dedicated gateway, apart from its signature.
 
-Three proto3 messages (package ``protobuf`` in the SDK's ``openapi_util/protobuf/api_pb2.py``):
-GetSecretValueRequest, GetSecretValueResponse and the Error body of every failed call.
+Three proto3 messages (package ``protobuf`` in the SDK's ``openapi_util/protobuf/api_pb2.py``),
+the mapping of the gateway's ``Error`` bodies onto the agent's vocabulary, and the SDK's
+retry rule as data. The signature is :mod:`kms_agent.signing.dkms`.
 
 Protobuf by hand, not the ``protobuf`` package: the three messages are flat, with four
 kinds of field (string, bool, int32, repeated string) over two wire types, about 180 lines
@@ -25,6 +26,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
+
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    BadCredentials,
+    DecryptDenied,
+    InvalidUpstreamRequest,
+    PendingDeletion,
+    SecretNotFound,
+    SourceFailing,
+    Throttled,
+    Unavailable,
+    UpstreamError,
+)
 
 Kind = Literal["string", "bool", "int32", "strings"]
 
@@ -241,3 +256,117 @@ class Error(Message):
     error_code: str = ""
     error_message: str = ""
     request_id: str = ""
+
+
+# ---------------------------------------------------------------------------- errors
+
+#: Codes that say the credentials or the signature were refused. The shared gateway's
+#: list (providers/alibaba.py) plus the instance gateway's clock error.
+BAD_CREDENTIAL_CODE_PREFIXES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "InvalidSecurityToken",
+    "IllegalTimestamp",
+    "SignatureNonceUsed",
+    "RequestTimeTooSkewed",
+)
+#: Codes that say the service failed, whatever the HTTP status.
+UNAVAILABLE_CODES = frozenset({"InternalFailure", "ServiceUnavailableTemporary"})
+
+
+def error_kind(status: int, code: str, message: str) -> type[UpstreamError]:
+    """Which error an Alibaba KMS answer is, by its code (and status where the code says
+    nothing): the rule of both gateways, which add their own messages and hints."""
+    if code == "Forbidden.ResourceNotFound":
+        return SecretNotFound
+    if code == "Forbidden.NoPermission" and "kms:Decrypt" in message:
+        return DecryptDenied
+    if code.startswith("Forbidden"):
+        return AccessDenied
+    if code == "Rejected.ResourceInDeleteWindow":
+        return PendingDeletion
+    if "Throttling" in code or status == 429:
+        return Throttled
+    if code.startswith(BAD_CREDENTIAL_CODE_PREFIXES) or status == 401:
+        return BadCredentials
+    if status >= 500 or code in UNAVAILABLE_CODES:
+        return Unavailable
+    return InvalidUpstreamRequest
+
+
+_HINTS: dict[type[UpstreamError], str] = {
+    SecretNotFound: "check the name (default secrets carry their product prefix, like "
+    "aigw!...) and that the endpoint is the KMS instance that holds the secret",
+    DecryptDenied: "the ClientKey may read the secret but not decrypt it: the application "
+    "access point's permission policy must also cover the secret's key",
+    AccessDenied: "the ClientKey's application access point has no permission policy for "
+    "this secret, or its network rule does not allow this host's address: add both",
+    PendingDeletion: "restore the secret with RestoreSecret within its recovery window, or "
+    "read another secret",
+    Throttled: "the KMS instance's QPS is what was bought, shared by every client; lower "
+    "rate_limit_qps or raise cache.ttl",
+    BadCredentials: "check that client_key_file is a current ClientKey of this instance "
+    "(not expired or deleted) and the host's clock (within 15 minutes)",
+}
+
+
+def map_error(status: int, error: Error, *, endpoint: str, name: str = "") -> UpstreamError:
+    """The agent's error for a ``status`` answer carrying ``error``, remembering what the
+    gateway said (``.upstream``). ``name`` is the secret asked for, if any."""
+    code = error.error_code[:100]
+    message = error.error_message[:300]
+    said = f"Alibaba KMS instance at {endpoint}: {code or f'HTTP {status}'}"
+    if error.request_id:
+        said += f" (request {error.request_id[:80]})"
+    kind = error_kind(status, code, message)
+    secret = f"secret {name!r}" if name else "the request"
+    text = {
+        SecretNotFound: f"{secret} does not exist in the instance",
+        DecryptDenied: f"{secret} may be read but not decrypted with this ClientKey",
+        AccessDenied: f"the ClientKey may not read {secret}",
+        PendingDeletion: f"{secret} is scheduled for deletion",
+        Throttled: "throttled",
+        BadCredentials: "the ClientKey or the request's signature was refused",
+        Unavailable: "the instance failed",
+    }.get(kind, message or "request refused")
+    mapped = kind(f"{said}: {text}", hint=_HINTS.get(kind))
+    mapped.upstream(status, code, message)
+    return mapped
+
+
+def classify(status: int, body: bytes, *, endpoint: str, name: str = "") -> UpstreamError:
+    """:func:`map_error` for a raw 4xx/5xx body; one that is not an ``Error`` (a proxy's
+    page) is judged by its status alone."""
+    try:
+        error = Error.decode(body)
+    except MalformedMessage:
+        error = Error()
+    return map_error(status, error, endpoint=endpoint, name=name)
+
+
+# ---------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRule:
+    """Which failures are tried again, how many attempts in all and how far apart."""
+
+    attempts: int
+    spacing: float  # seconds between attempts
+    codes: frozenset[str]
+
+    def retryable(self, exc: AgentError) -> bool:
+        """An error whose code is in ``codes``; or one with no upstream answer behind it
+        (connection refused or reset, timeout, an unreadable answer), unless the agent
+        itself held the call back (limiter, open breaker)."""
+        if exc.upstream_code is not None:
+            return exc.upstream_code in self.codes
+        if not exc.from_source or isinstance(exc, SourceFailing):
+            return False
+        return exc.upstream_status is None and exc.transient
+
+
+#: The SDK's: I/O errors and ``Rejected.Throttling`` only (not 5xx), 4 attempts 1 s apart
+#: (its ``max_attempts`` 3 counts retries; backoff policy "yes", period 1).
+SDK_RETRY = RetryRule(attempts=4, spacing=1.0, codes=frozenset({"Rejected.Throttling"}))

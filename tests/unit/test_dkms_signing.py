@@ -1,5 +1,5 @@
-"""The dkms-gcs protocol of a KMS instance's dedicated gateway: its signer and protobuf
-messages, judged by the recorded vector and by the vendor SDK itself.
+"""The dkms-gcs protocol of a KMS instance's dedicated gateway: signer, messages, errors and
+retry rule, judged by the recorded vector and by the vendor SDK itself.
 
 The vector (``tests/fixtures/alibaba-dkms-gcs.json``, a copy of ``shared/vectors``) was
 recorded from ``alibabacloud-dkms-gcs`` 1.0.2 with a throwaway ClientKey. Tests that run the
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import aiohttp
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,12 +34,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kms_agent.dkms_gcs import (
+    SDK_RETRY,
     Error,
     GetSecretValueRequest,
     GetSecretValueResponse,
     MalformedMessage,
+    classify,
+    error_kind,
+    map_error,
+)
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    BadCredentials,
+    DecryptDenied,
+    HeldByLimiter,
+    InvalidUpstreamRequest,
+    PendingDeletion,
+    SecretNotFound,
+    SourceFailing,
+    Throttled,
+    Unavailable,
 )
 from kms_agent.signing import dkms
+from kms_agent.upstream import mapped_errors
 
 VECTOR = json.loads(
     (Path(__file__).parent.parent / "fixtures" / "alibaba-dkms-gcs.json").read_text()
@@ -498,3 +517,180 @@ def test_sdk_reads_our_response_as_the_vector_recorded():
         )
     assert {k: v for k, v in answer.to_map().items() if k != "responseHeaders"} == parsed
     assert session.sent[0].body.hex() == VECTOR["body_hex"]
+
+
+# ---------------------------------------------------------------------------- errors
+
+# fmt: off
+ERROR_TABLE = [
+    # (status, code, message, expected class)
+    (404, "Forbidden.ResourceNotFound", "The resource is not found.", SecretNotFound),
+    (400, "Rejected.Throttling", "Request was denied due to flow control.", Throttled),
+    (429, "", "", Throttled),
+    (403, "Forbidden.NoPermission", "This operation is forbidden by permission system.", AccessDenied),
+    (403, "Forbidden.NoPermission", "no kms:Decrypt on key-1", DecryptDenied),
+    (403, "Forbidden.KeyNotFound", "", AccessDenied),
+    (400, "Rejected.ResourceInDeleteWindow", "", PendingDeletion),
+    (401, "InvalidAccessKeyId.NotFound", "", BadCredentials),
+    (400, "SignatureDoesNotMatch", "", BadCredentials),
+    (400, "IncompleteSignature", "", BadCredentials),
+    (400, "RequestTimeTooSkewed", "Request time exceeds server time more than 15 minutes.", BadCredentials),
+    (401, "", "", BadCredentials),
+    (500, "InternalFailure", "", Unavailable),
+    (503, "", "", Unavailable),
+    (400, "ServiceUnavailableTemporary", "", Unavailable),
+    (400, "InvalidParam", "The Param Date is invalid.", InvalidUpstreamRequest),
+    (404, "", "", InvalidUpstreamRequest),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("status", "code", "message", "expected"), ERROR_TABLE)
+def test_error_table(status, code, message, expected):
+    """Each gateway answer maps to its error in the agent's vocabulary (exactly that class),
+    carries what the gateway said (``upstream``), names the secret and the endpoint, and the
+    request id; the errors a caller can act on carry a hint."""
+    body = Error(
+        status_code=status, error_code=code, error_message=message, request_id="req-9"
+    ).encode()
+    error = classify(status, body, endpoint=ENDPOINT, name="db-password")
+    assert type(error) is expected
+    assert error_kind(status, code, message) is expected
+    assert (error.upstream_status, error.upstream_code, error.upstream_message) == (
+        status,
+        code,
+        message,
+    )
+    assert ENDPOINT in error.message
+    assert "(request req-9)" in error.message
+    assert (code or f"HTTP {status}") in error.message
+    if expected in (SecretNotFound, AccessDenied, DecryptDenied, PendingDeletion):
+        assert "'db-password'" in error.message
+    if expected not in (Unavailable, InvalidUpstreamRequest):
+        assert error.hint
+    if expected is InvalidUpstreamRequest and message:
+        assert message in error.message
+
+
+def test_body_that_is_not_an_error_is_judged_by_status():
+    """A 4xx/5xx whose body is not a protobuf Error (a proxy's HTML page) maps by status
+    alone and names the status; the page itself is never quoted."""
+    page = b"<html>\x80\xff broken gateway PLANTED-PAGE</html>"
+    failed = classify(502, page, endpoint=ENDPOINT)
+    refused = classify(403, page, endpoint=ENDPOINT)
+    assert type(failed) is Unavailable
+    assert type(refused) is InvalidUpstreamRequest
+    for error in (failed, refused):
+        assert "PLANTED-PAGE" not in error.message
+        assert f"HTTP {error.upstream_status}" in error.message
+        assert error.upstream_code == ""
+
+
+def test_long_upstream_text_is_cut():
+    """The gateway's code, message and request id are bounded before they reach a message."""
+    error = map_error(
+        400,
+        Error(error_code="C" * 500, error_message="m" * 5000, request_id="r" * 500),
+        endpoint="e",
+    )
+    assert len(error.upstream_code) == 100
+    assert len(error.upstream_message) == 300
+    assert len(error.message) < 600
+
+
+@needs_sdk
+def test_sdk_reads_our_error_body_as_we_do():
+    """The vector's 404: an Error body we encode is raised by the SDK as the TeaException
+    the vector recorded, and we read the same code, message, status and request id."""
+    recorded = VECTOR["error_404"]
+    body = Error(
+        status_code=404, error_code=recorded["code"], error_message=recorded["message"],
+        request_id=recorded["data"]["requestId"],
+    ).encode()  # fmt: skip
+    session = RecordingSession((404, body))
+    with sdk_transport(SDK, session), pytest.raises(SDK.TeaException) as caught:
+        sdk_client(SDK).get_secret_value(
+            SDK.models.GetSecretValueRequest(secret_name="db-password")
+        )
+    raised = caught.value
+    assert (raised.code, raised.message, raised.data) == (
+        recorded["code"],
+        recorded["message"],
+        recorded["data"],
+    )
+    ours = classify(404, body, endpoint=ENDPOINT, name="db-password")
+    assert (ours.upstream_status, ours.upstream_code, ours.upstream_message) == (
+        raised.data["httpCode"], raised.code, raised.message,
+    )  # fmt: skip
+    assert f"(request {raised.data['requestId']})" in ours.message
+    assert type(ours) is SecretNotFound
+
+
+# ---------------------------------------------------------------------------- retries
+
+
+def _io_failure(exc: Exception):
+    """What the agent raises for a transport failure: the one mapping in upstream.py."""
+    try:
+        with mapped_errors(ENDPOINT):
+            raise exc
+    except AgentError as mapped:
+        return mapped
+    raise AssertionError("not mapped")
+
+
+def _answer(status: int, code: str) -> tuple[int, bytes]:
+    return status, Error(status_code=status, error_code=code, request_id="r").encode()
+
+
+# fmt: off
+RETRY_CASES = [
+    # (what, the SDK's transport sees, the agent's error for the same failure)
+    ("throttled", _answer(400, "Rejected.Throttling"), lambda: classify(*_answer(400, "Rejected.Throttling"), endpoint=ENDPOINT)),
+    ("not found", _answer(404, "Forbidden.ResourceNotFound"), lambda: classify(*_answer(404, "Forbidden.ResourceNotFound"), endpoint=ENDPOINT)),
+    ("5xx", _answer(500, "InternalFailure"), lambda: classify(*_answer(500, "InternalFailure"), endpoint=ENDPOINT)),
+    ("other throttling", _answer(400, "Throttling.User"), lambda: classify(*_answer(400, "Throttling.User"), endpoint=ENDPOINT)),
+    ("connection refused", "connection", lambda: _io_failure(aiohttp.ClientOSError(111, "Connection refused"))),
+    ("timeout", "timeout", lambda: _io_failure(TimeoutError())),
+]
+# fmt: on
+
+
+@needs_sdk
+@pytest.mark.parametrize(
+    ("what", "transport", "agent_error"), RETRY_CASES, ids=[c[0] for c in RETRY_CASES]
+)
+def test_retry_rule_is_the_sdks(what, transport, agent_error):
+    """SDK_RETRY says retry exactly when the SDK itself retries the same failure (I/O
+    errors and Rejected.Throttling; not 5xx, not other codes), and its attempts and
+    spacing are the SDK's: counted on its recorded transport and sleeps."""
+    import requests
+
+    failure = {
+        "connection": requests.ConnectionError("refused"),
+        "timeout": requests.ReadTimeout("slow"),
+    }
+    session = RecordingSession(failure.get(transport, transport))
+    with sdk_transport(SDK, session) as sleeps, pytest.raises(SDK.TeaException):
+        sdk_client(SDK).get_secret_value(SDK.models.GetSecretValueRequest(secret_name="a"))
+    sdk_retried = len(session.sent) > 1
+    assert SDK_RETRY.retryable(agent_error()) is sdk_retried
+    if sdk_retried:
+        assert len(session.sent) == SDK_RETRY.attempts == VECTOR["attempts_for_Rejected.Throttling"]
+        assert (
+            sleeps
+            == [SDK_RETRY.spacing] * (SDK_RETRY.attempts - 1)
+            == VECTOR["sleeps_between_attempts_s"]
+        )
+    else:
+        assert len(session.sent) == 1 == VECTOR["attempts_for_404"]
+        assert sleeps == []
+
+
+def test_calls_the_agent_held_back_are_not_retried():
+    """Failures of the agent's own making (the limiter, an open breaker) are not retried
+    by the rule, though they carry no upstream answer either."""
+    assert not SDK_RETRY.retryable(HeldByLimiter("held"))
+    assert not SDK_RETRY.retryable(SourceFailing("open"))
+    assert not SDK_RETRY.retryable(InvalidUpstreamRequest("mapped without upstream"))
+    assert SDK_RETRY.retryable(_io_failure(TimeoutError()))
