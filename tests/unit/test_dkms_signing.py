@@ -1,5 +1,5 @@
-"""The dkms-gcs protocol of a KMS instance's dedicated gateway: signer, messages, errors and
-retry rule, judged by the recorded vector and by the vendor SDK itself.
+"""The dkms-gcs protocol of a KMS instance's dedicated gateway: signer, messages, errors, retry
+rule and ClientKey loading, judged by the recorded vector and by the vendor SDK itself.
 
 The vector (``tests/fixtures/alibaba-dkms-gcs.json``, a copy of ``shared/vectors``) was
 recorded from ``alibabacloud-dkms-gcs`` 1.0.2 with a throwaway ClientKey. Tests that run the
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kms_agent.credentials.client_key import load_client_key
 from kms_agent.dkms_gcs import (
     SDK_RETRY,
     Error,
@@ -47,6 +48,7 @@ from kms_agent.errors import (
     AccessDenied,
     AgentError,
     BadCredentials,
+    ConfigError,
     DecryptDenied,
     HeldByLimiter,
     InvalidUpstreamRequest,
@@ -694,3 +696,184 @@ def test_calls_the_agent_held_back_are_not_retried():
     assert not SDK_RETRY.retryable(SourceFailing("open"))
     assert not SDK_RETRY.retryable(InvalidUpstreamRequest("mapped without upstream"))
     assert SDK_RETRY.retryable(_io_failure(TimeoutError()))
+
+
+# ---------------------------------------------------------------------------- ClientKey
+
+#: A password no message, repr or str may ever show.
+PLANTED_PASSWORD = "planted-pw-" + "7f3a9c"
+
+
+def _pkcs12(key, cert=None, password: str = PLANTED_PASSWORD) -> str:
+    blob = pkcs12.serialize_key_and_certificates(
+        b"client key", key, cert, None, serialization.BestAvailableEncryption(password.encode())
+    )
+    return base64.b64encode(blob).decode()
+
+
+def _self_signed(key):
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+
+
+@pytest.fixture(name="key_dir")
+def _key_dir(tmp_path):
+    """The vector's ClientKey file, its password file (with a trailing newline, as
+    ``echo`` writes it) and the environment holding the same password."""
+    (tmp_path / "clientkey.json").write_text(VECTOR["test_key"]["client_key_json"])
+    (tmp_path / "password").write_text(PASSWORD + "\n")
+    return tmp_path
+
+
+def test_client_key_loads_from_a_password_file_or_env(key_dir):
+    """The vector's ClientKey opens with its password from a file or from a named
+    environment variable, to the same key the vector holds; its repr and str show the key
+    id and path, never key material or the password."""
+    by_file = load_client_key(
+        key_dir / "clientkey.json", password_file=key_dir / "password", environ={}
+    )
+    by_env = load_client_key(
+        key_dir / "clientkey.json", password_env="CK_PASSWORD", environ={"CK_PASSWORD": PASSWORD}
+    )
+    pem = serialization.load_pem_private_key(VECTOR["test_key"]["private_key_pem"].encode(), None)
+    for key in (by_file, by_env):
+        assert key.key_id == KEY_ID
+        assert key.private_key.private_numbers() == pem.private_numbers()
+        assert key.public_key().public_numbers() == VECTOR_CERT.public_key().public_numbers()
+        assert key.not_after == VECTOR_CERT.not_valid_after_utc
+        for shown in (repr(key), str(key)):
+            assert KEY_ID in shown
+            assert "<redacted>" in shown
+            assert PASSWORD not in shown
+            assert PRIVATE_KEY_DATA[:40] not in shown
+            assert str(pem.private_numbers().d) not in shown
+    headers = dkms.request_headers(
+        body=bytes.fromhex(VECTOR["body_hex"]), date=DATE, key_id=by_file.key_id,
+        api_name="GetSecretValue", private_key=by_file.private_key,
+    )  # fmt: skip
+    assert headers["authorization"] == VECTOR["authorization"]
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "clientkey.json"
+    path.write_text(text)
+    return path
+
+
+def _refusal(path, **password) -> str:
+    password = password or {"password_env": "CK", "environ": {"CK": PLANTED_PASSWORD}}
+    password.setdefault("environ", {})
+    with pytest.raises(ConfigError) as caught:
+        load_client_key(path, where="sources.kms.client_key_file", **password)
+    error = caught.value
+    text = str(error)
+    for shown in (text, repr(error), error.hint or ""):
+        assert PLANTED_PASSWORD not in shown
+        assert PASSWORD not in shown
+        assert PRIVATE_KEY_DATA[:40] not in shown
+    assert "\n" not in text
+    assert text.startswith("sources.kms.client_key_file: ")
+    return text
+
+
+def test_client_key_missing_file(tmp_path):
+    """A ClientKey file that does not exist: named, with the reason and what to give."""
+    text = _refusal(tmp_path / "nope.json")
+    assert str(tmp_path / "nope.json") in text
+    assert "No such file or directory" in text
+    assert "ClientKey JSON file" in text
+
+
+def test_client_key_bad_json(tmp_path):
+    """A file that is not JSON: named, with where it breaks, not its content."""
+    path = _write(tmp_path, '{"KeyId": "KAAP.1", "PrivateKeyData": "' + PRIVATE_KEY_DATA[:60])
+    text = _refusal(path)
+    assert str(path) in text
+    assert "invalid JSON at line 1" in text
+    assert "download the ClientKey again" in text
+
+
+def test_client_key_json_not_an_object(tmp_path):
+    """JSON that is not an object is not a ClientKey file."""
+    assert "the JSON is not an object" in _refusal(_write(tmp_path, "[1, 2]"))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"KeyId": "KAAP.1"}, {"PrivateKeyData": "AAAA"}, {"KeyId": 7, "PrivateKeyData": "AAAA"}],
+)
+def test_client_key_fields_missing(tmp_path, document):
+    """KeyId and PrivateKeyData must both be strings; the message names the one that is not."""
+    missing = "KeyId" if not isinstance(document.get("KeyId"), str) else "PrivateKeyData"
+    text = _refusal(_write(tmp_path, json.dumps(document)))
+    assert f"{missing} is missing or not a string" in text
+
+
+def test_client_key_id_with_control_characters(tmp_path):
+    """A KeyId that could not be sent as a header (newline, space) is refused at load."""
+    path = _write(
+        tmp_path, json.dumps({"KeyId": "KAAP.1\r\nx-evil: 1", "PrivateKeyData": PRIVATE_KEY_DATA})
+    )
+    assert "KeyId is not printable ASCII" in _refusal(path)
+
+
+def test_client_key_not_base64(tmp_path):
+    """PrivateKeyData that is not base64 is named as such."""
+    path = _write(tmp_path, json.dumps({"KeyId": "KAAP.1", "PrivateKeyData": "abc"}))
+    assert "PrivateKeyData is not base64" in _refusal(path)
+
+
+def test_client_key_not_pkcs12(tmp_path):
+    """base64 of something that is not PKCS#12 (here a PEM key) is named as such."""
+    data = base64.b64encode(VECTOR["test_key"]["private_key_pem"].encode()).decode()
+    path = _write(tmp_path, json.dumps({"KeyId": "KAAP.1", "PrivateKeyData": data}))
+    assert "PrivateKeyData is not PKCS#12" in _refusal(path)
+
+
+def test_client_key_wrong_password(key_dir):
+    """The wrong password (planted) is refused as such, and appears nowhere."""
+    text = _refusal(key_dir / "clientkey.json")
+    assert "the password does not open its PKCS#12" in text
+    assert str(key_dir / "clientkey.json") in text
+
+
+def test_client_key_holds_no_rsa_key(tmp_path):
+    """A PKCS#12 with an EC key, or with only a certificate, holds no RSA private key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    for data, found in (
+        (_pkcs12(ec_key), "ECPrivateKey"),
+        (_pkcs12(None, _self_signed(ec_key)), "no private key"),
+    ):
+        path = _write(tmp_path, json.dumps({"KeyId": "KAAP.1", "PrivateKeyData": data}))
+        text = _refusal(path)
+        assert "not an RSA private key" in text
+        assert found in text
+
+
+def test_client_key_password_sources(key_dir, tmp_path):
+    """The password comes from exactly one of a file and an environment variable: neither,
+    both, an unset or empty variable, a missing or empty file are each refused by name."""
+    path = key_dir / "clientkey.json"
+    assert "exactly one of" in _refusal(path, environ={})
+    assert "exactly one of" in _refusal(path, password_file=key_dir / "password", password_env="CK")
+    assert "CK holding the ClientKey's password is not set or empty" in _refusal(
+        path, password_env="CK"
+    )
+    assert "is not set or empty" in _refusal(path, password_env="CK", environ={"CK": ""})
+    assert "No such file or directory" in _refusal(path, password_file=tmp_path / "absent")
+    (tmp_path / "empty").write_text("\n")
+    assert f"password file {tmp_path / 'empty'} is empty" in _refusal(
+        path, password_file=tmp_path / "empty"
+    )
