@@ -13,8 +13,33 @@ GetSecretValue on a secret pending deletion answers ``Rejected.ResourceInDeleteW
 ``Forbidden.NoPermission`` naming ``kms:Decrypt`` and the key; ListSecrets lists the secrets
 whose ARN the identity may ``kms:ListSecrets`` on.
 
+KMS-instance mode (``KmsEmulator(instance_id="kst-…")``, served on TLS with a certificate
+from :func:`make_instance_tls`) is the dedicated gateway of a KMS 3.0 instance: the same
+RAM-auth OpenAPI at ``<instance>.cryptoservice.kms.aliyuncs.com``, and dkms-gcs, the ClientKey
+protocol (protobuf over ``POST /``, RSA PKCS#1 v1.5 SHA-256 over a string to sign, ``Bearer``
+authorization, protobuf ``Error`` bodies). Its secrets live under a customer key of the
+instance (paid default secrets such as ``aigw!secret-abc``); the instance's bought QPS is one
+limit for both ways in. The protobuf wire format is read and written here by hand (only
+varints and length-delimited fields occur), so the emulator does not share a decoder with the
+agent or the SDK; Alibaba's dkms-gcs SDK is the judge in the tests.
+
+Documented on Alibaba's "common error codes" page of the instance API, and served as such:
+``InvalidApiVersion``, ``InvalidApiName``, ``InvalidParam`` (Date, x-kms-signaturemethod),
+``MissingParameter`` (x-kms-acccesskeyid), ``RequestTimeTooSkewed`` (15 minutes),
+``InvalidParameter``, all 400. Modelled and flagged (no public source gives them): a wrong
+``content-sha256`` is 400 ``InvalidParam``; an unknown ClientKey is 401
+``InvalidAccessKeyId.NotFound``; a signature that does not verify is 401
+``SignatureDoesNotMatch``; a missing ``Bearer`` authorization is 401 ``MissingParameter``;
+an access policy that refuses is 403 ``Forbidden.NoPermission``; a missing secret is 404
+``Forbidden.ResourceNotFound`` (the shape the SDK turns into its exception is confirmed);
+throttling is 429 ``Rejected.Throttling`` (the SDK retries on that code whatever the status);
+an unchanged request replayed inside the window is accepted (dkms-gcs has no nonce); the
+application access point's policy is written in the RAM statement shape (``secret/<name>``
+resources) and needs no ``kms:Decrypt`` on the key.
+
 Run standalone: ``python -m tests.emulators.alibaba_kms --port 8443`` prints an AccessKey
-and serves two demo secrets.
+and serves two demo secrets; with ``--instance kst-… --out DIR`` it serves a KMS instance on
+TLS and writes the CA, a ClientKey file and its password into DIR.
 """
 
 from __future__ import annotations
@@ -22,23 +47,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import calendar
+import datetime as dt
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
+import ssl
+import tempfile
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TIME_WINDOW = 15 * 60
 GET_SECRET_VALUE_QPS = 450
+#: A KMS instance's dedicated gateway is ``<instance id>.`` + this.
+INSTANCE_DOMAIN = "cryptoservice.kms.aliyuncs.com"
+DKMS_API_VERSION = "dkms-gcs-0.2"
+DKMS_SIGNATURE_METHOD = "RSA_PKCS1_SHA_256"
+PROTOBUF = "application/x-protobuf"
+RFC1123 = "%a, %d %b %Y %H:%M:%S GMT"
 
 
 def rfc3986(text: str) -> str:
@@ -102,6 +145,241 @@ class Faults:
     next: deque[str] = field(default_factory=deque)  # "500", "503", "reset", "garbage", "throttle", "hang"
 
 
+@dataclass
+class Key:
+    """A customer master key; ``instance_id`` is the KMS instance that holds it."""
+
+    id: str
+    instance_id: str | None
+
+
+@dataclass
+class ClientKey:
+    """A ClientKey of an application access point: the instance keeps its public key."""
+
+    key_id: str
+    public_key: rsa.RSAPublicKey
+    policy: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClientKeyFile:
+    """What the console hands out for a ClientKey: the JSON ``{KeyId, PrivateKeyData}``
+    (base64 PKCS#12) and, separately, the password that opens it."""
+
+    key_id: str
+    content: str = field(repr=False)
+    password: str = field(repr=False)
+
+    def private_key(self) -> rsa.RSAPrivateKey:
+        data = base64.b64decode(json.loads(self.content)["PrivateKeyData"])
+        key, _, _ = pkcs12.load_key_and_certificates(data, self.password.encode())
+        assert isinstance(key, rsa.RSAPrivateKey)
+        return key
+
+
+def make_client_key_file(key_id: str | None = None) -> ClientKeyFile:
+    """A fresh RSA-2048 ClientKey in the console's shape, with a random password."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_id = key_id or f"KAAP.{uuid.uuid4()}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, key_id)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    password = secrets.token_urlsafe(18)
+    data = pkcs12.serialize_key_and_certificates(
+        b"clientkey", key, cert, None, serialization.BestAvailableEncryption(password.encode())
+    )
+    content = json.dumps({"KeyId": key_id, "PrivateKeyData": base64.b64encode(data).decode()})
+    return ClientKeyFile(key_id, content, password)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class InstanceTls:
+    """A test CA and the instance's server certificate (PEM), for ``hostname`` plus
+    ``localhost`` and ``127.0.0.1``, since tests connect to loopback."""
+
+    hostname: str
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.TemporaryDirectory() as tmp:  # load_cert_chain reads files only
+            cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+            cert.write_bytes(self.cert_pem)
+            key.write_bytes(self.key_pem)
+            context.load_cert_chain(cert, key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA only."""
+        return ssl.create_default_context(cadata=self.ca_pem.decode())
+
+    def write_ca(self, path: Path) -> Path:
+        path.write_bytes(self.ca_pem)
+        return path
+
+
+def make_instance_tls(hostname: str, *, days: int = 1) -> InstanceTls:
+    """A new CA (each call another one: a "wrong CA" is a second call) and a server
+    certificate it signed. The real chain has a per-region intermediate; this has none."""
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kms-agent tests"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"Emulated Private KMS Root CA {secrets.token_hex(4)}"),
+    ])  # fmt: skip
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName(hostname), x509.DNSName("localhost"),
+             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return InstanceTls(hostname, ca.public_bytes(pem), cert.public_bytes(pem), key_pem)
+
+
+# --------------------------------------------------------------------------- protobuf wire format
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def pb_encode(fields: list[tuple[int, str | int | list[str]]]) -> bytes:
+    """A proto3 message from ``(field number, value)`` pairs: strings as length-delimited,
+    ints and bools as varints, a list as a repeated string field (every element written);
+    singular default values (empty, 0) are omitted, as proto3 does."""
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, list):
+            for item in value:
+                data = item.encode()
+                out += _varint(number << 3 | 2) + _varint(len(data)) + data
+        elif isinstance(value, str):
+            data = value.encode()
+            if data:
+                out += _varint(number << 3 | 2) + _varint(len(data)) + data
+        elif value:
+            out += _varint(number << 3) + _varint(int(value))
+    return bytes(out)
+
+
+def pb_decode(data: bytes) -> dict[int, list[int | bytes]]:
+    """Every field of a message by number (values in order). Unknown fixed-width fields are
+    skipped as protobuf parsers do; truncation or a bad wire type raises ValueError."""
+    fields: dict[int, list[int | bytes]] = {}
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        result = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result
+
+    while pos < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        value: int | bytes
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            if pos + size > len(data):
+                raise ValueError("truncated field")
+            value, pos = data[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(data):
+                raise ValueError("truncated field")
+            continue
+        else:
+            raise ValueError(f"wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def pb_string(fields: dict[int, list[int | bytes]], number: int) -> str:
+    values = fields.get(number)
+    if not values:
+        return ""
+    last = values[-1]  # proto3: the last value of a singular field wins
+    if not isinstance(last, bytes):
+        raise ValueError(f"field {number} is not a string")
+    return last.decode("utf-8")
+
+
+def dkms_string_to_sign(method: str, headers: dict[str, str]) -> str:
+    """dkms-gcs: method, content-sha256, content-type and date lines, every ``x-kms-*``
+    header sorted as ``name:trimmed value``, then the resource, always ``/``. ``headers``
+    has lower-case names."""
+    head = f"{method}\n{headers.get('content-sha256', '')}\n{headers.get('content-type', '')}\n{headers.get('date', '')}\n"
+    kms = "".join(f"{n}:{headers[n].strip()}\n" for n in sorted(headers) if n.startswith("x-kms-"))
+    return head + kms + "/"
+
+
+def _secret_data(version: Version) -> str:
+    """SecretData as both APIs give it: text as is, binary as base64."""
+    if version.data_type == "binary":
+        return base64.b64encode(version.data).decode()
+    return version.data.decode()
+
+
 def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -135,8 +413,18 @@ class KmsEmulator:
         account_id: str = "1234567890123456",
         qps: int = GET_SECRET_VALUE_QPS,
         clock: Any = time.time,
+        instance_id: str | None = None,
     ) -> None:
+        """``instance_id`` makes this a KMS instance's dedicated gateway (serve it on TLS);
+        ``qps`` is then the instance's bought rate, shared by both ways in."""
+        if instance_id is not None and not instance_id.startswith("kst-"):
+            raise ValueError(f"a KMS instance id starts with kst-, not {instance_id!r}")
         self.region, self.account_id, self.qps, self.clock = region, account_id, qps, clock
+        self.instance_id = instance_id
+        self.keys: dict[str, Key] = {}
+        self.client_keys: dict[str, ClientKey] = {}
+        #: The instance's customer key that its secrets are encrypted under by default.
+        self.instance_key_id: str | None = self.add_key() if instance_id else None
         self.identities: dict[str, Identity] = {}
         self.roles: dict[str, Role] = {}
         self.oidc_tokens: dict[str, tuple[str, str]] = {}  # token -> (provider arn, subject)
@@ -159,6 +447,35 @@ class KmsEmulator:
     def arn(self, name: str) -> str:
         return f"acs:kms:{self.region}:{self.account_id}:secret/{name}"
 
+    @property
+    def instance_host(self) -> str:
+        """The dedicated gateway's host name (for certificates and endpoints)."""
+        if self.instance_id is None:
+            raise ValueError("not a KMS instance: construct with instance_id")
+        return f"{self.instance_id}.{INSTANCE_DOMAIN}"
+
+    def add_key(self) -> str:
+        """A customer master key (of the instance, in instance mode); returns its id."""
+        key_id = "key-" + (self.instance_id or "kst-sha")[4:7] + secrets.token_hex(10)
+        self.keys[key_id] = Key(key_id, self.instance_id)
+        return key_id
+
+    def register_client_key(
+        self, key_id: str, public_key: rsa.RSAPublicKey, policy: dict[str, Any]
+    ) -> ClientKey:
+        """Accept dkms-gcs requests signed by ``key_id``'s private key, as far as ``policy``
+        (RAM statement shape, ``secret/<name>`` resources) allows."""
+        client_key = ClientKey(key_id, public_key, policy)
+        self.client_keys[key_id] = client_key
+        return client_key
+
+    def add_client_key(self, policy: dict[str, Any]) -> ClientKeyFile:
+        """A new ClientKey whose public key the instance keeps; the file (JSON + password)
+        is what an application is given."""
+        issued = make_client_key_file()
+        self.register_client_key(issued.key_id, issued.private_key().public_key(), policy)
+        return issued
+
     def add_access_key(self, policy: dict[str, Any], principal: str = "user/app") -> tuple[str, str]:
         ak = "LTAI" + secrets.token_hex(8)
         sk = secrets.token_urlsafe(24)
@@ -174,6 +491,14 @@ class KmsEmulator:
         key_id: str | None = None,
         data_type: str = "text",
     ) -> Version:
+        """In instance mode a secret lives under a key of the instance (its default customer
+        key unless ``key_id`` names another); a default secret is named ``product!id``."""
+        if product is not None and not name.startswith(f"{product}!"):
+            raise ValueError(f"a default secret of {product} is named {product}!<id>, not {name!r}")
+        if self.instance_id is not None:
+            key_id = key_id or self.instance_key_id
+            if key_id not in self.keys or self.keys[key_id].instance_id != self.instance_id:
+                raise ValueError(f"{key_id} is not a key of instance {self.instance_id}")
         now = self.clock()
         data = value.encode() if isinstance(value, str) else value
         version = Version(uuid.uuid4().hex, data, data_type, {"ACSCurrent"}, now)
@@ -254,7 +579,13 @@ class KmsEmulator:
                 "RequestId": request_id, **exc.extra}  # fmt: skip
         return self._reply(exc.status, body)
 
-    async def _faults(self, request: web.Request) -> web.StreamResponse | None:
+    def _dkms_error(self, exc: KmsError, request_id: str) -> web.Response:
+        """dkms-gcs refusals: protobuf ``Error{StatusCode, ErrorCode, ErrorMessage, RequestId}``."""
+        self.rejections.append(exc.code)
+        body = pb_encode([(1, exc.status), (2, exc.code), (3, exc.message), (4, request_id)])
+        return web.Response(status=exc.status, body=body, content_type=PROTOBUF)
+
+    async def _faults(self, request: web.Request, dkms: bool = False) -> web.StreamResponse | None:
         if self.faults.latency:
             await asyncio.sleep(self.faults.latency)
         if not self.faults.next:
@@ -269,17 +600,27 @@ class KmsEmulator:
         if fault == "garbage":
             return web.Response(status=200, body=b"<html>upstream proxy error", content_type="text/html")
         if fault == "throttle":
-            return self._error(KmsError(429, "Rejected.Throttling", "Request was denied due to request throttling."), "x")
-        code = "ServiceUnavailableTemporary" if fault == "503" else "InternalFailure"
-        return self._error(KmsError(int(fault), code, "The request processing has failed."), "x")
+            message = "Request was denied due to request throttling."
+            exc = KmsError(429, "Rejected.Throttling", message)
+        else:
+            code = "ServiceUnavailableTemporary" if fault == "503" else "InternalFailure"
+            exc = KmsError(int(fault), code, "The request processing has failed.")
+        return self._dkms_error(exc, "x") if dkms else self._error(exc, "x")
+
+    def _is_dkms(self, request: web.Request) -> bool:
+        """A dkms-gcs request (only a KMS instance speaks it): named by ``x-kms-apiname``."""
+        return self.instance_id is not None and "x-kms-apiname" in request.headers
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4()).upper()
-        faulted = await self._faults(request)
+        dkms = self._is_dkms(request)
+        faulted = await self._faults(request, dkms)
         if faulted is not None:
             return faulted
         body = await request.read()
         self.recorded.append((request.method, request.rel_url.raw_path_qs, list(request.headers.items()), body))
+        if dkms:
+            return self._dkms(request, body, request_id.lower())
         query = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
         try:
             if query.get("Action") == "AssumeRoleWithOIDC":
@@ -395,22 +736,25 @@ class KmsEmulator:
         body = handler(identity, params)
         return self._reply(200, {**body, "RequestId": request_id})
 
-    def _secret_for(self, identity: Identity, action: str, params: dict[str, str]) -> Secret:
-        name = params.get("SecretName", "")
+    def _secret_for(self, policy: dict[str, Any], action: str, name: str) -> Secret:
         if not name:
             raise KmsError(400, "MissingParameter", "The input parameter SecretName that is mandatory for processing this request is not supplied.")
         if name.startswith("acs:kms:"):
             name = name.split(":secret/", 1)[-1]
-        if not allowed(identity.policy, f"kms:{action}", self.arn(name)):
+        if not allowed(policy, f"kms:{action}", self.arn(name)):
             raise KmsError(403, "Forbidden.NoPermission", f"This operation for {self.arn(name)} is forbidden by permission system.")
         secret = self.secrets.get(name)
         if secret is None:
             raise KmsError(404, "Forbidden.ResourceNotFound", "The resource is not found.")
         return secret
 
-    def _throttle(self, identity: Identity) -> None:
-        account = identity.principal.split("/")[0] + self.account_id
-        window = self._window.setdefault(account, deque())
+    def _throttle(self, identity: Identity | None) -> None:
+        """One window per account on the shared gateway; one per instance (both ways in)."""
+        if self.instance_id is not None or identity is None:
+            bucket = str(self.instance_id)
+        else:
+            bucket = identity.principal.split("/")[0] + self.account_id
+        window = self._window.setdefault(bucket, deque())
         now = self.clock()
         while window and now - window[0] >= 1.0:
             window.popleft()
@@ -418,31 +762,36 @@ class KmsEmulator:
             raise KmsError(429, "Rejected.Throttling", "Request was denied due to request throttling.")
         window.append(now)
 
-    def _get_secret_value(self, identity: Identity, params: dict[str, str]) -> dict[str, Any]:
-        self._throttle(identity)
-        secret = self._secret_for(identity, "GetSecretValue", params)
-        if secret.key_id is not None:
-            key_arn = f"acs:kms:{self.region}:{self.account_id}:key/{secret.key_id}"
-            if not allowed(identity.policy, "kms:Decrypt", key_arn):
-                raise KmsError(403, "Forbidden.NoPermission", f"This operation (kms:Decrypt) for {key_arn} is forbidden by permission system.", KeyId=secret.key_id)
+    def _version(self, secret: Secret, version_id: str | None, stage: str | None) -> Version:
+        """The version GetSecretValue answers with (both protocols)."""
         if secret.state == "PendingDelete":
-            raise KmsError(409, "Rejected.ResourceInDeleteWindow", "The resource is planned to be deleted.")
-        version_id, stage = params.get("VersionId"), params.get("VersionStage")
+            message = "The resource is planned to be deleted."
+            raise KmsError(409, "Rejected.ResourceInDeleteWindow", message)
         if not version_id and not stage:
             stage = "ACSCurrent"
         for v in secret.versions:
             if (not version_id or v.id == version_id) and (not stage or stage in v.stages):
-                data = base64.b64encode(v.data).decode() if v.data_type == "binary" else v.data.decode()
-                return {
-                    "SecretName": secret.name, "VersionId": v.id, "SecretData": data,
-                    "SecretDataType": v.data_type,
-                    "VersionStages": {"VersionStage": sorted(v.stages)},
-                    "CreateTime": iso(v.created), "SecretType": secret.secret_type,
-                }  # fmt: skip
-        raise KmsError(404, "Forbidden.ResourceNotFound", "The specified secret version is not found.")
+                return v
+        message = "The specified secret version is not found."
+        raise KmsError(404, "Forbidden.ResourceNotFound", message)
+
+    def _get_secret_value(self, identity: Identity, params: dict[str, str]) -> dict[str, Any]:
+        self._throttle(identity)
+        secret = self._secret_for(identity.policy, "GetSecretValue", params.get("SecretName", ""))
+        if secret.key_id is not None:
+            key_arn = f"acs:kms:{self.region}:{self.account_id}:key/{secret.key_id}"
+            if not allowed(identity.policy, "kms:Decrypt", key_arn):
+                raise KmsError(403, "Forbidden.NoPermission", f"This operation (kms:Decrypt) for {key_arn} is forbidden by permission system.", KeyId=secret.key_id)
+        v = self._version(secret, params.get("VersionId"), params.get("VersionStage"))
+        return {
+            "SecretName": secret.name, "VersionId": v.id, "SecretData": _secret_data(v),
+            "SecretDataType": v.data_type,
+            "VersionStages": {"VersionStage": sorted(v.stages)},
+            "CreateTime": iso(v.created), "SecretType": secret.secret_type,
+        }  # fmt: skip
 
     def _describe_secret(self, identity: Identity, params: dict[str, str]) -> dict[str, Any]:
-        secret = self._secret_for(identity, "DescribeSecret", params)
+        secret = self._secret_for(identity.policy, "DescribeSecret", params.get("SecretName", ""))
         body = {
             "Arn": self.arn(secret.name), "SecretName": secret.name,
             "EncryptionKeyId": secret.key_id or "", "CreateTime": iso(secret.created),
@@ -487,6 +836,92 @@ class KmsEmulator:
                 for s in chunk
             ]},
         }  # fmt: skip
+
+    # ------------------------------------------------------------------ dkms-gcs (ClientKey)
+
+    def _dkms(self, request: web.Request, body: bytes, request_id: str) -> web.Response:
+        try:
+            client_key = self._verify_dkms(request, body)
+            api = request.headers["x-kms-apiname"]
+            if api != "GetSecretValue":
+                raise KmsError(400, "InvalidApiName", f'The ApiName "{api}" is invalid.')
+            try:
+                fields = pb_decode(body)
+                name, stage, version_id = (pb_string(fields, n) for n in (1, 2, 3))
+            except ValueError:
+                raise KmsError(
+                    400, "InvalidParameter", "The specified parameter is not valid."
+                ) from None
+            self.calls.append((self.clock(), api, client_key.key_id))  # arrivals
+            self._throttle(None)
+            secret = self._secret_for(client_key.policy, api, name)
+            v = self._version(secret, version_id or None, stage or None)
+        except KmsError as exc:
+            return self._dkms_error(exc, request_id)
+        answer = [(1, secret.name), (2, secret.secret_type), (3, _secret_data(v)),
+                  (4, v.data_type), (5, sorted(v.stages)), (6, v.id),
+                  (7, iso(v.created)), (8, request_id)]  # fmt: skip
+        return web.Response(status=200, body=pb_encode(answer), content_type=PROTOBUF)
+
+    def _verify_dkms(self, request: web.Request, body: bytes) -> ClientKey:
+        """The ClientKey that signed this request, or the refusal (order: header checks,
+        body hash, key, signature, time window)."""
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            low = name.lower()
+            headers[low] = f"{headers[low]},{value}" if low in headers else value
+        version = headers.get("x-kms-apiversion", "")
+        if version != DKMS_API_VERSION:
+            raise KmsError(400, "InvalidApiVersion", f'The ApiVersion "{version}" is invalid.')
+        method = headers.get("x-kms-signaturemethod")
+        if not method:
+            raise KmsError(400, "InvalidParam", "The Param x-kms-signaturemethod is invalid.")
+        if method != DKMS_SIGNATURE_METHOD:
+            raise KmsError(
+                400,
+                "InvalidParam",
+                f'The Param x-kms-signaturemethod is invalid. message:"{method}".',
+            )
+        key_id = headers.get("x-kms-acccesskeyid")
+        if not key_id:
+            raise KmsError(
+                400,
+                "MissingParameter",
+                "Parameter x-kms-acccesskeyid does not exist in http header or body.",
+            )
+        try:
+            when = calendar.timegm(time.strptime(headers.get("date", ""), RFC1123))
+        except ValueError:
+            raise KmsError(400, "InvalidParam", "The Param Date is invalid.") from None
+        if headers.get("content-sha256") != hashlib.sha256(body).hexdigest().upper():
+            raise KmsError(400, "InvalidParam", "The Param content-sha256 is invalid.")
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            raise KmsError(
+                401, "MissingParameter", "Parameter Authorization does not exist in http header."
+            )
+        client_key = self.client_keys.get(key_id)
+        if client_key is None:
+            raise KmsError(401, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        to_sign = dkms_string_to_sign(request.method, headers)
+        try:
+            signature = base64.b64decode(auth[len("Bearer ") :], validate=True)
+            client_key.public_key.verify(
+                signature, to_sign.encode(), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except (binascii.Error, InvalidSignature):
+            raise KmsError(
+                401,
+                "SignatureDoesNotMatch",
+                f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}",
+            ) from None
+        if abs(self.clock() - when) > TIME_WINDOW:
+            raise KmsError(
+                400,
+                "RequestTimeTooSkewed",
+                "Request time exceeds server time more than 15 minutes.",
+            )
+        return client_key
 
     # ------------------------------------------------------------------ STS and metadata
 
@@ -539,21 +974,52 @@ class KmsEmulator:
 def main() -> None:  # pragma: no cover - for local development
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8443)
-    parser.add_argument("--qps", type=int, default=GET_SECRET_VALUE_QPS,
-                        help="GetSecretValue quota (the real one by default; the bench raises it)")
+    parser.add_argument(
+        "--qps",
+        type=int,
+        default=GET_SECRET_VALUE_QPS,
+        help="GetSecretValue quota (the real one by default; the bench raises it)",
+    )
     parser.add_argument("--secrets", type=int, default=0, help="also create bench/s0..N-1")
+    parser.add_argument("--instance", metavar="KST_ID", help="serve this KMS instance on TLS")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="with --instance: where ca.pem, clientkey.json and clientkey-password are written",
+    )
     args = parser.parse_args()
-    emulator = KmsEmulator(qps=args.qps)
+    if args.instance and not args.out:
+        parser.error("--instance needs --out DIR for the CA and the ClientKey files")
+    emulator = KmsEmulator(qps=args.qps, instance_id=args.instance)
     for i in range(args.secrets):
         emulator.add_secret(f"bench/s{i}", "x" * 120)
-    ak, sk = emulator.add_access_key(
-        {"Statement": [{"Effect": "Allow", "Action": ["kms:GetSecretValue", "kms:List*", "kms:DescribeSecret"], "Resource": ["*"]}]}
-    )
+    read = {"Statement": [{"Effect": "Allow", "Action": ["kms:GetSecretValue", "kms:List*",
+            "kms:DescribeSecret", "kms:Decrypt"], "Resource": ["*"]}]}  # fmt: skip
+    ak, sk = emulator.add_access_key(read)
     emulator.add_secret("aigw!secret-abc", "demo-value", product="aigw")
     emulator.add_secret("db-password", "hunter2")
     print(f"ALIBABA_CLOUD_ACCESS_KEY_ID={ak}\nALIBABA_CLOUD_ACCESS_KEY_SECRET={sk}")
-    print(f'endpoint = "http://127.0.0.1:{args.port}"', flush=True)
-    web.run_app(emulator.app(), host="127.0.0.1", port=args.port)
+    context = None
+    if args.instance:
+        tls = make_instance_tls(emulator.instance_host, days=30)
+        context = tls.server_context()
+        args.out.mkdir(parents=True, exist_ok=True)
+        issued = emulator.add_client_key(read)
+        tls.write_ca(args.out / "ca.pem")
+        (args.out / "clientkey.json").write_text(issued.content)
+        (args.out / "clientkey-password").write_text(issued.password)
+        print(
+            f"ClientKey {issued.key_id}: {args.out}/clientkey.json, password in "
+            f"{args.out}/clientkey-password; CA {args.out}/ca.pem"
+        )
+        print(
+            f'endpoint = "https://127.0.0.1:{args.port}"  # certificate for '
+            f"{emulator.instance_host}, localhost, 127.0.0.1",
+            flush=True,
+        )
+    else:
+        print(f'endpoint = "http://127.0.0.1:{args.port}"', flush=True)
+    web.run_app(emulator.app(), host="127.0.0.1", port=args.port, ssl_context=context)
 
 
 if __name__ == "__main__":  # pragma: no cover
