@@ -564,7 +564,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "auth.kubernetes: service-account tokens need [policies]: any pod can get a token "
             "for the kms-agent audience, so without policies every pod would read everything",
-            hint='add [policies.NAME] granting each service account its own secrets, e.g. '
+            hint="add [policies.NAME] granting each service account its own secrets, e.g. "
             '"k8s:payments:app" -> "secret/payments/**"',
         )
     listeners = cfg.server.listeners

@@ -142,6 +142,12 @@ def mapped_errors(what: str) -> Iterator[None]:
         ) from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise ConnectionDropped(f"{what} closed the connection before answering") from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise Unavailable(
+            f"{what} presented a TLS certificate the configured CA does not sign",
+            hint="check ca_file: it must be the CA of this endpoint (a KMS instance's own CA "
+            "for a dedicated gateway)",
+        ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise Unavailable(
             f"cannot connect to {what} ({type(exc).__name__})",

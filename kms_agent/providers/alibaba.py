@@ -1,4 +1,5 @@
-"""The ``alibaba`` provider: Alibaba Cloud KMS secrets over the shared gateway.
+"""The ``alibaba`` provider: Alibaba Cloud KMS secrets over the shared gateway, or a KMS
+3.0 instance's dedicated gateway (``gateway = "dedicated"``).
 
 OpenAPI 2016-01-20, RPC style: parameters in the query string, empty body, signed with
 ACS3-HMAC-SHA256. GetSecretValue, DescribeSecret and ListSecrets only: the agent reads.
@@ -7,14 +8,22 @@ Default secrets created by cloud products are named ``<ProductCode>!<SecretIdent
 The gateway (how a request is carried and signed) is separate from the provider (what is
 asked and how answers map onto the vocabulary), so the dedicated gateway of a KMS instance,
 a different protocol, can be added beside :class:`SharedGateway`.
+
+The dedicated gateway with RAM auth (Alibaba's recommended way in) is the same OpenAPI,
+signing and error vocabulary sent to ``<instance>.cryptoservice.kms.aliyuncs.com``, whose
+certificate chains to the instance's private CA: ``ca_file`` is required, TLS is always
+verified against it, and its rate limit is what the instance was bought with (no 450 cap).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import secrets
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -24,9 +33,11 @@ import aiohttp
 import structlog
 import yarl
 
+from kms_agent import dkms_gcs
 from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
 from kms_agent.credentials import alibaba as alibaba_credentials
+from kms_agent.credentials.client_key import ClientKey, load_client_key
 from kms_agent.errors import (
     AccessDenied,
     AgentError,
@@ -50,6 +61,7 @@ from kms_agent.model import (
 )
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import alibaba as acs3
+from kms_agent.signing import dkms
 from kms_agent.upstream import (
     check_endpoint,
     mapped_errors,
@@ -62,6 +74,16 @@ API_VERSION = "2016-01-20"
 #: Alibaba's documented GetSecretValue quota on the shared gateway, per account.
 SHARED_GATEWAY_QPS = 450.0
 DEFAULT_QPS = 100.0
+#: A KMS instance's dedicated gateway: its QPS is what was bought; stay modest unless told.
+DEDICATED_DEFAULT_QPS = 200.0
+GATEWAYS = ("shared", "dedicated")
+#: How the agent proves itself: RAM credentials (the OpenAPI, either gateway) or a
+#: ClientKey (the instance API, dkms-gcs, dedicated gateway only).
+AUTHS = ("ram", "client_key")
+#: What a ClientKey source's readiness check reads (a not-found answer is the pass).
+CHECK_NAME = "kms-agent-readiness-check"
+#: Where a KMS instance's dedicated gateway answers (reachable from its VPC only).
+DEDICATED_HOST = "{instance_id}.cryptoservice.kms.aliyuncs.com"
 _STALE_CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId.NotFound", "InvalidSecurityToken.Expired", "SecurityTokenExpired"}
 )
@@ -132,8 +154,41 @@ class Provider(CloudProvider):
         self.network = option(opts, "network", str, where, "public")
         if self.network not in ("public", "vpc"):
             raise ConfigError(f"{where}.network: {self.network!r} is not 'public' or 'vpc'")
+        self.gateway_kind = option(opts, "gateway", str, where, "shared")
+        if self.gateway_kind not in GATEWAYS:
+            raise ConfigError(f"{where}.gateway: {self.gateway_kind!r} is not one of {GATEWAYS}")
+        self.instance_id = option(opts, "instance_id", str, where, None)
+        self.ca_file = option(opts, "ca_file", str, where, None)
+        self.auth = option(opts, "auth", str, where, "ram")
+        key_file = option(opts, "client_key_file", str, where, None)
+        password_file = option(opts, "client_key_password_file", str, where, None)
+        password_env = option(opts, "client_key_password_env", str, where, None)
+        self.client_key: ClientKey | None = None
+        if self.auth not in AUTHS:
+            raise ConfigError(f"{where}.auth: {self.auth!r} is not one of {AUTHS}")
+        if self.auth == "client_key":
+            if self.gateway_kind != "dedicated":
+                raise ConfigError(
+                    f'{where}.auth: "client_key" is a way into a KMS instance: set '
+                    'gateway = "dedicated" with instance_id (or endpoint) and ca_file'
+                )
+            if not key_file:
+                raise ConfigError(
+                    f"{where}.client_key_file: the ClientKey JSON file is required for "
+                    'auth = "client_key"'
+                )
+            self.client_key = load_client_key(
+                key_file,
+                password_file=password_file,
+                password_env=password_env,
+                environ=os.environ if environ is None else environ,
+                where=f"{where}.client_key_file",
+            )
         endpoint = option(opts, "endpoint", str, where, None)
-        if endpoint is None:
+        if self.gateway_kind == "dedicated":
+            endpoint = _dedicated_endpoint(endpoint, self.instance_id, where)
+            self.ca_file = _instance_ca(self.ca_file, where)
+        elif endpoint is None:
             if not self.region:
                 raise ConfigError(
                     f"{where}.region: give the region (like 'cn-hangzhou') or an endpoint"
@@ -143,16 +198,21 @@ class Provider(CloudProvider):
         self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
         self.region = self.region or "cn-hangzhou"
         self.account_id = str(option(opts, "account_id", (str, int), where, "*"))
-        self._limits(
-            opts, where, default_qps=DEFAULT_QPS, max_qps=SHARED_GATEWAY_QPS,
-            why_max="the shared gateway's GetSecretValue quota per account (shared by all clients)",
-        )  # fmt: skip
+        if self.gateway_kind == "dedicated":
+            self._limits(opts, where, default_qps=DEDICATED_DEFAULT_QPS)
+        else:
+            self._limits(
+                opts, where, default_qps=DEFAULT_QPS, max_qps=SHARED_GATEWAY_QPS,
+                why_max="the shared gateway's GetSecretValue quota per account (shared by all "
+                "clients)",
+            )  # fmt: skip
         table = option(opts, "credentials", dict, where, {})
         if opts:
             raise ConfigError(
                 f"{where}.{min(opts)}: unknown setting; the alibaba provider takes region, "
-                "network, endpoint, account_id, rate_limit_qps, timeout_seconds, max_attempts, "
-                "credentials"
+                "network, gateway, instance_id, endpoint, ca_file, auth, client_key_file, "
+                "client_key_password_file, client_key_password_env, account_id, "
+                "rate_limit_qps, timeout_seconds, max_attempts, credentials"
             )
         self.credential_type, fetch = alibaba_credentials.resolve(
             table,
@@ -259,6 +319,8 @@ class Provider(CloudProvider):
     async def get(
         self, name: str, *, version_id: str | None = None, version_stage: str | None = None
     ) -> SecretRecord:
+        if self.client_key is not None:
+            return await self._get_with_client_key(name, version_id, version_stage)
         params = {"SecretName": name}
         if version_id:
             params["VersionId"] = version_id
@@ -287,7 +349,68 @@ class Provider(CloudProvider):
                 f"Alibaba Cloud KMS answered GetSecretValue without {exc!s:.40}"
             ) from None
 
+    async def _get_with_client_key(
+        self, name: str, version_id: str | None, version_stage: str | None
+    ) -> SecretRecord:
+        """GetSecretValue through the instance API (dkms-gcs), signed with the ClientKey."""
+        assert self.client_key is not None
+        stage = ""
+        if version_stage or not version_id:
+            stage = canonical_stage(version_stage, self.stages, by_id=True) or self.stages.current
+        request = dkms_gcs.GetSecretValueRequest(
+            secret_name=name, version_stage=stage, version_id=version_id or ""
+        )
+        key = self.client_key
+        session = self._http()
+        endpoint = self.endpoint
+        host = yarl.URL(endpoint).raw_authority
+
+        async def attempt(remaining: float) -> dkms_gcs.GetSecretValueResponse:
+            body = request.encode()
+            headers = dkms.request_headers(
+                body=body,
+                date=dkms.http_date(time.time()),
+                key_id=key.key_id,
+                api_name="GetSecretValue",
+                private_key=key.private_key,
+            )
+            with mapped_errors(f"the KMS instance at {host}"):
+                async with session.post(
+                    endpoint + "/", headers=headers, data=body,
+                    timeout=aiohttp.ClientTimeout(total=remaining),
+                ) as resp:  # fmt: skip
+                    answer = await resp.read()
+            if resp.status != 200:
+                if resp.status == 429:
+                    self.stats.throttled += 1
+                raise dkms_gcs.classify(resp.status, answer, endpoint=host, name=name)
+            try:
+                return dkms_gcs.GetSecretValueResponse.decode(answer)
+            except dkms_gcs.MalformedMessage as exc:
+                raise Unavailable(f"the KMS instance at {host} answered {exc}") from None
+
+        got = await self._limited(attempt)
+        binary = got.secret_data_type == "binary"  # noqa: S105 (a data type, not a secret)
+        try:
+            raw = base64.b64decode(got.secret_data) if binary else got.secret_data.encode()
+        except ValueError:
+            raise Unavailable(
+                "the KMS instance answered a binary secret that is not base64"
+            ) from None
+        return SecretRecord(
+            name=got.secret_name or name,
+            value=SecretValue(raw),
+            data_type="binary" if binary else "text",
+            version_id=got.version_id,
+            version_stages=got.version_stages,
+            created=_parse_time(got.create_time),
+            source=self.name,
+            secret_type=got.secret_type or "Generic",
+            extra={"request_id": got.request_id},
+        )
+
     async def describe(self, name: str) -> SecretMetadata:
+        self._ram_only("DescribeSecret")
         body = await self._call("DescribeSecret", {"SecretName": name}, name)
         extra = {
             k: str(body[k])
@@ -303,7 +426,16 @@ class Provider(CloudProvider):
             extra=extra,
         )
 
+    def _ram_only(self, action: str) -> None:
+        if self.client_key is not None:
+            raise InvalidUpstreamRequest(
+                f"{action} is not in the KMS instance API a ClientKey reaches (GetSecretValue "
+                "only)",
+                hint='use auth = "ram" (the OpenAPI on the dedicated gateway) to list and describe',
+            )
+
     async def list_names(self, prefix: str) -> list[str]:
+        self._ram_only("ListSecrets")
         names: list[str] = []
         page = 1
         while True:
@@ -324,11 +456,48 @@ class Provider(CloudProvider):
 
     async def check(self) -> None:
         """Credentials usable and the endpoint answering a signed request. A refusal to list
-        still proves both (the identity may only read specific secrets)."""
+        still proves both (the identity may only read specific secrets); with a ClientKey,
+        a read of a name no secret has (its not-found proves the key and the network)."""
+        if self.client_key is not None:
+            with contextlib.suppress(SecretNotFound, AccessDenied):
+                await self._get_with_client_key(CHECK_NAME, None, None)
+            return
         try:
             await self._call("ListSecrets", {"PageNumber": "1", "PageSize": "1"})
         except AccessDenied:
             return
+
+
+def _dedicated_endpoint(endpoint: str | None, instance_id: str | None, where: str) -> str:
+    """The instance's gateway URL: ``endpoint`` as given, else from ``instance_id``."""
+    if endpoint:
+        return endpoint
+    if not instance_id or not re.fullmatch(r"kst-[a-z0-9]{3,}[a-z0-9.]*", instance_id):
+        raise ConfigError(
+            f"{where}.instance_id: give the KMS instance's id (like 'kst-hzz62ee817bvyyr5x9c'), "
+            "or the endpoint '<instance>.cryptoservice.kms.aliyuncs.com'"
+        )
+    return "https://" + DEDICATED_HOST.format(instance_id=instance_id)
+
+
+def _instance_ca(ca_file: str | None, where: str) -> str:
+    """The instance CA, which the dedicated gateway's certificate chains to: required, and
+    loadable now (a start-up error, not a first-request surprise)."""
+    if not ca_file:
+        raise ConfigError(
+            f"{where}.ca_file: the dedicated gateway needs the KMS instance's CA certificate",
+            hint="download it from the KMS console (the instance's details page) and give its "
+            "path; TLS to the instance is always verified against it",
+        )
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{where}.ca_file: {ca_file!r} cannot be loaded as a CA certificate "
+            f"({type(exc).__name__})",
+            hint="give the PEM file of the instance CA from the KMS console",
+        ) from None
+    return ca_file
 
 
 def _parse_time(text: Any) -> float:
