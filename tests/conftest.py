@@ -430,3 +430,59 @@ timeout_seconds = 5
 access_key_id = "{moto["ak"]}"
 secret_access_key = "{moto["sk"]}"
 """
+
+
+# --------------------------------------------------------------------------- KMS instance
+
+#: A KMS instance id in Alibaba's shape (``kst-``, a region code, then an id).
+INSTANCE_ID = "kst-hzz65f1e2b3c4d5e6f7a8b"
+
+
+@pytest.fixture(name="kms_instance")
+def _kms_instance():
+    """A fresh emulator of a KMS instance (its dedicated gateway; not yet serving)."""
+    from tests.emulators.alibaba_kms import KmsEmulator
+
+    return KmsEmulator(instance_id=INSTANCE_ID)
+
+
+@pytest.fixture(name="instance_tls")
+def _instance_tls(kms_instance):
+    """A new CA per test (no client trusts it by accident) and a certificate for the
+    instance's host name, localhost and 127.0.0.1."""
+    from tests.emulators.alibaba_kms import make_instance_tls
+
+    return make_instance_tls(kms_instance.instance_host)
+
+
+def close_sdk_connections() -> None:
+    """Close the connections the vendor SDKs keep in class-level pools across tests."""
+    import sys
+
+    for module, name in (("Tea.core", "TeaCore"), ("darabonba.core", "DaraCore")):
+        core = getattr(sys.modules.get(module), name, None)
+        sessions = getattr(core, "_sessions", {})
+        for session in sessions.values():
+            session.close()
+        sessions.clear()
+
+
+@pytest.fixture(name="kms_instance_url")
+async def _kms_instance_url(aiohttp_server, kms_instance, instance_tls):
+    """The instance emulator on TLS at 127.0.0.1: RAM-auth OpenAPI and dkms-gcs on ``/``."""
+    server = await aiohttp_server(
+        kms_instance.app(), host="127.0.0.1", ssl=instance_tls.server_context()
+    )
+    yield f"https://127.0.0.1:{server.port}"
+    close_sdk_connections()
+    # A TLS connection still open when the server stops waits for the peer's close_notify,
+    # which a pooled client never sends, and outlives the test's loop: end them here.
+    for handler in server.runner.server.connections:
+        if handler.transport is not None:
+            handler.transport.abort()
+
+
+@pytest.fixture(name="instance_ca_file")
+def _instance_ca_file(tmp_path, instance_tls):
+    """The instance CA as a PEM file."""
+    return instance_tls.write_ca(tmp_path / "instance-ca.pem")
