@@ -259,13 +259,17 @@ class Provider(CloudProvider):
         request_id = body.get("RequestId", "")
         said = f"Alibaba Cloud KMS: {code}" + (f" (request {request_id})" if request_id else "")
         secret_arn = f"acs:kms:{self.region}:{self.account_id}:secret/{name}"
-        if code == "Forbidden.ResourceNotFound":
+        if code in _STALE_CREDENTIAL_CODES and creds.security_token:
+            self.credentials.invalidate(creds)
+            return StaleCredentials(f"{said}: temporary credentials no longer accepted")
+        kind = dkms_gcs.error_kind(status, code, message)  # the rule of both gateways
+        if kind is SecretNotFound:
             return SecretNotFound(
                 f"{said}: secret {name!r} does not exist in {self.region}",
                 hint="check the name (default secrets carry their product prefix, like aigw!...) "
                 "and that the source's region is the secret's region",
             )
-        if code == "Forbidden.NoPermission" and "kms:Decrypt" in message:
+        if kind is DecryptDenied:
             key = body.get("KeyId") or "the secret's customer managed key"
             return DecryptDenied(
                 f"{said}: the identity may read the secret but not decrypt it with {key}",
@@ -273,44 +277,36 @@ class Provider(CloudProvider):
                 "managed key also needs kms:Decrypt on that key. Grant: "
                 + policy_statement("kms:Decrypt", f"acs:kms:{self.region}:{self.account_id}:key/*"),
             )
-        if code.startswith("Forbidden"):
+        if kind is AccessDenied:
             return AccessDenied(
                 f"{said}: the identity ({creds.origin}) may not read secret {name!r}",
                 hint="step 1 of the troubleshooting order: grant the RAM identity "
                 "kms:GetSecretValue on the secret. Grant: "
                 + policy_statement("kms:GetSecretValue", secret_arn),
             )
-        if code == "Rejected.ResourceInDeleteWindow":
+        if kind is PendingDeletion:
             return PendingDeletion(
                 f"{said}: secret {name!r} is scheduled for deletion",
                 hint="step 3 of the troubleshooting order: restore it with RestoreSecret within "
                 "its recovery window, or read another secret",
             )
-        if "Throttling" in code:
+        if kind is Throttled:
             self.stats.throttled += 1
+            limit = (
+                f"the shared gateway allows {SHARED_GATEWAY_QPS:g} GetSecretValue QPS per "
+                "account, shared by every client"
+                if self.gateway_kind == "shared"
+                else "the KMS instance's QPS is what was bought, shared by every client"
+            )
             return Throttled(
-                f"{said}: throttled",
-                hint=f"the shared gateway allows {SHARED_GATEWAY_QPS:g} GetSecretValue QPS per "
-                "account, shared by every client; lower rate_limit_qps or raise cache.ttl",
+                f"{said}: throttled", hint=f"{limit}; lower rate_limit_qps or raise cache.ttl"
             )
-        if code in _STALE_CREDENTIAL_CODES and creds.security_token:
-            self.credentials.invalidate(creds)
-            return StaleCredentials(f"{said}: temporary credentials no longer accepted")
-        if code.startswith(
-            (
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "IncompleteSignature",
-                "InvalidSecurityToken",
-                "IllegalTimestamp",
-                "SignatureNonceUsed",
-            )
-        ):
+        if kind is BadCredentials:
             return BadCredentials(
                 f"{said}: the request's credentials or signature were refused",
                 hint="check the AccessKey (or the role the agent assumes) and the host's clock",
             )
-        if status >= 500 or code in ("InternalFailure", "ServiceUnavailableTemporary"):
+        if kind is Unavailable:
             return Unavailable(f"{said}: the service failed")
         return InvalidUpstreamRequest(f"{said}: {message or 'request refused'}")
 
