@@ -40,7 +40,8 @@ AIGW_ONLY = {
         {"Effect": "Allow", "Action": ["kms:GetSecretValue"], "Resource": ["secret/aigw!*"]}
     ]
 }
-VECTOR = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "alibaba-dkms-gcs.json"
+#: The request recorded from the SDK (a copy of shared/vectors, kept with the tests).
+VECTOR = Path(__file__).resolve().parents[1] / "fixtures" / "alibaba-dkms-gcs.json"
 
 
 def host_port(url: str) -> str:
@@ -423,11 +424,10 @@ async def test_throttling_is_one_instance_limit_and_the_sdk_retries_it(
     assert kms_instance.rejections == ["Rejected.Throttling"] * 5
 
 
-@pytest.mark.skipif(not VECTOR.exists(), reason=f"the recorded vector is not at {VECTOR}")
 async def test_the_recorded_sdk_request_is_accepted_and_a_changed_one_refused(
     kms_instance, kms_instance_url, instance_tls
 ):
-    """The request recorded from the SDK in shared/vectors (its throwaway ClientKey's public
+    """The request recorded from the SDK (tests/fixtures; its throwaway ClientKey's public
     key registered, the clock at its Date) is served byte for byte; its response parses with
     the SDK's class to the vector's fields; one signature byte changed is refused."""
     dkms_sdk.sdk()
