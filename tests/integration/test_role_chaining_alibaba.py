@@ -177,7 +177,9 @@ async def test_refused_assume_role_is_bad_credentials_naming_the_role(
     kms.add_role(READER, READ_SHARED, trusted=trusted, external_id=required)
     extra = {} if given is None else {"external_id": given}
     async with aiohttp.ClientSession() as session:
-        _, fetch = pick(chained(kms_url, {"access_key_id": ak, "access_key_secret": sk}, **extra), session)
+        _, fetch = pick(
+            chained(kms_url, {"access_key_id": ak, "access_key_secret": sk}, **extra), session
+        )
         with pytest.raises(BadCredentials) as caught:
             await fetch()
     said = f"{caught.value.message} {caught.value.hint}"
@@ -244,25 +246,46 @@ async def test_expired_base_credentials_are_fetched_anew(tmp_path, kms, kms_url)
     ("table", "message"),
     [
         ({"type": "ram_role_arn"}, r"credentials.role_arn: required"),
-        ({"type": "ram_role_arn", "role_arn": READER, "oidc_token_file": "/t"},
-         r"credentials.oidc_token_file: unknown setting for type = 'ram_role_arn'"),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "oidc_token_file": "/t"},
+            r"credentials.oidc_token_file: unknown setting for type = 'ram_role_arn'",
+        ),
         ({"type": "ram_role_arn", "role_arn": READER, "duration_seconds": 600}, "900-43200"),
-        ({"type": "ram_role_arn", "role_arn": READER, "policy": "{not json"},
-         r"credentials.policy: must be a session policy"),
-        ({"type": "ram_role_arn", "role_arn": READER, "role_session_name": "a b"},
-         r"credentials.role_session_name"),
-        ({"type": "ram_role_arn", "role_arn": READER, "base": "access_key"},
-         r"credentials.base: must be a table"),
-        ({"type": "ram_role_arn", "role_arn": READER, "base": {"type": "access_key"}},
-         r"credentials.base: AccessKey credentials need"),
-        ({"type": "ram_role_arn", "role_arn": READER, "base": {"acces_key_id": "x"}},
-         r"credentials.base.acces_key_id: unknown setting"),
-        ({"type": "access_key", "access_key_id": "a", "access_key_secret": "s",
-          "external_id": "x1"}, r"credentials.external_id: only taken with type = 'ram_role_arn'"),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "policy": "{not json"},
+            r"credentials.policy: must be a session policy",
+        ),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "role_session_name": "a b"},
+            r"credentials.role_session_name",
+        ),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "base": "access_key"},
+            r"credentials.base: must be a table",
+        ),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "base": {"type": "access_key"}},
+            r"credentials.base: AccessKey credentials need",
+        ),
+        (
+            {"type": "ram_role_arn", "role_arn": READER, "base": {"acces_key_id": "x"}},
+            r"credentials.base.acces_key_id: unknown setting",
+        ),
+        (
+            {
+                "type": "access_key",
+                "access_key_id": "a",
+                "access_key_secret": "s",
+                "external_id": "x1",
+            },
+            r"credentials.external_id: only taken with type = 'ram_role_arn'",
+        ),
     ],
 )
 def test_bad_ram_role_arn_tables_fail_config_naming_the_key(table, message):
     """Wrong RamRoleArn settings, and chain-only keys on another type, fail at config time
     with the dotted key named (the base table's own errors under ``.base``)."""
     with pytest.raises(ConfigError, match=message):
-        resolve(table, {}, region="cn-hangzhou", network="public", session=lambda: None, where=WHERE)  # type: ignore[arg-type,return-value]
+        resolve(
+            table, {}, region="cn-hangzhou", network="public", session=lambda: None, where=WHERE
+        )

@@ -72,9 +72,9 @@ def _accounts():
     iam_b.put_role_policy(
         RoleName="shared-reader", PolicyName="sm", PolicyDocument=_allow("secretsmanager:*")
     )
-    arn = _client(url, "secretsmanager", *in_b).create_secret(
-        Name=SECRET, SecretString=PLANTED
-    )["ARN"]
+    arn = _client(url, "secretsmanager", *in_b).create_secret(Name=SECRET, SecretString=PLANTED)[
+        "ARN"
+    ]
     yield {"url": url, "ak": key["AccessKeyId"], "sk": key["SecretAccessKey"], "arn": arn,
            "in_b": in_b}  # fmt: skip
     proc.terminate()
@@ -152,9 +152,7 @@ async def test_refused_assume_role_names_the_role_and_no_credential(tmp_path, ac
     table = {"type": "assume_role", "role_arn": ROLE_B, "sts_endpoint": accounts["url"],
              "base": {"access_key_id": accounts["ak"], "secret_access_key": wrong}}  # fmt: skip
     async with aiohttp.ClientSession() as session:
-        kind, fetch = resolve(
-            table, {}, region="us-east-1", session=lambda: session, where=WHERE
-        )
+        kind, fetch = resolve(table, {}, region="us-east-1", session=lambda: session, where=WHERE)
         with pytest.raises(BadCredentials) as caught:
             await fetch()
     assert kind == "assume_role"
@@ -196,19 +194,27 @@ async def test_assume_role_sends_the_configured_parameters(accounts):
     ("table", "message"),
     [
         ({"type": "assume_role"}, r"credentials.role_arn: required"),
-        ({"type": "assume_role", "role_arn": ROLE_B, "web_identity_token_file": "/t"},
-         r"credentials.web_identity_token_file: unknown setting for type = 'assume_role'"),
+        (
+            {"type": "assume_role", "role_arn": ROLE_B, "web_identity_token_file": "/t"},
+            r"credentials.web_identity_token_file: unknown setting for type = 'assume_role'",
+        ),
         ({"type": "assume_role", "role_arn": ROLE_B, "duration_seconds": 50000}, "900-43200"),
-        ({"type": "assume_role", "role_arn": ROLE_B, "external_id": "x"},
-         r"credentials.external_id: must be 2-1224"),
-        ({"type": "assume_role", "role_arn": ROLE_B, "base": {"type": "static"}},
-         r"credentials.base: static credentials need"),
-        ({"type": "static", "access_key_id": "a", "secret_access_key": "s",
-          "base": {}}, r"credentials.base: only taken with type = 'assume_role'"),
+        (
+            {"type": "assume_role", "role_arn": ROLE_B, "external_id": "x"},
+            r"credentials.external_id: must be 2-1224",
+        ),
+        (
+            {"type": "assume_role", "role_arn": ROLE_B, "base": {"type": "static"}},
+            r"credentials.base: static credentials need",
+        ),
+        (
+            {"type": "static", "access_key_id": "a", "secret_access_key": "s", "base": {}},
+            r"credentials.base: only taken with type = 'assume_role'",
+        ),
     ],
 )
 def test_bad_assume_role_tables_fail_config_naming_the_key(table, message):
     """Wrong assume_role settings, and chain-only keys on another type, fail at config time
     with the dotted key named."""
     with pytest.raises(ConfigError, match=message):
-        resolve(table, {}, region="us-east-1", session=lambda: None, where=WHERE)  # type: ignore[arg-type,return-value]
+        resolve(table, {}, region="us-east-1", session=lambda: None, where=WHERE)
