@@ -1,13 +1,23 @@
-"""Alibaba Cloud credentials: static AccessKey, RRSA (OIDC → STS), ECS RAM role.
+"""Alibaba Cloud credentials: static AccessKey, RRSA (OIDC → STS), ECS RAM role, and
+RamRoleArn (STS AssumeRole signed with any of those, see :mod:`kms_agent.credentials.assume`).
 
 ``type = "auto"`` (default) takes the first that is configured: AccessKey in the
 environment, then RRSA's three environment variables, then the instance metadata service.
+
+STS, both calls (RPC style, version 2015-04-01, JSON): AssumeRoleWithOIDC is unsigned;
+AssumeRole is signed with the base credentials — ACS3-HMAC-SHA256 here, the generic OpenAPI
+signature, where Alibaba's credentials SDK signs it with RPC HMAC-SHA1 (both accepted).
+Parameters RoleArn, RoleSessionName, DurationSeconds, optional Policy and ExternalId; the
+answer's ``Credentials{AccessKeyId, AccessKeySecret, SecurityToken, Expiration}``, expiry in
+``%Y-%m-%dT%H:%M:%SZ`` UTC (alibabacloud_credentials 1.0.12, provider/ram_role_arn.py
+lines 103-120 and 149-156).
 """
 
 from __future__ import annotations
 
 import calendar
 import configparser
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,12 +25,19 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import yarl
 
-from kms_agent.credentials import Credentials, Fetch, credential_kind
+from kms_agent.credentials import Credentials, Fetch, StaleCredentials, assume, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.signing import alibaba as acs3
 from kms_agent.upstream import check_endpoint, mapped_errors
 
-TYPES = ("auto", "access_key", "rrsa", "ecs_ram_role")
+TYPES = ("auto", "access_key", "rrsa", "ecs_ram_role", "ram_role_arn")
+#: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
+CHAIN_TYPE = "ram_role_arn"
+STS_VERSION = "2015-04-01"
+#: STS refusing the base credentials themselves: temporary ones expired or revoked.
+_STALE_BASE = ("InvalidSecurityToken.", "InvalidAccessKeyId.NotFound")
 METADATA_ENDPOINT = "http://100.100.100.200"
 METADATA_TOKEN_TTL = 21600
 ENV_AK, ENV_SK, ENV_TOKEN = (
@@ -48,6 +65,7 @@ _KEYS = {
     "sts_endpoint",
     "metadata_endpoint",
     "role_name",
+    *assume.KEYS,
 }
 
 
@@ -66,6 +84,9 @@ def resolve(
 ) -> tuple[str, Fetch]:
     """(description, fetch function) for the configured or discovered credentials."""
     kind = credential_kind(table, _KEYS, TYPES, where)
+    if kind == CHAIN_TYPE:
+        return CHAIN_TYPE, _ram_role_arn(table, environ, region, network, session, where)
+    assume.refuse_chain_keys(table, kind, CHAIN_TYPE, where)
     if kind == "auto":
         if "access_key_id" in table or "credentials_file" in table or environ.get(ENV_AK):
             kind = "access_key"
@@ -134,14 +155,9 @@ def _rrsa(
             f"{where}: RRSA needs role_arn, oidc_provider_arn and oidc_token_file "
             f"(or ${ENV_ROLE}, ${ENV_PROVIDER}, ${ENV_TOKEN_FILE}, set by ACK)"
         )
-    duration = int(table.get("duration_seconds", 3600))
-    if not 900 <= duration <= 43200:
-        raise ConfigError(f"{where}.duration_seconds: {duration} must be 900-43200")
-    host = f"sts-vpc.{region}.aliyuncs.com" if network == "vpc" else f"sts.{region}.aliyuncs.com"
-    endpoint = check_endpoint(
-        str(table.get("sts_endpoint", f"https://{host}")), f"{where}.sts_endpoint"
-    )
-    session_name = str(table.get("role_session_name", "kms-agent"))
+    duration = assume.duration_seconds(table, where)
+    endpoint = _sts_endpoint(table, region, network, where)
+    session_name = assume.session_name(table, where)
 
     async def assume_role_with_oidc() -> Credentials:
         try:  # re-read on every exchange: kubelet rotates the projected token
@@ -151,37 +167,122 @@ def _rrsa(
                 f"RRSA token file {token_file} cannot be read ({type(exc).__name__})",
                 hint="is the projected service-account token volume mounted?",
             ) from None
-        query = {
-            "Action": "AssumeRoleWithOIDC",
-            "Format": "JSON",
-            "Version": "2015-04-01",
+        params = {
             "DurationSeconds": str(duration),
             "RoleArn": str(role),
             "OIDCProviderArn": str(provider_arn),
             "OIDCToken": oidc_token,
             "RoleSessionName": session_name,
-            "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        with mapped_errors("Alibaba STS"):
-            async with session().get(f"{endpoint}/?{urlencode(query)}") as resp:
-                body = await resp.json(content_type=None)
-        if resp.status != 200 or "Credentials" not in body:
-            code = body.get("Code", resp.status) if isinstance(body, dict) else resp.status
+        status, body = await _sts(session, endpoint, "AssumeRoleWithOIDC", params, None)
+        if status != 200 or "Credentials" not in body:
             raise BadCredentials(
-                f"STS AssumeRoleWithOIDC refused: {code}",
+                f"STS AssumeRoleWithOIDC refused: {body.get('Code', status)}",
                 hint="check the role's trust policy (oidc:aud sts.aliyuncs.com, oidc:sub "
                 "system:serviceaccount:<ns>:<sa>) and that the token file is fresh",
             )
+        return _temporary(body, "rrsa", "AssumeRoleWithOIDC")
+
+    return assume_role_with_oidc
+
+
+def _sts_endpoint(table: Mapping[str, Any], region: str, network: str, where: str) -> str:
+    host = f"sts-vpc.{region}.aliyuncs.com" if network == "vpc" else f"sts.{region}.aliyuncs.com"
+    return check_endpoint(
+        str(table.get("sts_endpoint", f"https://{host}")), f"{where}.sts_endpoint"
+    )
+
+
+async def _sts(
+    session: Callable[[], aiohttp.ClientSession],
+    endpoint: str,
+    action: str,
+    params: Mapping[str, str],
+    signer: Credentials | None,
+) -> tuple[int, dict[str, Any]]:
+    """One STS call: (HTTP status, JSON object). Unsigned (``signer`` None) calls carry
+    Action, Version and Timestamp in a GET query; signed ones, ACS3 headers on a POST."""
+    with mapped_errors("Alibaba STS"):
+        if signer is None:
+            query = {
+                "Action": action,
+                "Format": "JSON",
+                "Version": STS_VERSION,
+                **params,
+                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            async with session().get(f"{endpoint}/?{urlencode(query)}") as resp:
+                body = await resp.json(content_type=None)
+        else:
+            headers = acs3.rpc_headers(
+                host=yarl.URL(endpoint).raw_authority,
+                action=action,
+                version=STS_VERSION,
+                query=params,
+                access_key_id=signer.access_key_id,
+                access_key_secret=signer.access_key_secret,
+                security_token=signer.security_token,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                nonce=secrets.token_hex(16),
+            )
+            url = yarl.URL(f"{endpoint}/?{acs3.canonical_query(params)}", encoded=True)
+            async with session().post(url, headers=headers, data=b"") as resp:
+                body = await resp.json(content_type=None)
+    return resp.status, body if isinstance(body, dict) else {}
+
+
+def _temporary(body: dict[str, Any], origin: str, action: str) -> Credentials:
+    try:
         c = body["Credentials"]
         return Credentials(
             c["AccessKeyId"],
             c["AccessKeySecret"],
             c["SecurityToken"],
             parse_expiration(c["Expiration"]),
-            origin="rrsa",
+            origin=origin,
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BadCredentials(f"STS {action} answered without usable Credentials") from None
+
+
+def _ram_role_arn(
+    table: Mapping[str, Any],
+    environ: Mapping[str, str],
+    region: str,
+    network: str,
+    session: Callable[[], aiohttp.ClientSession],
+    where: str,
+) -> Fetch:
+    chain = assume.settings(table, CHAIN_TYPE, where)
+    endpoint = _sts_endpoint(table, region, network, where)
+    _, base = resolve(
+        chain.base, environ, region=region, network=network, session=session, where=f"{where}.base"
+    )
+    params = {
+        "RoleArn": chain.role_arn,
+        "RoleSessionName": chain.session_name,
+        "DurationSeconds": str(chain.duration),
+    }
+    if chain.external_id is not None:
+        params["ExternalId"] = chain.external_id
+    if chain.policy is not None:
+        params["Policy"] = chain.policy
+
+    async def assume_role(signer: Credentials) -> Credentials:
+        status, body = await _sts(session, endpoint, "AssumeRole", params, signer)
+        if status == 200 and "Credentials" in body:
+            return _temporary(body, CHAIN_TYPE, "AssumeRole")
+        code = str(body.get("Code", f"HTTP {status}"))
+        said = f"STS AssumeRole of {chain.role_arn} refused: {code}"
+        if signer.security_token and code.startswith(_STALE_BASE):
+            raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
+        raise BadCredentials(
+            said,
+            hint=f"check that the role's trust policy lets the base credentials ({where}.base) "
+            "assume it, the external_id it requires, and that they may call sts:AssumeRole",
         )
 
-    return assume_role_with_oidc
+    return assume.chained(base, assume_role, where)
 
 
 def _read(path: Path) -> str:

@@ -1,5 +1,14 @@
 """AWS credentials, first configured wins: environment, shared credentials file, IRSA web
-identity (STS AssumeRoleWithWebIdentity), container credentials (EKS Pod Identity), IMDSv2."""
+identity (STS AssumeRoleWithWebIdentity), container credentials (EKS Pod Identity), IMDSv2;
+and ``type = "assume_role"``: STS AssumeRole signed (SigV4, service ``sts``) with a nested
+``base`` table's credentials (see :mod:`kms_agent.credentials.assume`).
+
+STS is the query protocol, version 2011-06-15, ``POST /`` form-encoded; AssumeRole takes
+RoleArn, RoleSessionName, DurationSeconds (900-43200), ExternalId, Policy and answers XML
+``Credentials{AccessKeyId, SecretAccessKey, SessionToken, Expiration}`` (botocore 1.44.8
+``data/sts/2011-06-15/service-2.json``: operation AssumeRole, shapes AssumeRoleRequest,
+roleDurationSecondsType, Credentials).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +22,20 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import yarl
 
-from kms_agent.credentials import Credentials, Fetch, credential_kind
+from kms_agent.credentials import Credentials, Fetch, StaleCredentials, assume, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.signing import aws as sigv4
 from kms_agent.upstream import mapped_errors
 
-TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds")
+TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds", "assume_role")
+#: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
+CHAIN_TYPE = "assume_role"
+STS_VERSION = "2011-06-15"
+#: STS refusing the base credentials themselves (botocore's AssumeRole error shapes name
+#: ExpiredTokenException; an unknown or revoked key is InvalidClientTokenId).
+_STALE_BASE = ("ExpiredToken", "InvalidClientTokenId")
 IMDS_ENDPOINT = "http://169.254.169.254"
 _KEYS = {
     "type",
@@ -34,6 +51,7 @@ _KEYS = {
     "container_uri",
     "container_token_file",
     "imds_endpoint",
+    *assume.KEYS,
 }
 _Session = Callable[[], aiohttp.ClientSession]
 #: Re-read the shared credentials file this often (it has no expiry of its own).
@@ -57,6 +75,9 @@ def resolve(
     where: str,
 ) -> tuple[str, Fetch]:
     kind = credential_kind(table, _KEYS, TYPES, where)
+    if kind == CHAIN_TYPE:
+        return CHAIN_TYPE, _assume_role(table, environ, region, session, where)
+    assume.refuse_chain_keys(table, kind, CHAIN_TYPE, where)
     if kind == "auto":
         if "access_key_id" in table or environ.get("AWS_ACCESS_KEY_ID"):
             kind = "static"
@@ -146,16 +167,15 @@ def _web_identity(
             f"{where}: web identity needs role_arn and web_identity_token_file "
             "(or $AWS_ROLE_ARN and $AWS_WEB_IDENTITY_TOKEN_FILE, set by EKS IRSA)"
         )
-    endpoint = str(
-        table.get("sts_endpoint")
-        or environ.get("AWS_ENDPOINT_URL_STS")
-        or f"https://sts.{region}.amazonaws.com"
-    ).rstrip("/")
+    endpoint = _sts_endpoint(table, environ, region)
+    duration = assume.duration_seconds(table, where)
     name = str(
-        table.get("role_session_name") or environ.get("AWS_ROLE_SESSION_NAME") or "kms-agent"
+        table.get("role_session_name")
+        or environ.get("AWS_ROLE_SESSION_NAME")
+        or assume.SESSION_NAME
     )
 
-    async def assume() -> Credentials:
+    async def assume_role_with_web_identity() -> Credentials:
         try:
             token = _read(Path(str(token_file)))  # re-read: kubelet rotates it
         except OSError as exc:
@@ -163,39 +183,114 @@ def _web_identity(
                 f"web identity token file {token_file} cannot be read ({type(exc).__name__})"
             ) from None
         form = {
-            "Action": "AssumeRoleWithWebIdentity",
-            "Version": "2011-06-15",
             "RoleArn": str(role),
             "RoleSessionName": name,
             "WebIdentityToken": token,
-            "DurationSeconds": "3600",
+            "DurationSeconds": str(duration),
         }
-        with mapped_errors("AWS STS"):
-            async with session().post(
-                endpoint + "/",
-                data=urlencode(form),
-                headers={"Content-Type": "application/x-www-form-urlencoded"},
-            ) as resp:
-                text = await resp.text()
-        found = {
-            k: _xml(text, k)
-            for k in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
-        }
-        if resp.status != 200 or not all(found.values()):
+        status, text = await _sts(session, endpoint, region, "AssumeRoleWithWebIdentity", form)
+        found = _sts_credentials(text, "web_identity")
+        if status != 200 or found is None:
             raise BadCredentials(
-                f"STS AssumeRoleWithWebIdentity refused: {_xml(text, 'Code') or resp.status}",
+                f"STS AssumeRoleWithWebIdentity refused: {_xml(text, 'Code') or status}",
                 hint="check the role's trust policy for this service account and the token "
                 "audience",
             )
-        return Credentials(
-            found["AccessKeyId"],
-            found["SecretAccessKey"],
-            found["SessionToken"],
-            parse_time(found["Expiration"]),
-            origin="web_identity",
+        return found
+
+    return assume_role_with_web_identity
+
+
+def _sts_endpoint(table: Mapping[str, Any], environ: Mapping[str, str], region: str) -> str:
+    return str(
+        table.get("sts_endpoint")
+        or environ.get("AWS_ENDPOINT_URL_STS")
+        or f"https://sts.{region}.amazonaws.com"
+    ).rstrip("/")
+
+
+async def _sts(
+    session: _Session,
+    endpoint: str,
+    region: str,
+    action: str,
+    params: Mapping[str, str],
+    signer: Credentials | None = None,
+) -> tuple[int, str]:
+    """One STS query-protocol call: (HTTP status, XML text); SigV4-signed with ``signer``
+    (service ``sts``, the source's region) when given, else unsigned."""
+    body = urlencode({"Action": action, "Version": STS_VERSION, **params}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if signer is not None:
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        headers["Host"] = yarl.URL(endpoint).raw_authority
+        headers["X-Amz-Date"] = amz_date
+        if signer.security_token:
+            headers["X-Amz-Security-Token"] = signer.security_token
+        headers["Authorization"] = sigv4.authorization(
+            method="POST",
+            path="/",
+            query={},
+            headers=headers,
+            body=body,
+            access_key_id=signer.access_key_id,
+            secret_access_key=signer.access_key_secret,
+            region=region,
+            service="sts",
+            amz_date=amz_date,
+        )
+    with mapped_errors("AWS STS"):
+        async with session().post(endpoint + "/", data=body, headers=headers) as resp:
+            return resp.status, await resp.text()
+
+
+def _sts_credentials(text: str, origin: str) -> Credentials | None:
+    found = {
+        k: _xml(text, k) for k in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+    }
+    if not all(found.values()):
+        return None
+    return Credentials(
+        found["AccessKeyId"],
+        found["SecretAccessKey"],
+        found["SessionToken"],
+        parse_time(found["Expiration"]),
+        origin=origin,
+    )
+
+
+def _assume_role(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    chain = assume.settings(table, CHAIN_TYPE, where)
+    endpoint = _sts_endpoint(table, environ, region)
+    _, base = resolve(chain.base, environ, region=region, session=session, where=f"{where}.base")
+    params = {
+        "RoleArn": chain.role_arn,
+        "RoleSessionName": chain.session_name,
+        "DurationSeconds": str(chain.duration),
+    }
+    if chain.external_id is not None:
+        params["ExternalId"] = chain.external_id
+    if chain.policy is not None:
+        params["Policy"] = chain.policy
+
+    async def assume_role(signer: Credentials) -> Credentials:
+        status, text = await _sts(session, endpoint, region, "AssumeRole", params, signer)
+        found = _sts_credentials(text, CHAIN_TYPE)
+        if status == 200 and found is not None:
+            return found
+        code = _xml(text, "Code") or f"HTTP {status}"
+        said = f"STS AssumeRole of {chain.role_arn} refused: {code}"
+        if signer.security_token and code.startswith(_STALE_BASE):
+            raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
+        raise BadCredentials(
+            said,
+            hint=f"check that the role's trust policy lets the base credentials ({where}.base) "
+            "assume it, the external_id it requires, and that they may call sts:AssumeRole",
         )
 
-    return assume
+    return assume.chained(base, assume_role, where)
 
 
 def _container(

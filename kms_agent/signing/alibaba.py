@@ -61,3 +61,42 @@ def authorization(
         access_key_secret.encode(), string_to_sign(canonical).encode(), hashlib.sha256
     ).hexdigest()
     return f"{ALGORITHM} Credential={access_key_id},SignedHeaders={signed},Signature={signature}"
+
+
+def rpc_headers(
+    *,
+    host: str,
+    action: str,
+    version: str,
+    query: Mapping[str, str],
+    access_key_id: str,
+    access_key_secret: str,
+    security_token: str | None,
+    date: str,
+    nonce: str,
+) -> dict[str, str]:
+    """Every header of an RPC-style call (parameters in ``query``, empty POST body) to any
+    Alibaba OpenAPI product — KMS 2016-01-20, STS 2015-04-01 — Authorization included.
+    ``date`` is ``%Y-%m-%dT%H:%M:%SZ`` UTC; ``nonce`` is fresh per request."""
+    headers = {
+        "host": host,
+        "x-acs-action": action,
+        "x-acs-version": version,
+        "x-acs-date": date,
+        "x-acs-signature-nonce": nonce,
+        "x-acs-content-sha256": EMPTY_SHA256,
+        "accept": "application/json",
+    }
+    if security_token:
+        headers["x-acs-accesskey-id"] = access_key_id
+        headers["x-acs-security-token"] = security_token
+    headers["authorization"] = authorization(
+        method="POST",
+        path="/",
+        query=query,
+        headers=headers,
+        body=b"",
+        access_key_id=access_key_id,
+        access_key_secret=access_key_secret,
+    )
+    return headers

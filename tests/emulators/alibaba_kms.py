@@ -1,5 +1,6 @@
 """A wire-faithful Alibaba Cloud KMS emulator (shared gateway, API 2016-01-20), with STS
-AssumeRoleWithOIDC and the ECS instance metadata service, for tests and local development.
+AssumeRoleWithOIDC and AssumeRole (2015-04-01) and the ECS instance metadata service, for
+tests and local development.
 
 It verifies requests the way KMS does — ACS3-HMAC-SHA256 and the older RPC HMAC-SHA1
 signature, the ±15 minute timestamp window, nonce replay, STS tokens — evaluates RAM-style
@@ -26,7 +27,17 @@ agent or the SDK; Alibaba's dkms-gcs SDK is the judge in the tests.
 Documented on Alibaba's "common error codes" page of the instance API, and served as such:
 ``InvalidApiVersion``, ``InvalidApiName``, ``InvalidParam`` (Date, x-kms-signaturemethod),
 ``MissingParameter`` (x-kms-acccesskeyid), ``RequestTimeTooSkewed`` (15 minutes),
-``InvalidParameter``, all 400. Modelled and flagged (no public source gives them): a wrong
+``InvalidParameter``, all 400.
+
+STS AssumeRole is verified like a KMS call (either signature, version 2015-04-01): the
+caller must be in the role's trust list (:meth:`KmsEmulator.add_role` ``trusted``) and give
+the role's ExternalId when it has one; the credentials it issues carry the role's policy,
+intersected with the request's session Policy. Documented: ``NoPermission`` 403 "You are
+not authorized to do this action. You should be authorized by RAM." (the AssumeRole API
+page, for a caller the trust policy does not name), ``InvalidParameter.DurationSeconds``,
+``InvalidParameter.PolicyGrammar``, ``InvalidParameter.RoleSessionName`` (STS common-errors
+page). Modelled and flagged: a wrong or missing ExternalId answers the same ``NoPermission``;
+an unknown role is 404 ``EntityNotExist.Role``. Modelled and flagged (no public source gives them): a wrong
 ``content-sha256`` is 400 ``InvalidParam``; an unknown ClientKey is 401
 ``InvalidAccessKeyId.NotFound``; a signature that does not verify is 401
 ``SignatureDoesNotMatch``; a missing ``Bearer`` authorization is 401 ``MissingParameter``;
@@ -133,8 +144,15 @@ class Identity:
 class Role:
     arn: str
     policy: dict[str, Any]
-    provider_arn: str
-    subject: str
+    provider_arn: str = ""  # RRSA: the OIDC provider and subject it trusts
+    subject: str = ""
+    trusted: tuple[str, ...] = ()  # AssumeRole: principals that may assume it
+    external_id: str | None = None  # AssumeRole: the ExternalId its trust policy requires
+
+    @property
+    def principal(self) -> str:
+        """The principal of credentials issued for this role."""
+        return f"assumed-role/{self.arn.rsplit('/', 1)[-1]}"
 
 
 @dataclass
@@ -399,6 +417,8 @@ def allowed(policy: dict[str, Any], action: str, resource: str) -> bool:
         )
         return act_ok and res_ok
 
+    if "AllOf" in policy:  # a role's policy intersected with a session policy
+        return all(allowed(p, action, resource) for p in policy["AllOf"])
     statements = policy.get("Statement", [])
     if any(s.get("Effect") == "Deny" and matches(s) for s in statements):
         return False
@@ -521,8 +541,23 @@ class KmsEmulator:
         secret.state = "PendingDelete"
         secret.planned_delete = self.clock() + days * 86400
 
-    def add_role(self, arn: str, policy: dict[str, Any], provider_arn: str, subject: str) -> None:
-        self.roles[arn] = Role(arn, policy, provider_arn, subject)
+    def add_role(
+        self,
+        arn: str,
+        policy: dict[str, Any],
+        provider_arn: str = "",
+        subject: str = "",
+        *,
+        trusted: tuple[str, ...] = (),
+        external_id: str | None = None,
+    ) -> Role:
+        """A RAM role with ``policy``: assumable with an OIDC token of ``provider_arn`` for
+        ``subject`` (RRSA), and by AssumeRole from the principals in ``trusted`` (an access
+        key's ``principal``, or another role's :attr:`Role.principal`), giving
+        ``external_id`` when set."""
+        role = Role(arn, policy, provider_arn, subject, tuple(trusted), external_id)
+        self.roles[arn] = role
+        return role
 
     def issue_oidc_token(self, provider_arn: str, subject: str) -> str:
         token = "eyJ" + secrets.token_urlsafe(48)
@@ -630,11 +665,15 @@ class KmsEmulator:
                 params.update(parse_qsl(body.decode(), keep_blank_values=True))
             auth = request.headers.get("Authorization", "")
             if auth.startswith("ACS3-HMAC-SHA256 "):
-                identity, action = self._verify_acs3(request, auth, query, body)
+                identity, action, version = self._verify_acs3(request, auth, query, body)
             elif "Signature" in params:
-                identity, action = self._verify_rpc_v1(request.method, params)
+                identity, action, version = self._verify_rpc_v1(request.method, params)
             else:
                 raise KmsError(400, "MissingParameter", "The input parameter Signature that is mandatory for processing this request is not supplied.")
+            if version != ("2015-04-01" if action == "AssumeRole" else "2016-01-20"):
+                raise KmsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
+            if action == "AssumeRole":
+                return self._assume_role(identity, params, request_id)
             return self._dispatch(identity, action, params, request_id)
         except KmsError as exc:
             return self._error(exc, request_id)
@@ -667,7 +706,7 @@ class KmsEmulator:
 
     def _verify_acs3(
         self, request: web.Request, auth: str, query: dict[str, str], body: bytes
-    ) -> tuple[Identity, str]:
+    ) -> tuple[Identity, str, str]:
         try:
             fields = dict(part.split("=", 1) for part in auth[len("ACS3-HMAC-SHA256 ") :].split(","))
             ak, signed, given = fields["Credential"], fields["SignedHeaders"], fields["Signature"]
@@ -697,11 +736,9 @@ class KmsEmulator:
         if not hmac.compare_digest(expected, given):
             raise KmsError(400, "SignatureDoesNotMatch", f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}")
         self._check_time_and_nonce(headers["x-acs-date"], headers["x-acs-signature-nonce"])
-        if headers.get("x-acs-version") != "2016-01-20":
-            raise KmsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
-        return identity, headers["x-acs-action"]
+        return identity, headers["x-acs-action"], headers.get("x-acs-version", "")
 
-    def _verify_rpc_v1(self, method: str, params: dict[str, str]) -> tuple[Identity, str]:
+    def _verify_rpc_v1(self, method: str, params: dict[str, str]) -> tuple[Identity, str, str]:
         for required in ("AccessKeyId", "SignatureMethod", "SignatureVersion", "SignatureNonce",
                          "Timestamp", "Action", "Version"):  # fmt: skip
             if required not in params:
@@ -716,9 +753,7 @@ class KmsEmulator:
         if not hmac.compare_digest(base64.b64encode(digest).decode(), params["Signature"]):
             raise KmsError(400, "SignatureDoesNotMatch", f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}")
         self._check_time_and_nonce(params["Timestamp"], params["SignatureNonce"])
-        if params["Version"] != "2016-01-20":
-            raise KmsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
-        return identity, params["Action"]
+        return identity, params["Action"], params["Version"]
 
     # ------------------------------------------------------------------ KMS actions
 
@@ -934,11 +969,44 @@ class KmsEmulator:
         if role is None or token != (role.provider_arn, role.subject) or query.get("OIDCProviderArn") != role.provider_arn:
             raise KmsError(403, "AuthenticationFail.NoPermission", "The role's trust policy does not allow this token.")
         duration = float(query.get("DurationSeconds", "3600"))
-        ident = self._temporary(role.policy, f"assumed-role/{role.arn.rsplit('/', 1)[-1]}", duration)
+        ident = self._temporary(role.policy, role.principal, duration)
+        return self._sts_reply(ident, role, request_id)
+
+    def _sts_reply(self, ident: Identity, role: Role, request_id: str) -> web.Response:
         return self._reply(200, {"RequestId": request_id, "Credentials": {
             "AccessKeyId": ident.access_key_id, "AccessKeySecret": ident.secret,
             "SecurityToken": ident.security_token, "Expiration": iso(ident.expires or 0),
         }, "AssumedRoleUser": {"Arn": role.arn}})  # fmt: skip
+
+    def _assume_role(self, identity: Identity, params: dict[str, str], request_id: str) -> web.Response:
+        """STS AssumeRole by a verified caller: trust, ExternalId, then the role's credentials."""
+        self.sts_calls += 1
+        self.calls.append((self.clock(), "AssumeRole", identity.access_key_id))
+        name = params.get("RoleSessionName", "")
+        if not 2 <= len(name) <= 64 or not all(c.isalnum() or c in "._@-" for c in name):
+            raise KmsError(400, "InvalidParameter.RoleSessionName", "The parameter RoleSessionName is wrongly formed.")
+        duration = params.get("DurationSeconds", "3600")
+        if not duration.isdigit() or not 900 <= int(duration) <= 43200:
+            raise KmsError(400, "InvalidParameter.DurationSeconds", "The Min/Max value of DurationSeconds is 15min/12hr.")
+        role = self.roles.get(params.get("RoleArn", ""))
+        if role is None:
+            raise KmsError(404, "EntityNotExist.Role", "The specified Role not exists .")
+        given = params.get("ExternalId")
+        if identity.principal not in role.trusted or (
+            role.external_id is not None and not (given and hmac.compare_digest(given, role.external_id))
+        ):
+            raise KmsError(403, "NoPermission", "You are not authorized to do this action. You should be authorized by RAM.")
+        policy = role.policy
+        if "Policy" in params:
+            try:
+                session_policy = json.loads(params["Policy"])
+            except ValueError:
+                session_policy = None
+            if not isinstance(session_policy, dict):
+                raise KmsError(400, "InvalidParameter.PolicyGrammar", "The parameter Policy has not passed grammar check.")
+            policy = {"AllOf": [role.policy, session_policy]}
+        ident = self._temporary(policy, role.principal, float(duration))
+        return self._sts_reply(ident, role, request_id)
 
     async def _metadata_token(self, request: web.Request) -> web.Response:
         ttl = request.headers.get("X-aliyun-ecs-metadata-token-ttl-seconds", "")
