@@ -6,6 +6,7 @@ import time
 
 from kms_agent.cache import Key
 from kms_agent.errors import AgentError, Unavailable
+from kms_agent.grammar import source_and_role
 from kms_agent.metrics import Metrics
 from kms_agent.model import SecretRecord
 from kms_agent.providers import Router
@@ -19,13 +20,21 @@ class Fetcher:
         self.metrics = metrics
 
     async def __call__(self, key: Key) -> SecretRecord:
-        source, name, version_id, version_stage = key
+        part, name, version_id, version_stage = key
+        source, role = source_and_role(part)
         provider = self.router.providers[source]
         metrics = self.metrics
         start = time.perf_counter()
         outcome = "success"
         try:
-            record = await provider.get(name, version_id=version_id, version_stage=version_stage)
+            if role is None:
+                record = await provider.get(
+                    name, version_id=version_id, version_stage=version_stage
+                )
+            else:
+                record = await provider.get_as(
+                    role, name, version_id=version_id, version_stage=version_stage
+                )
             if not answers(key, record):
                 raise Unavailable(
                     f"source {source!r} answered with another secret or version than the one "

@@ -254,11 +254,15 @@ class Front:
         kind = request.route.kind
         self.authorize(request, caller)
         if kind is Kind.SECRET:
-            if request.role_arn is not None:
+            role = request.role_arn
+            if (
+                role is not None
+                and role not in self.state.router.providers[request.source].assume_roles
+            ):
                 raise RoleNotAllowed(
-                    f"Failed to create caching client from role: {request.role_arn[:200]}",
-                    hint="the agent reads with its own identity; a role must be in the "
-                    "source's assume_roles allow-list",
+                    f"Failed to create caching client from role: {role[:200]}",
+                    hint=f"the agent reads as a caller's role only if it is in "
+                    f"sources.{request.source}.assume_roles",
                 )
             if not request.refresh:
                 entry = self.state.cache.fresh(request.key)

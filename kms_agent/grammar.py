@@ -113,10 +113,28 @@ class Request:
     hot: bool = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        key = (self.source, self.name, self.version_id, self.version_stage)
+        source = self.source if self.role_arn is None else as_role(self.source, self.role_arn)
+        key = (source, self.name, self.version_id, self.version_stage)
         object.__setattr__(self, "key", key)
         hot = self.route.kind is Kind.SECRET and not self.refresh and self.field is None
         object.__setattr__(self, "hot", hot and self.role_arn is None)
+
+
+#: Between a source's name and a role in a cache key's first part: a value read as one role
+#: is another entry than the same name read as another role (or as the source itself).
+#: Source names are lowercase letters, digits, - and _, so it cannot occur in one.
+ROLE_KEY = "|as:"
+
+
+def as_role(source: str, role_arn: str) -> str:
+    """The cache key's first part for ``source`` read as ``role_arn``."""
+    return f"{source}{ROLE_KEY}{role_arn}"
+
+
+def source_and_role(part: str) -> tuple[str, str | None]:
+    """A cache key's first part split into the source's name and the role, if any."""
+    source, found, role = part.partition(ROLE_KEY)
+    return source, (role if found else None)
 
 
 class Source(Protocol):

@@ -84,6 +84,7 @@ class ScriptedProvider:
     name: str = "scripted"
     name_rule = LOCAL_NAMES
     stages = ALIBABA_STAGES
+    assume_roles: frozenset[str] = frozenset()
     values: dict[str, str] = field(default_factory=dict)
     failures: dict[str, AgentError] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)

@@ -24,7 +24,14 @@ from urllib.parse import urlencode
 import aiohttp
 import yarl
 
-from kms_agent.credentials import Credentials, Fetch, StaleCredentials, assume, credential_kind
+from kms_agent.credentials import (
+    Credentials,
+    Fetch,
+    Refreshing,
+    StaleCredentials,
+    assume,
+    credential_kind,
+)
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.signing import aws as sigv4
 from kms_agent.upstream import mapped_errors
@@ -265,6 +272,14 @@ def _assume_role(
     chain = assume.settings(table, CHAIN_TYPE, where)
     endpoint = _sts_endpoint(table, environ, region)
     _, base = resolve(chain.base, environ, region=region, session=session, where=f"{where}.base")
+    assume_role = _assumer(chain, endpoint, region, session, f"{where}.base")
+    return assume.chained(base, assume_role, where)
+
+
+def _assumer(
+    chain: assume.Chain, endpoint: str, region: str, session: _Session, signed_by: str
+) -> assume.Assume:
+    """One STS AssumeRole of ``chain.role_arn``, signed with the credentials given it."""
     params = {
         "RoleArn": chain.role_arn,
         "RoleSessionName": chain.session_name,
@@ -286,11 +301,36 @@ def _assume_role(
             raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
         raise BadCredentials(
             said,
-            hint=f"check that the role's trust policy lets the base credentials ({where}.base) "
+            hint=f"check that the role's trust policy lets the base credentials ({signed_by}) "
             "assume it, the external_id it requires, and that they may call sts:AssumeRole",
         )
 
-    return assume.chained(base, assume_role, where)
+    return assume_role
+
+
+def as_role(
+    base: Refreshing,
+    role_arn: str,
+    *,
+    environ: Mapping[str, str],
+    region: str,
+    session: _Session,
+    where: str,
+) -> Fetch:
+    """Credentials of ``role_arn`` assumed with the source's own (``base``, refreshed on
+    their own), for a caller's per-request ``roleArn``: the AWS agent's parameter."""
+    chain = assume.settings({"role_arn": role_arn}, CHAIN_TYPE, where)
+    assume_role = _assumer(chain, _sts_endpoint({}, environ, region), region, session, where)
+
+    async def fetch() -> Credentials:
+        creds = await base.get()
+        try:
+            return await assume_role(creds)
+        except StaleCredentials:
+            base.invalidate(creds)
+            raise
+
+    return fetch
 
 
 def _container(

@@ -30,6 +30,9 @@ class Provider(Protocol):
     name_rule: NameRule
     #: How the store spells the current and previous stages.
     stages: Stages
+    #: Roles a caller may ask the agent to read as (the AWS agent's ``roleArn``); empty:
+    #: none, the request is refused.
+    assume_roles: frozenset[str]
 
     async def open(self) -> None:
         """Prepare sessions and credentials. Called once before the first request."""
@@ -38,6 +41,16 @@ class Provider(Protocol):
         self, name: str, *, version_id: str | None = None, version_stage: str | None = None
     ) -> SecretRecord:
         """One version: by id, by stage, or the current one when neither is given."""
+
+    async def get_as(
+        self,
+        role_arn: str,
+        name: str,
+        *,
+        version_id: str | None = None,
+        version_stage: str | None = None,
+    ) -> SecretRecord:
+        """:meth:`get` with the credentials of ``role_arn`` (one of :attr:`assume_roles`)."""
 
     async def describe(self, name: str) -> SecretMetadata:
         """Everything but the value."""

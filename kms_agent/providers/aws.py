@@ -25,10 +25,12 @@ from kms_agent.errors import (
     DecryptDenied,
     InvalidUpstreamRequest,
     PendingDeletion,
+    RoleNotAllowed,
     SecretNotFound,
     Throttled,
     Unavailable,
 )
+from kms_agent.grammar import ROLE_ARN_RE
 from kms_agent.model import (
     AWS_NAMES,
     AWS_STAGES,
@@ -84,10 +86,21 @@ class Provider(CloudProvider):
         )
         self._limits(opts, where, default_qps=50.0)
         table = option(opts, "credentials", dict, where, {})
+        roles = option(opts, "assume_roles", list, where, [])
+        for i, role in enumerate(roles):
+            if not isinstance(role, str) or ROLE_ARN_RE.fullmatch(role) is None:
+                raise ConfigError(
+                    f"{where}.assume_roles[{i}]: {role!r} is not a role ARN like "
+                    "arn:aws:iam::123456789012:role/reader"
+                )
+        self.assume_roles = frozenset(roles)
+        self._environ = env
+        #: The credentials of each role a caller asked for, assumed with the source's own.
+        self._as_roles: dict[str, Refreshing] = {}
         if opts:
             raise ConfigError(
                 f"{where}.{min(opts)}: unknown setting; the aws provider takes region, endpoint, "
-                "rate_limit_qps, timeout_seconds, max_attempts, credentials"
+                "rate_limit_qps, timeout_seconds, max_attempts, credentials, assume_roles"
             )
         self.host = yarl.URL(self.endpoint).raw_authority
         self.credential_type, fetch = aws_credentials.resolve(
@@ -108,9 +121,9 @@ class Provider(CloudProvider):
         )
 
     async def _request(
-        self, action: str, payload: dict[str, Any], timeout: float
+        self, action: str, payload: dict[str, Any], timeout: float, held: Refreshing
     ) -> tuple[int, Any, Credentials]:
-        creds = await self.credentials.get()
+        creds = await held.get()
         body = json.dumps(payload, separators=(",", ":")).encode()
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         headers = {
@@ -145,29 +158,43 @@ class Provider(CloudProvider):
             return resp.status, json.loads(text), creds
         return resp.status, _error_body(text), creds
 
-    async def _call(self, action: str, payload: dict[str, Any], name: str = "") -> dict[str, Any]:
+    async def _call(
+        self,
+        action: str,
+        payload: dict[str, Any],
+        name: str = "",
+        held: Refreshing | None = None,
+    ) -> dict[str, Any]:
+        """One API call, signed with ``held`` (a role's credentials), else the source's."""
+        credentials = held or self.credentials
+
         async def attempt(remaining: float) -> dict[str, Any]:
             with mapped_errors(f"AWS Secrets Manager at {self.host}"):
-                status, body, creds = await self._request(action, payload, remaining)
+                status, body, creds = await self._request(action, payload, remaining, credentials)
             if status == 200 and isinstance(body, dict):
                 return body
-            raise self._error(status, body, name, creds)
+            raise self._error(status, body, name, creds, credentials)
 
         return await self._limited(attempt)
 
     def _error(
-        self, status: int, body: dict[str, str], name: str, creds: Credentials
+        self,
+        status: int,
+        body: dict[str, str],
+        name: str,
+        creds: Credentials,
+        held: Refreshing,
     ) -> AgentError:
         """The error for Secrets Manager's answer, remembering its status and type (the AWS
         agent's dialect passes them through)."""
-        err = self._classify(status, body, name, creds)
+        err = self._classify(status, body, name, creds, held)
         code = body.get("code", "").split(":", 1)[0]
         if code:
             err.upstream(status, code, body.get("message", "")[:1000] or None)
         return err
 
     def _classify(
-        self, status: int, body: dict[str, str], name: str, creds: Credentials
+        self, status: int, body: dict[str, str], name: str, creds: Credentials, held: Refreshing
     ) -> AgentError:
         code, message = body.get("code", f"HTTP{status}"), body.get("message", "")[:300]
         said = f"AWS Secrets Manager: {code}"
@@ -205,7 +232,7 @@ class Provider(CloudProvider):
             self.stats.throttled += 1
             return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
         if code in ("ExpiredTokenException", "ExpiredToken") and creds.expiration is not None:
-            self.credentials.invalidate(creds)
+            held.invalidate(creds)
             return StaleCredentials(f"{said}: temporary credentials expired")
         if code in _CREDENTIAL_ERRORS or status in (401, 403):
             return BadCredentials(
@@ -216,8 +243,34 @@ class Provider(CloudProvider):
             return Unavailable(f"{said}: the service failed")
         return InvalidUpstreamRequest(f"{said}: {message or 'request refused'}")
 
+    async def get_as(
+        self,
+        role_arn: str,
+        name: str,
+        *,
+        version_id: str | None = None,
+        version_stage: str | None = None,
+    ) -> SecretRecord:
+        """:meth:`get` as ``role_arn`` (one of ``assume_roles``), its credentials assumed
+        with the source's own and kept until near their expiry."""
+        if role_arn not in self.assume_roles:
+            raise RoleNotAllowed(f"{role_arn[:200]} is not in sources.{self.name}.assume_roles")
+        held = self._as_roles.get(role_arn)
+        if held is None:
+            fetch = aws_credentials.as_role(
+                self.credentials, role_arn, environ=self._environ, region=self.region,
+                session=self._http, where=f"sources.{self.name}.assume_roles",
+            )  # fmt: skip
+            held = self._as_roles[role_arn] = Refreshing(fetch, f"{self.name} as {role_arn}")
+        return await self.get(name, version_id=version_id, version_stage=version_stage, held=held)
+
     async def get(
-        self, name: str, *, version_id: str | None = None, version_stage: str | None = None
+        self,
+        name: str,
+        *,
+        version_id: str | None = None,
+        version_stage: str | None = None,
+        held: Refreshing | None = None,
     ) -> SecretRecord:
         payload: dict[str, Any] = {"SecretId": name}
         if version_id:
@@ -227,7 +280,7 @@ class Provider(CloudProvider):
             payload["VersionStage"] = stage
         elif not version_id:
             payload["VersionStage"] = self.stages.current
-        body = await self._call("GetSecretValue", payload, name)
+        body = await self._call("GetSecretValue", payload, name, held)
         try:
             binary = "SecretBinary" in body and "SecretString" not in body
             data_type: DataType = "binary" if binary else "text"
@@ -248,6 +301,11 @@ class Provider(CloudProvider):
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Unavailable(f"AWS Secrets Manager answered without {exc!s:.40}") from None
+
+    async def close(self) -> None:
+        for held in self._as_roles.values():
+            await held.close()
+        await super().close()
 
     async def describe(self, name: str) -> SecretMetadata:
         body = await self._call("DescribeSecret", {"SecretId": name}, name)

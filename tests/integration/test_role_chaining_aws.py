@@ -218,3 +218,29 @@ def test_bad_assume_role_tables_fail_config_naming_the_key(table, message):
     with the dotted key named."""
     with pytest.raises(ConfigError, match=message):
         resolve(table, {}, region="us-east-1", session=lambda: None, where=WHERE)
+
+
+async def test_a_per_request_role_arn_reads_only_if_allowed_and_never_crosses(tmp_path, accounts):
+    """The AWS agent's roleArn parameter: a role in the source's assume_roles is assumed
+    with the source's own keys (account A) and reads account B's secret; the same name read
+    without the role is A's answer (not found), never the role's cached value; a role not
+    in the allow-list is 403 with a hint, and nothing is assumed for it."""
+    plain = f'access_key_id = "{accounts["ak"]}"\nsecret_access_key = "{accounts["sk"]}"\n'
+    text = source(accounts, plain).replace(
+        "timeout_seconds = 5", f'timeout_seconds = 5\nassume_roles = ["{ROLE_B}"]'
+    )
+    env = {"AWS_ENDPOINT_URL_STS": accounts["url"]}
+    other = f"arn:aws:iam::{ACCOUNT_B}:role/admin"
+    async with running_agent(tmp_path, text, env) as agent:
+        as_b = f"/secretsmanager/get?secretId={SECRET}&roleArn={ROLE_B}"
+        for _ in range(2):  # the second is a cache hit of the role's own entry
+            status, body = await get(agent, as_b)
+            assert (status, json.loads(body)["SecretString"]) == (200, PLANTED)
+        status, body = await get(agent, f"/secretsmanager/get?secretId={SECRET}")
+        assert status == 404, body  # moto answers ResourceNotFoundException with 404
+        assert json.loads(body)["__type"] == "ResourceNotFoundException", body
+        status, body = await get(agent, f"/secretsmanager/get?secretId={SECRET}&roleArn={other}")
+        assert status == 403
+        assert json.loads(body)["__type"] == "AccessDeniedException"
+        provider = agent.state.router.providers["aws"]
+        assert list(provider._as_roles) == [ROLE_B]
