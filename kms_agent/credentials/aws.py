@@ -114,7 +114,7 @@ def _shared_file(
     profile = str(table.get("profile") or environ.get("AWS_PROFILE") or "default")
 
     async def from_file() -> Credentials:
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(interpolation=None)  # literal, as the SDKs read it
         try:
             parser.read_string(_read(path))
             section = parser[profile]

@@ -174,6 +174,18 @@ async def test_a_missing_shared_file_is_bad_credentials(tmp_path, session):
         await fetch()
 
 
+async def test_values_are_read_verbatim_as_the_sdks_read_them(tmp_path, session):
+    """Values are taken literally, '%' included: botocore reads the file with
+    configparser.RawConfigParser (botocore/configloader.py raw_config_parse), so a key
+    the SDKs accept is accepted here too, not refused as an interpolation error."""
+    path = write(
+        tmp_path / "credentials",
+        "[default]\naws_access_key_id = AKIAPCT\naws_secret_access_key = ab%cd%%ef%(x)s\n",
+    )
+    _, fetch = build({"credentials_file": str(path)}, {}, session)
+    assert (await fetch()).access_key_secret == "ab%cd%%ef%(x)s"
+
+
 # --------------------------------------------------------------------------- EKS Pod Identity
 
 
