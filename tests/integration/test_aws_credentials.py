@@ -197,12 +197,13 @@ class PodIdentityAgent:
     ContainerMetadataFetcher._retrieve_credentials: GET, ``Accept: application/json``).
     Answer as ContainerProvider._create_fetcher reads it: ``AccessKeyId``,
     ``SecretAccessKey``, ``Token``, ``Expiration`` (ISO 8601 UTC) and ``AccountId``. It
-    accepts only the token currently in the pod's token file; ``refuse`` makes it answer
-    an error status with a plain-text body, like any HTTP server in front of it.
+    accepts only the tokens issued to this pod (:meth:`project`, kubelet's part); ``refuse``
+    makes it answer an error status with a plain-text body, like any HTTP server would.
     """
 
     def __init__(self, token_file: Path, expires: Callable[[], float]) -> None:
         self.token_file = token_file
+        self.accepted: set[str] = set()
         self.expires = expires
         self.seen: list[tuple[str, str | None]] = []
         self.issued: list[dict[str, str]] = []
@@ -221,27 +222,28 @@ class PodIdentityAgent:
         if self.refuse is not None:
             status, text = self.refuse
             return web.Response(status=status, text=text)
-        if request.headers.get("Authorization") != self.token_file.read_text(encoding="utf-8"):
+        if request.headers.get("Authorization") not in self.accepted:
             return web.Response(status=401, text="invalid service account token")
         n = len(self.issued) + 1
         body = self.answer(n) if self.answer else issue(n, self.expires())
         self.issued.append(body)
         return web.json_response({**body, "AccountId": "123456789012"})
 
-
-def projected_token(path: Path) -> str:
-    """A projected service-account token as kubelet writes it (no trailing newline)."""
-    token = f"eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsicG9kcy5la3MuYW1hem9uYXdzLmNvbSJdfQ.{secrets.token_hex(16)}"
-    path.write_text(token, encoding="utf-8")
-    return token
+    def project(self) -> str:
+        """Write a new projected service-account token for this pod into its token file,
+        as kubelet does (no trailing newline), and accept it from now on."""
+        token = f"eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsicG9kcy5la3MuYW1hem9uYXdzLmNvbSJdfQ.{secrets.token_hex(16)}"
+        self.token_file.write_text(token, encoding="utf-8")
+        self.accepted.add(token)
+        return token
 
 
 @pytest.fixture(name="pod_identity")
 async def _pod_identity(aiohttp_server, tmp_path):
     """A Pod Identity Agent on loopback and the environment EKS injects into a pod."""
     token_file = tmp_path / "eks-pod-identity-token"
-    projected_token(token_file)
     agent = PodIdentityAgent(token_file, expires=lambda: time.time() + 6 * HOUR)
+    agent.project()
     server = await aiohttp_server(agent.app(), host="127.0.0.1")
     agent.env = {
         "AWS_CONTAINER_CREDENTIALS_FULL_URI": str(server.make_url("/v1/credentials")),
@@ -274,7 +276,8 @@ async def test_the_token_file_is_read_again_on_each_fetch(pod_identity, session)
     and the rotated token is accepted where the old one would not be."""
     _, fetch = build({}, pod_identity.env, session)
     await fetch()
-    rotated = projected_token(pod_identity.token_file)
+    rotated = pod_identity.project()
+    pod_identity.accepted = {rotated}
     await fetch()
     assert [auth for _, auth in pod_identity.seen][-1] == rotated
     assert len(pod_identity.issued) == 2
@@ -601,8 +604,8 @@ async def test_pod_identity_credentials_read_a_secret_and_are_renewed(
     (moto checks the signature and the session token); when those near their expiry (3 s
     here) it fetches the next set and every read keeps succeeding."""
     token_file = tmp_path / "eks-pod-identity-token"
-    projected_token(token_file)
     fake = PodIdentityAgent(token_file, expires=lambda: 0)
+    fake.project()
     fake.answer = lambda n: from_sts(moto_sts["credentials"][n - 1], time.time() + 3)
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
     env = {
@@ -639,8 +642,8 @@ async def test_moto_refuses_credentials_the_fake_did_not_get_from_sts(
     the read fails as bad credentials (so the reads above prove the handed-out
     credentials were used, token included)."""
     token_file = tmp_path / "eks-pod-identity-token"
-    projected_token(token_file)
     fake = PodIdentityAgent(token_file, expires=lambda: 0)
+    fake.project()
     good = from_sts(moto_sts["credentials"][0], time.time() + HOUR)
     fake.answer = lambda n: {**good, "Token": good["Token"][:-4] + "AAAA"}
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
