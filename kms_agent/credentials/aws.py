@@ -216,7 +216,8 @@ def _container(
             headers["Authorization"] = _read(Path(str(token_file)))  # re-read each time
         with mapped_errors("the container credentials endpoint"):
             async with session().get(str(uri), headers=headers) as resp:
-                body = await resp.json(content_type=None)
+                # the status first: an error's body need not be JSON
+                body = await resp.json(content_type=None) if resp.status == 200 else None
         if resp.status != 200 or not isinstance(body, dict) or "AccessKeyId" not in body:
             raise BadCredentials(f"the container credentials endpoint refused (HTTP {resp.status})")
         return Credentials(

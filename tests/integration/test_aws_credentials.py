@@ -22,7 +22,7 @@ import boto3
 import pytest
 from aiohttp import web
 
-from kms_agent.credentials import Refreshing
+from kms_agent.credentials import FAILED_RETRY_BASE, Refreshing
 from kms_agent.credentials import aws as aws_credentials
 from kms_agent.credentials.aws import FILE_RECHECK, resolve
 from kms_agent.errors import BadCredentials, Unavailable, UpstreamTimeout
@@ -298,6 +298,44 @@ async def test_pod_identity_credentials_are_refreshed_before_they_expire(pod_ide
     assert second.access_key_id == pod_identity.issued[1]["AccessKeyId"] != first.access_key_id
     assert second.expiration == aws_credentials.parse_time(pod_identity.issued[1]["Expiration"])
     await creds.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, "invalid service account token"),
+        (403, '{"Message": "the role cannot be assumed"}'),
+        (404, "404 page not found"),
+        (500, "<html>internal error</html>"),
+    ],
+)
+async def test_a_refusing_endpoint_is_bad_credentials_with_its_status(
+    pod_identity, session, status, body
+):
+    """An error answer (botocore: "Received non 200 response") is BadCredentials naming
+    the HTTP status, whatever the body (JSON or not), and quoting none of it."""
+    pod_identity.refuse = (status, body)
+    _, fetch = build({}, pod_identity.env, session)
+    with pytest.raises(BadCredentials) as caught:
+        await fetch()
+    assert caught.value.message == f"the container credentials endpoint refused (HTTP {status})"
+
+
+async def test_a_stale_token_is_refused_by_the_endpoint(pod_identity, session):
+    """A token file holding a token the endpoint no longer accepts (here: another pod's)
+    gets its 401 as BadCredentials, and a Refreshing source backs off instead of asking
+    again on every call."""
+    _, fetch = build({}, pod_identity.env, session)
+    pod_identity.token_file.write_text("eyJhbGciOiJSUzI1NiJ9.e30.not-this-pods-token")
+    clock = FakeClock(start=time.time())
+    creds = Refreshing(fetch, "aws", clock=clock)
+    for _ in range(5):
+        with pytest.raises(BadCredentials, match=r"HTTP 401"):
+            await creds.get()
+    assert len(pod_identity.seen) == 1
+    pod_identity.project()
+    clock.advance(FAILED_RETRY_BASE)
+    assert (await creds.get()).access_key_id == pod_identity.issued[0]["AccessKeyId"]
 
 
 async def test_a_missing_token_file_is_bad_credentials(pod_identity, session):
