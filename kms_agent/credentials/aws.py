@@ -10,16 +10,20 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
 from kms_agent.credentials import Credentials, Fetch, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
-from kms_agent.upstream import mapped_errors
+from kms_agent.upstream import check_endpoint, mapped_errors
 
 TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds")
 IMDS_ENDPOINT = "http://169.254.169.254"
+#: Link-local hosts of the container credentials endpoint (ECS; EKS Pod Identity Agent),
+#: the only non-loopback ones its authorization token is sent to over plain http: the
+#: AWS SDKs' rule (botocore utils.py ContainerMetadataFetcher._ALLOWED_HOSTS).
+CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
 _KEYS = {
     "type",
     "access_key_id",
@@ -209,6 +213,9 @@ def _container(
         raise ConfigError(
             f"{where}: container credentials need $AWS_CONTAINER_CREDENTIALS_FULL_URI"
         )
+    parts = urlsplit(str(uri))
+    if not (parts.scheme == "http" and parts.hostname in CONTAINER_HOSTS):
+        check_endpoint(str(uri), f"{where}.container_uri ($AWS_CONTAINER_CREDENTIALS_FULL_URI)")
 
     async def from_container() -> Credentials:
         headers = {}

@@ -25,7 +25,7 @@ from aiohttp import web
 from kms_agent.credentials import FAILED_RETRY_BASE, Refreshing
 from kms_agent.credentials import aws as aws_credentials
 from kms_agent.credentials.aws import FILE_RECHECK, resolve
-from kms_agent.errors import BadCredentials, Unavailable, UpstreamTimeout
+from kms_agent.errors import BadCredentials, ConfigError, Unavailable, UpstreamTimeout
 from kms_agent.upstream import new_session
 from tests.conftest import PLANTED, TOKEN, FakeClock, _bin, _free_port, _start_until, running_agent
 
@@ -356,6 +356,35 @@ async def test_an_unreachable_endpoint_is_unavailable(session):
     _, fetch = build({"type": "container", "container_uri": uri}, {}, session)
     with pytest.raises(Unavailable, match="cannot connect to the container credentials endpoint"):
         await fetch()
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("http://169.254.170.23/v1/credentials", True),  # EKS Pod Identity Agent
+        ("http://169.254.170.2/v2/credentials/uuid", True),  # ECS
+        ("http://[fd00:ec2::23]/v1/credentials", True),  # EKS Pod Identity Agent, IPv6
+        ("http://localhost:8080/creds", True),
+        ("http://127.0.0.1:8080/creds", True),
+        ("https://creds.example.com/v1/credentials", True),
+        ("http://creds.example.com/v1/credentials", False),
+        ("http://10.0.0.7/v1/credentials", False),
+    ],
+)
+def test_the_token_is_sent_only_to_the_hosts_the_sdks_allow(uri, allowed):
+    """The authorization token goes over plain http only to a loopback address or one of
+    the container endpoints' link-local hosts; anything else must be https
+    (botocore/utils.py ContainerMetadataFetcher._validate_allowed_url and _ALLOWED_HOSTS).
+    Another URI is a configuration error naming the variable, before any request."""
+    env = {
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": uri,
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": "/t",
+    }
+    if allowed:
+        assert build({}, env, None)[0] == "container"
+    else:
+        with pytest.raises(ConfigError, match=r"AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            build({}, env, None)
 
 
 # --------------------------------------------------------------------------- IMDSv2
