@@ -387,6 +387,130 @@ def test_the_token_is_sent_only_to_the_hosts_the_sdks_allow(uri, allowed):
             build({}, env, None)
 
 
+# --------------------------------------------------------------------------- web identity (IRSA)
+
+
+class Sts:
+    """STS's AssumeRoleWithWebIdentity as the query API answers it: an unsigned form
+    POST (Action, Version, RoleArn, RoleSessionName, WebIdentityToken, DurationSeconds)
+    answered with the XML ``AssumeRoleWithWebIdentityResult``, or an ``ErrorResponse``
+    with its ``Code``."""
+
+    def __init__(self) -> None:
+        self.forms: list[dict[str, str]] = []
+        self.error: tuple[int, str] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        self.forms.append({k: str(v) for k, v in form.items()})
+        if self.error is not None:
+            status, code = self.error
+            body = (
+                '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error>'
+                f"<Type>Sender</Type><Code>{code}</Code><Message>{PLANTED}</Message></Error>"
+                "<RequestId>c6104cbe</RequestId></ErrorResponse>"
+            )
+            return web.Response(status=status, text=body, content_type="text/xml")
+        creds = issue(len(self.forms), time.time() + HOUR)
+        body = (
+            '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+            "<AssumeRoleWithWebIdentityResult>"
+            "<SubjectFromWebIdentityToken>system:serviceaccount:app:api</SubjectFromWebIdentityToken>"
+            "<Audience>sts.amazonaws.com</Audience><Credentials>"
+            f"<AccessKeyId>{creds['AccessKeyId']}</AccessKeyId>"
+            f"<SecretAccessKey>{creds['SecretAccessKey']}</SecretAccessKey>"
+            f"<SessionToken>{creds['Token']}</SessionToken>"
+            f"<Expiration>{creds['Expiration']}</Expiration>"
+            "</Credentials></AssumeRoleWithWebIdentityResult>"
+            "<ResponseMetadata><RequestId>c6104cbe</RequestId></ResponseMetadata>"
+            "</AssumeRoleWithWebIdentityResponse>"
+        )
+        return web.Response(text=body, content_type="text/xml")
+
+
+@pytest.fixture(name="sts")
+async def _sts(aiohttp_server, tmp_path):
+    sts = Sts()
+    server = await aiohttp_server(sts.app(), host="127.0.0.1")
+    token = tmp_path / "token"
+    token.write_text(
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6YXBwOmFwaSJ9.c2ln"
+    )
+    sts.env = {
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/api",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+        "AWS_ENDPOINT_URL_STS": str(server.make_url("")).rstrip("/"),
+    }
+    return sts
+
+
+async def test_web_identity_exchanges_the_token_file_with_sts(sts, session):
+    """IRSA's variables select web identity; the token file's content is sent with the
+    role and a session name, and the XML result's credentials are taken."""
+    kind, fetch = build({}, sts.env, session)
+    creds = await fetch()
+    token = Path(sts.env["AWS_WEB_IDENTITY_TOKEN_FILE"]).read_text()
+    assert kind == "web_identity"
+    assert sts.forms == [
+        {
+            "Action": "AssumeRoleWithWebIdentity",
+            "Version": "2011-06-15",
+            "RoleArn": "arn:aws:iam::123456789012:role/api",
+            "RoleSessionName": "kms-agent",
+            "WebIdentityToken": token,
+            "DurationSeconds": "3600",
+        }
+    ]
+    assert (creds.access_key_id, creds.security_token, creds.origin) == (
+        "ASIAFAKE00000001",
+        f"session-token-1-{PLANTED}",
+        "web_identity",
+    )
+
+
+async def test_an_sts_refusal_names_its_code_not_its_message(sts, session):
+    """A refused exchange is BadCredentials naming STS's error code, with a hint about
+    the role's trust policy, never STS's message text."""
+    sts.error = (400, "InvalidIdentityToken")
+    _, fetch = build({}, sts.env, session)
+    with pytest.raises(BadCredentials) as caught:
+        await fetch()
+    assert "AssumeRoleWithWebIdentity refused: InvalidIdentityToken" in caught.value.message
+    assert "trust policy" in (caught.value.hint or "")
+    assert PLANTED not in caught.value.message
+
+
+async def test_an_unreadable_web_identity_token_is_bad_credentials(sts, session):
+    """A token file that cannot be read is BadCredentials naming the file; STS is not
+    asked."""
+    Path(sts.env["AWS_WEB_IDENTITY_TOKEN_FILE"]).unlink()
+    _, fetch = build({}, sts.env, session)
+    with pytest.raises(BadCredentials, match=r"web identity token file .* cannot be read"):
+        await fetch()
+    assert sts.forms == []
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"type": "web_identity"}, "web identity needs role_arn and web_identity_token_file"),
+        ({"type": "container"}, "container credentials need"),
+        ({"type": "static"}, "static credentials need access_key_id"),
+        ({"type": "sso"}, r"credentials\.type: 'sso' is not one of"),
+        ({"profle": "x"}, r"credentials\.profle: unknown setting"),
+    ],
+)
+def test_incomplete_credential_settings_are_config_errors(table, message):
+    """What a path needs and is not given fails at start-up, naming the keys."""
+    with pytest.raises(ConfigError, match=message):
+        build(table, {}, None)
+
+
 # --------------------------------------------------------------------------- IMDSv2
 
 
