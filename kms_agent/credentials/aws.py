@@ -150,11 +150,14 @@ def _web_identity(
             f"{where}: web identity needs role_arn and web_identity_token_file "
             "(or $AWS_ROLE_ARN and $AWS_WEB_IDENTITY_TOKEN_FILE, set by EKS IRSA)"
         )
-    endpoint = str(
-        table.get("sts_endpoint")
-        or environ.get("AWS_ENDPOINT_URL_STS")
-        or f"https://sts.{region}.amazonaws.com"
-    ).rstrip("/")
+    endpoint = check_endpoint(
+        str(
+            table.get("sts_endpoint")
+            or environ.get("AWS_ENDPOINT_URL_STS")
+            or f"https://sts.{region}.amazonaws.com"
+        ),
+        f"{where}.sts_endpoint",
+    )
     name = str(
         table.get("role_session_name") or environ.get("AWS_ROLE_SESSION_NAME") or "kms-agent"
     )

@@ -496,6 +496,31 @@ async def test_an_unreadable_web_identity_token_is_bad_credentials(sts, session)
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "allowed"),
+    [
+        ("https://sts.us-east-1.amazonaws.com", True),
+        ("http://127.0.0.1:4566", True),
+        ("http://sts.example.com", False),
+        ("sts.us-east-1.amazonaws.com", False),
+    ],
+)
+def test_the_web_identity_token_is_sent_over_https_or_to_loopback(endpoint, allowed):
+    """The service-account token goes to STS over https, or plain http only to a
+    loopback emulator: the rule every other endpoint of the agent keeps (Alibaba's RRSA
+    sts_endpoint included). Another endpoint is a config error naming the key."""
+    table = {"role_arn": "arn:aws:iam::1:role/r", "web_identity_token_file": "/t"}
+    for settings, env in (
+        ({**table, "sts_endpoint": endpoint}, {}),
+        (table, {"AWS_ENDPOINT_URL_STS": endpoint}),
+    ):
+        if allowed:
+            assert build(settings, env, None)[0] == "web_identity"
+        else:
+            with pytest.raises(ConfigError, match=r"credentials\.sts_endpoint: "):
+                build(settings, env, None)
+
+
+@pytest.mark.parametrize(
     ("table", "message"),
     [
         ({"type": "web_identity"}, "web identity needs role_arn and web_identity_token_file"),
