@@ -194,7 +194,8 @@ class PodIdentityAgent:
 
     Request as botocore sends it (botocore/credentials.py ContainerProvider._build_headers:
     the token file's content as the raw ``Authorization`` value; botocore/utils.py
-    ContainerMetadataFetcher._retrieve_credentials: GET, ``Accept: application/json``).
+    ContainerMetadataFetcher._retrieve_credentials: a GET; botocore also sends ``Accept:
+    application/json``, which the agent does not and the fake does not require).
     Answer as ContainerProvider._create_fetcher reads it: ``AccessKeyId``,
     ``SecretAccessKey``, ``Token``, ``Expiration`` (ISO 8601 UTC) and ``AccountId``. It
     accepts only the tokens issued to this pod (:meth:`project`, kubelet's part); ``refuse``
@@ -209,6 +210,7 @@ class PodIdentityAgent:
         self.issued: list[dict[str, str]] = []
         self.refuse: tuple[int, str] | None = None
         self.answer: Callable[[int], dict[str, str]] | None = None
+        self.env: dict[str, str] = {}  # the variables EKS injects, once it is serving
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -399,6 +401,7 @@ class Sts:
     def __init__(self) -> None:
         self.forms: list[dict[str, str]] = []
         self.error: tuple[int, str] | None = None
+        self.env: dict[str, str] = {}  # the variables EKS IRSA injects, once it is serving
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -518,6 +521,33 @@ def test_the_web_identity_token_is_sent_over_https_or_to_loopback(endpoint, allo
         else:
             with pytest.raises(ConfigError, match=r"credentials\.sts_endpoint: "):
                 build(settings, env, None)
+
+
+def test_auto_takes_the_first_configured_path(tmp_path, monkeypatch):
+    """With no type, the first path configured is taken, in the module's documented
+    order: environment keys, a shared file, IRSA, the container endpoint, else IMDS.
+    (botocore's chain, credentials.py create_credential_resolver with
+    ProfileProviderBuilder.providers, puts IRSA's variables before the shared file.)"""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials
+    chain = [
+        ("static", {"AWS_ACCESS_KEY_ID": "A", "AWS_SECRET_ACCESS_KEY": "s"}),
+        ("shared_file", {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}),
+        (
+            "web_identity",
+            {"AWS_ROLE_ARN": "arn:aws:iam::1:role/r", "AWS_WEB_IDENTITY_TOKEN_FILE": "/t"},
+        ),
+        (
+            "container",
+            {"AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/credentials"},
+        ),
+    ]
+    for i, (kind, _) in enumerate(chain):
+        env = {k: v for _, part in chain[i:] for k, v in part.items()}
+        assert build({}, env, None)[0] == kind
+    assert build({}, {}, None)[0] == "imds"
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text("[default]\n")
+    assert build({}, chain[2][1], None)[0] == "shared_file"  # ~/.aws/credentials exists
 
 
 @pytest.mark.parametrize(
