@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import yarl
@@ -34,7 +34,7 @@ from kms_agent.credentials import (
 )
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.signing import aws as sigv4
-from kms_agent.upstream import mapped_errors
+from kms_agent.upstream import check_endpoint, mapped_errors
 
 TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds", "assume_role")
 #: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
@@ -44,6 +44,10 @@ STS_VERSION = "2011-06-15"
 #: ExpiredTokenException; an unknown or revoked key is InvalidClientTokenId).
 _STALE_BASE = ("ExpiredToken", "InvalidClientTokenId")
 IMDS_ENDPOINT = "http://169.254.169.254"
+#: Link-local hosts of the container credentials endpoint (ECS; EKS Pod Identity Agent),
+#: the only non-loopback ones its authorization token is sent to over plain http: the
+#: AWS SDKs' rule (botocore utils.py ContainerMetadataFetcher._ALLOWED_HOSTS).
+CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
 _KEYS = {
     "type",
     "access_key_id",
@@ -142,7 +146,7 @@ def _shared_file(
     profile = str(table.get("profile") or environ.get("AWS_PROFILE") or "default")
 
     async def from_file() -> Credentials:
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(interpolation=None)  # literal, as the SDKs read it
         try:
             parser.read_string(_read(path))
             section = parser[profile]
@@ -174,7 +178,7 @@ def _web_identity(
             f"{where}: web identity needs role_arn and web_identity_token_file "
             "(or $AWS_ROLE_ARN and $AWS_WEB_IDENTITY_TOKEN_FILE, set by EKS IRSA)"
         )
-    endpoint = _sts_endpoint(table, environ, region)
+    endpoint = _sts_endpoint(table, environ, region, where)
     duration = assume.duration_seconds(table, where)
     name = str(
         table.get("role_session_name")
@@ -208,12 +212,19 @@ def _web_identity(
     return assume_role_with_web_identity
 
 
-def _sts_endpoint(table: Mapping[str, Any], environ: Mapping[str, str], region: str) -> str:
-    return str(
-        table.get("sts_endpoint")
-        or environ.get("AWS_ENDPOINT_URL_STS")
-        or f"https://sts.{region}.amazonaws.com"
-    ).rstrip("/")
+def _sts_endpoint(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, where: str
+) -> str:
+    """STS: the table's ``sts_endpoint``, else $AWS_ENDPOINT_URL_STS, else the region's;
+    https, or http only to loopback (a token is sent there)."""
+    return check_endpoint(
+        str(
+            table.get("sts_endpoint")
+            or environ.get("AWS_ENDPOINT_URL_STS")
+            or f"https://sts.{region}.amazonaws.com"
+        ),
+        f"{where}.sts_endpoint",
+    )
 
 
 async def _sts(
@@ -270,7 +281,7 @@ def _assume_role(
     table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
 ) -> Fetch:
     chain = assume.settings(table, CHAIN_TYPE, where)
-    endpoint = _sts_endpoint(table, environ, region)
+    endpoint = _sts_endpoint(table, environ, region, where)
     _, base = resolve(chain.base, environ, region=region, session=session, where=f"{where}.base")
     assume_role = _assumer(chain, endpoint, region, session, f"{where}.base")
     return assume.chained(base, assume_role, where)
@@ -320,7 +331,8 @@ def as_role(
     """Credentials of ``role_arn`` assumed with the source's own (``base``, refreshed on
     their own), for a caller's per-request ``roleArn``: the AWS agent's parameter."""
     chain = assume.settings({"role_arn": role_arn}, CHAIN_TYPE, where)
-    assume_role = _assumer(chain, _sts_endpoint({}, environ, region), region, session, where)
+    endpoint = _sts_endpoint({}, environ, region, where)
+    assume_role = _assumer(chain, endpoint, region, session, where)
 
     async def fetch() -> Credentials:
         creds = await base.get()
@@ -344,6 +356,9 @@ def _container(
         raise ConfigError(
             f"{where}: container credentials need $AWS_CONTAINER_CREDENTIALS_FULL_URI"
         )
+    parts = urlsplit(str(uri))
+    if not (parts.scheme == "http" and parts.hostname in CONTAINER_HOSTS):
+        check_endpoint(str(uri), f"{where}.container_uri ($AWS_CONTAINER_CREDENTIALS_FULL_URI)")
 
     async def from_container() -> Credentials:
         headers = {}
@@ -351,7 +366,8 @@ def _container(
             headers["Authorization"] = _read(Path(str(token_file)))  # re-read each time
         with mapped_errors("the container credentials endpoint"):
             async with session().get(str(uri), headers=headers) as resp:
-                body = await resp.json(content_type=None)
+                # the status first: an error's body need not be JSON
+                body = await resp.json(content_type=None) if resp.status == 200 else None
         if resp.status != 200 or not isinstance(body, dict) or "AccessKeyId" not in body:
             raise BadCredentials(f"the container credentials endpoint refused (HTTP {resp.status})")
         return Credentials(
