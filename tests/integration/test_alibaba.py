@@ -238,44 +238,6 @@ async def test_doctor_names_the_failing_step(tmp_path, kms, kms_url, capsys, nam
         assert "kms:GetSecretValue" in failing["hint"]
 
 
-async def test_2000_rps_over_100_secrets_stays_under_the_configured_qps(tmp_path, kms, kms_url):
-    """Acceptance 4: callers asking 2,000 times a second across 100 secrets never push the
-    agent past rate_limit_qps toward KMS, and never see a throttling error."""
-    for i in range(100):
-        kms.add_secret(f"aigw!s{i:03}", f"{PLANTED}-{i}", product="aigw")
-    # The emulator keeps Alibaba's real quota (450/s); the agent is configured far below it.
-    text = source_toml(kms_url, extra="rate_limit_qps = 50").replace(
-        "ttl = 300", "ttl = 1\nrefresh_window = 0.5"
-    )
-    async with agent_for(tmp_path, text, ak_env(kms)) as agent:
-        statuses: list[int] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as s:
-
-            async def one(i: int) -> None:
-                async with s.get(
-                    f"http://{agent.addresses[0]}/secrets/aigw!s{i % 100:03}?format=raw", headers=H
-                ) as r:
-                    await r.read()
-                    statuses.append(r.status)
-
-            start = time.monotonic()
-            tasks = []
-            for tick in range(60):  # 3 s at 20 ticks/s, 100 requests a tick = 2,000/s offered
-                tasks += [asyncio.create_task(one(tick * 100 + j)) for j in range(100)]
-                await asyncio.sleep(max(0, start + (tick + 1) / 20 - time.monotonic()))
-            await asyncio.gather(*tasks)
-    assert len(statuses) == 6000
-    assert set(statuses) == {200}
-    # A token bucket of 50/s with a burst of 5 grants at most 50 * w + 5 in any w seconds.
-    # The emulator timestamps arrivals in the same busy event loop as the agent and the
-    # 2,000 req/s load: a stall of the loop delays grants that then land together (measured
-    # 105-113 over 2 s here). Allow a 0.5 s stall's worth (25 calls): still 3.5x under the
-    # quota, and 15x under what the offered load would send without the limiter.
-    assert kms.max_calls_in_window("GetSecretValue", 2.0) <= 2 * 50 + 5 + 25
-    assert "Rejected.Throttling" not in kms.rejections
-    assert kms.max_calls_in_window("GetSecretValue", 2.0) >= 80  # the limit held it, not idleness
-
-
 @pytest.mark.parametrize("fault", ["503", "500", "reset", "throttle"])
 async def test_transient_faults_are_retried(tmp_path, kms, kms_url, fault):
     """One 5xx, connection reset or throttling answer is retried inside the deadline."""
