@@ -73,12 +73,14 @@ class CloudProvider:
         failed, the caller is told what the source said, not only that our limiter held
         the call: the limiter is full because of retries against a failing source."""
         deadline = time.monotonic() + self.timeout
+        held: list[AgentError] = []
 
         async def limited(remaining: float) -> _T:
             try:
                 waited = await self.limiter.acquire(deadline)
-            except HeldByLimiter as held:
-                raise self._masked(held) from None
+            except HeldByLimiter as exc:
+                held.append(self._masked(exc))
+                raise  # not retried: the limiter would hold the next attempt as well
             if waited:
                 self.stats.rate_limited += 1
             try:
@@ -88,7 +90,12 @@ class CloudProvider:
                     self._last_failure = (time.monotonic(), exc)
                 raise
 
-        return await with_retries(limited, deadline=deadline, attempts=self.attempts)
+        try:
+            return await with_retries(
+                limited, deadline=deadline, attempts=self.attempts, retryable=_retryable
+            )
+        except HeldByLimiter:
+            raise held[-1] from None
 
     def _masked(self, held: HeldByLimiter) -> AgentError:
         """The source's own recent transient failure (within one deadline), as a fresh
@@ -112,3 +119,9 @@ class CloudProvider:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _retryable(exc: AgentError) -> bool:
+    """Transient failures are retried; a call the limiter held is not (it is answered at
+    once, with the source's last error if it has just failed)."""
+    return exc.transient and not isinstance(exc, HeldByLimiter)
