@@ -286,3 +286,21 @@ async def scrape(agent: Agent) -> dict:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def test_a_secret_read_by_its_arn_is_sent_as_the_secret_name(tmp_path, kms, kms_url):
+    """A name that is an Alibaba secret ARN (how a secret another account shares by secret
+    policy is named) routes to the alibaba source and is sent as SecretName, which KMS
+    accepts; the answer (named by the plain name) is taken as the one asked for, and the
+    entry is keyed by the ARN as asked."""
+    kms.add_secret("aigw!secret-abc", PLANTED + "-arn", product="aigw")
+    arn = kms.arn("aigw!secret-abc")
+    async with agent_for(tmp_path, source_toml(kms_url), ak_env(kms)) as agent:
+        assert (await get(agent, f"/secrets/{arn}?format=raw"))[:2] == (
+            200,
+            (PLANTED + "-arn").encode(),
+        )
+        status, body, _ = await get(agent, f"/secretsmanager/get?secretId={arn}")
+        assert status == 200
+        assert json.loads(body)["SecretString"] == PLANTED + "-arn"
+        assert [e.key[1] for e in agent.state.cache.entries()] == [arn]  # keyed as asked
