@@ -58,6 +58,10 @@ def _read(path: str) -> str:
     return Path(path).read_text(encoding="utf-8").strip()
 
 
+#: How often a token file is re-read when nothing refused its token (seconds).
+TOKEN_FILE_RECHECK = 60.0
+
+
 class Provider(CloudProvider):
     name_rule = VAULT_NAMES
     #: KV v2 has versions, not stages: the latest version answers as current, the one
@@ -127,8 +131,16 @@ class Provider(CloudProvider):
     async def _authenticate(self) -> Credentials:
         """Renew the current login token if possible, else log in (or read the token)."""
         if self.auth == "token":
-            token = self._token or _read(str(self._token_file))
-            return Credentials("vault-token", token, origin="token")
+            if self._token_file is None:
+                return Credentials("vault-token", str(self._token), origin="token")
+            # A token file is re-read: within TOKEN_FILE_RECHECK in the background, and at
+            # once when Vault refuses the token (see _error), so a rotation needs no restart.
+            return Credentials(
+                "vault-token",
+                _read(str(self._token_file)),
+                expiration=time.time() + TOKEN_FILE_RECHECK,
+                origin="token_file",
+            )
         current = self.credentials.current  # the token being refreshed, if any
         if current is not None and self._renewable:
             status, body = await self._raw(
@@ -208,7 +220,7 @@ class Provider(CloudProvider):
                 hint=f"check the path under the KV v2 mount {self.mount!r}",
             )
         if status == 403:
-            if self.auth != "token":
+            if self.auth != "token" or self._rotated(creds):
                 self.credentials.invalidate(creds)
                 return StaleCredentials(f"{said}: the token was refused ({errors})")
             return AccessDenied(
@@ -222,6 +234,15 @@ class Provider(CloudProvider):
         if status >= 500:
             return Unavailable(f"{said}: {errors or 'the server failed'} (sealed or in standby?)")
         return InvalidUpstreamRequest(f"{said}: {errors or 'request refused'}")
+
+    def _rotated(self, creds: Credentials) -> bool:
+        """Whether the token file now holds another token than ``creds`` (a rotation)."""
+        if self._token_file is None:
+            return False
+        try:
+            return _read(str(self._token_file)) != creds.access_key_secret
+        except OSError:
+            return False
 
     # ------------------------------------------------------------------ interface
 
