@@ -258,15 +258,7 @@ def _ram_role_arn(
     _, base = resolve(
         chain.base, environ, region=region, network=network, session=session, where=f"{where}.base"
     )
-    params = {
-        "RoleArn": chain.role_arn,
-        "RoleSessionName": chain.session_name,
-        "DurationSeconds": str(chain.duration),
-    }
-    if chain.external_id is not None:
-        params["ExternalId"] = chain.external_id
-    if chain.policy is not None:
-        params["Policy"] = chain.policy
+    params = chain.params()
 
     async def assume_role(signer: Credentials) -> Credentials:
         status, body = await _sts(session, endpoint, "AssumeRole", params, signer)

@@ -57,6 +57,19 @@ class Chain:
     policy: str | None = field(repr=False)
     base: Mapping[str, Any] = field(repr=False)
 
+    def params(self) -> dict[str, str]:
+        """The AssumeRole parameters, spelled alike by Alibaba's STS and AWS's."""
+        params = {
+            "RoleArn": self.role_arn,
+            "RoleSessionName": self.session_name,
+            "DurationSeconds": str(self.duration),
+        }
+        if self.external_id is not None:
+            params["ExternalId"] = self.external_id
+        if self.policy is not None:
+            params["Policy"] = self.policy
+        return params
+
 
 def duration_seconds(table: Mapping[str, Any], where: str) -> int:
     """``duration_seconds`` of a table (default 3600), checked against 900-43200."""

@@ -291,15 +291,7 @@ def _assumer(
     chain: assume.Chain, endpoint: str, region: str, session: _Session, signed_by: str
 ) -> assume.Assume:
     """One STS AssumeRole of ``chain.role_arn``, signed with the credentials given it."""
-    params = {
-        "RoleArn": chain.role_arn,
-        "RoleSessionName": chain.session_name,
-        "DurationSeconds": str(chain.duration),
-    }
-    if chain.external_id is not None:
-        params["ExternalId"] = chain.external_id
-    if chain.policy is not None:
-        params["Policy"] = chain.policy
+    params = chain.params()
 
     async def assume_role(signer: Credentials) -> Credentials:
         status, text = await _sts(session, endpoint, region, "AssumeRole", params, signer)

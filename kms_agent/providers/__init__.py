@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol, runtime_checkable
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.errors import BadRequest
+from kms_agent.errors import BadRequest, RoleNotAllowed
 from kms_agent.model import NameRule, SecretMetadata, SecretRecord, Stages
 
 #: A predicate over secret names: which cached names a change upstream touched.
@@ -75,6 +75,23 @@ def create(
     module = importlib.import_module(f"kms_agent.providers.{source.provider}")
     provider: Provider = module.Provider(source, config, environ)
     return provider
+
+
+class NoRoles:
+    """For providers that read with their own identity only: no role may be asked for."""
+
+    assume_roles: frozenset[str] = frozenset()
+    name: str
+
+    async def get_as(
+        self,
+        role_arn: str,
+        name: str,
+        *,
+        version_id: str | None = None,
+        version_stage: str | None = None,
+    ) -> SecretRecord:
+        raise RoleNotAllowed(f"source {self.name!r} reads with its own identity only")
 
 
 class Router:

@@ -12,31 +12,19 @@ from typing import Any, TypeVar
 import aiohttp
 
 from kms_agent.credentials import Refreshing
-from kms_agent.errors import AgentError, ConfigError, HeldByLimiter, RoleNotAllowed
-from kms_agent.model import SecretRecord
-from kms_agent.providers import Changed
+from kms_agent.errors import AgentError, ConfigError, HeldByLimiter
+from kms_agent.providers import Changed, NoRoles
 from kms_agent.upstream import TokenBucket, UpstreamStats, new_session, option, with_retries
 
 _T = TypeVar("_T")
 
 
-class CloudProvider:
+class CloudProvider(NoRoles):
     """Base of the alibaba, huawei, aws and vault providers (not a provider by itself)."""
 
     name: str
     credentials: Refreshing
     ca_file: str | None = None
-    assume_roles: frozenset[str] = frozenset()
-
-    async def get_as(
-        self,
-        role_arn: str,
-        name: str,
-        *,
-        version_id: str | None = None,
-        version_stage: str | None = None,
-    ) -> SecretRecord:
-        raise RoleNotAllowed(f"source {self.name!r} reads with its own identity only")
 
     def _limits(
         self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,

@@ -10,30 +10,18 @@ import structlog
 import watchfiles
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.errors import ConfigError, RoleNotAllowed
+from kms_agent.errors import ConfigError
 from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord
-from kms_agent.providers import Changed
+from kms_agent.providers import Changed, NoRoles
 from kms_agent.store import LocalStore, secret_file_stem
 
 log = structlog.get_logger("kms_agent.providers.local")
 
 
-class Provider:
+class Provider(NoRoles):
     name_rule = LOCAL_NAMES
     stages = ALIBABA_STAGES
     """Serves one store directory: the agent's data dir, or ``path`` in the source table."""
-
-    assume_roles: frozenset[str] = frozenset()
-
-    async def get_as(
-        self,
-        role_arn: str,
-        name: str,
-        *,
-        version_id: str | None = None,
-        version_stage: str | None = None,
-    ) -> SecretRecord:
-        raise RoleNotAllowed("the local store has no roles to assume")
 
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None

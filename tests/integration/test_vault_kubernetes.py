@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import PLANTED, TOKEN, running_agent
+from tests.integration.test_real_peers import bao_call
 
 TOKENREVIEW = "/apis/authentication.k8s.io/v1/tokenreviews"
 AUDIENCE = "https://kubernetes.default.svc.cluster.local"
@@ -160,16 +161,6 @@ def any_ca_pem() -> str:
         .sign(SIGNING_KEY, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-async def bao_call(bao: str, method: str, path: str, payload: dict | None = None) -> dict:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(method, f"{bao}{path}", json=payload, headers={"X-Vault-Token": "root"}) as r,
-    ):
-        text = await r.text()
-        assert r.status in (200, 204), (path, r.status, text)
-        return json.loads(text) if text.strip() else {}
 
 
 @dataclass
