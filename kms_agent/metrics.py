@@ -62,10 +62,17 @@ class _SourceCollector(Collector):
             "When a source's current temporary credentials expire (Unix time).",
             labels=["source"],
         )  # fmt: skip
+        answered = CounterMetricFamily(
+            "kms_agent_upstream_answers",
+            "Calls a source answered, by the endpoint (host) that answered (failover).",
+            labels=["source", "endpoint"],
+        )
         for name, provider in self._providers.items():
             stats = getattr(provider, "stats", None)
             throttled.add_metric([name], getattr(stats, "throttled", 0))
             limited.add_metric([name], getattr(stats, "rate_limited", 0))
+            for host, count in getattr(stats, "answered_by", {}).items():
+                answered.add_metric([name, host], count)
             expires = getattr(provider, "credentials_expiry", None)
             when = expires() if callable(expires) else None
             if when is not None:
@@ -73,6 +80,7 @@ class _SourceCollector(Collector):
         yield throttled
         yield limited
         yield expiry
+        yield answered
 
 
 class _HotPathCollector(Collector):

@@ -15,7 +15,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -43,6 +43,57 @@ class UpstreamStats:
 
     throttled: int = 0
     rate_limited: int = 0
+    #: Calls answered, by the endpoint (host) that answered them.
+    answered_by: dict[str, int] = field(default_factory=dict)
+
+
+#: Failing over: an endpoint that failed is skipped for 1 s, doubling to this.
+ENDPOINT_MAX_BACKOFF = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    url: str
+    host: str
+    failures: int = 0
+    down_until: float = 0.0
+
+
+class Endpoints:
+    """A source's endpoints in order of preference. A call goes to the first that is not
+    backing off; a connection error, a timeout or a 5xx puts it out for 1 s, doubling to
+    :data:`ENDPOINT_MAX_BACKOFF`, so the retry inside the same deadline goes to the next;
+    once its back-off is over it is tried again first, and an answer restores it."""
+
+    def __init__(self, urls: list[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.all = [Endpoint(url, urlsplit(url).netloc) for url in urls]
+        self._clock = clock
+
+    @property
+    def primary(self) -> Endpoint:
+        return self.all[0]
+
+    def pick(self) -> Endpoint:
+        now = self._clock()
+        for endpoint in self.all:
+            if endpoint.down_until <= now:
+                return endpoint
+        return min(self.all, key=lambda e: e.down_until)  # all out: the soonest back
+
+    def failed(self, endpoint: Endpoint) -> None:
+        if len(self.all) > 1:
+            endpoint.failures += 1
+            wait = min(ENDPOINT_MAX_BACKOFF, 2.0 ** (endpoint.failures - 1))
+            endpoint.down_until = self._clock() + wait
+
+    def answered(self, endpoint: Endpoint) -> None:
+        endpoint.failures, endpoint.down_until = 0, 0.0
+
+
+#: The endpoint the current attempt goes to (set by the provider's limited call).
+CURRENT_ENDPOINT: contextvars.ContextVar[Endpoint | None] = contextvars.ContextVar(
+    "current_endpoint", default=None
+)
 
 
 class TokenBucket:

@@ -12,9 +12,25 @@ from typing import Any, TypeVar
 import aiohttp
 
 from kms_agent.credentials import Refreshing
-from kms_agent.errors import AgentError, ConfigError, HeldByLimiter
+from kms_agent.errors import (
+    AgentError,
+    ConfigError,
+    HeldByLimiter,
+    Unavailable,
+    UpstreamTimeout,
+)
 from kms_agent.providers import Changed, NoRoles
-from kms_agent.upstream import TokenBucket, UpstreamStats, new_session, option, with_retries
+from kms_agent.upstream import (
+    CURRENT_ENDPOINT,
+    Endpoint,
+    Endpoints,
+    TokenBucket,
+    UpstreamStats,
+    check_endpoint,
+    new_session,
+    option,
+    with_retries,
+)
 
 _T = TypeVar("_T")
 
@@ -25,6 +41,7 @@ class CloudProvider(NoRoles):
     name: str
     credentials: Refreshing
     ca_file: str | None = None
+    endpoints: Endpoints
 
     def _limits(
         self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,
@@ -43,6 +60,31 @@ class CloudProvider(NoRoles):
         #: by the limiter reports.
         self._last_failure: tuple[float, AgentError | None] = (0.0, None)
         self._session: aiohttp.ClientSession | None = None
+
+    def _endpoints(
+        self, opts: dict[str, Any], where: str, key: str, given: str | None, default: str | None
+    ) -> str:
+        """The source's endpoints: ``given`` (the ``key`` setting, else ``default``), or the
+        list ``endpoints``, tried in that order (failover). Returns the first."""
+        listed = option(opts, "endpoints", list, where, None)
+        if listed is not None:
+            if given is not None or not listed:
+                raise ConfigError(
+                    f"{where}.endpoints: give one or more URLs here, or {key} alone, not both"
+                )
+            urls = [
+                check_endpoint(str(url), f"{where}.endpoints[{i}]") for i, url in enumerate(listed)
+            ]
+        elif given is None and default is None:
+            raise ConfigError(f"{where}.{key}: required (or endpoints, a list)")
+        else:
+            urls = [check_endpoint(str(given or default), f"{where}.{key}")]
+        self.endpoints = Endpoints(urls)
+        return urls[0]
+
+    def _base(self) -> Endpoint:
+        """The endpoint this attempt goes to (the first outside a limited call)."""
+        return CURRENT_ENDPOINT.get() or self.endpoints.primary
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -71,12 +113,25 @@ class CloudProvider(NoRoles):
                 raise  # not retried: the limiter would hold the next attempt as well
             if waited:
                 self.stats.rate_limited += 1
+            endpoints = self.endpoints
+            endpoint = endpoints.pick()
+            token = CURRENT_ENDPOINT.set(endpoint)
             try:
-                return await attempt(max(0.1, min(remaining, deadline - time.monotonic())))
+                result = await attempt(max(0.1, min(remaining, deadline - time.monotonic())))
             except AgentError as exc:
                 if exc.transient:
                     self._last_failure = (time.monotonic(), exc)
+                if isinstance(exc, Unavailable | UpstreamTimeout):
+                    endpoints.failed(endpoint)  # the retry goes to the next endpoint
+                else:
+                    endpoints.answered(endpoint)
                 raise
+            finally:
+                CURRENT_ENDPOINT.reset(token)
+            endpoints.answered(endpoint)
+            answered = self.stats.answered_by
+            answered[endpoint.host] = answered.get(endpoint.host, 0) + 1
+            return result
 
         try:
             return await with_retries(

@@ -63,7 +63,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import alibaba as acs3
 from kms_agent.signing import dkms
 from kms_agent.upstream import (
-    check_endpoint,
+    Endpoint,
     mapped_errors,
     option,
 )
@@ -96,20 +96,17 @@ def policy_statement(action: str, resource: str) -> str:
 class SharedGateway:
     """Signed RPC calls to kms[-vpc].<region>.aliyuncs.com (or an explicit endpoint)."""
 
-    def __init__(
-        self, endpoint: str, credentials: Refreshing, session: aiohttp.ClientSession
-    ) -> None:
-        self.endpoint = endpoint
-        self.host = yarl.URL(endpoint).raw_authority
+    def __init__(self, credentials: Refreshing, session: aiohttp.ClientSession) -> None:
         self._credentials = credentials
         self._session = session
 
     async def call(
-        self, action: str, params: dict[str, str], timeout: float
+        self, base: Endpoint, action: str, params: dict[str, str], timeout: float
     ) -> tuple[int, dict[str, Any], Credentials]:
         creds = await self._credentials.get()
+        host = base.host
         headers = {
-            "host": self.host,
+            "host": host,
             "x-acs-action": action,
             "x-acs-version": API_VERSION,
             "x-acs-date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -129,14 +126,14 @@ class SharedGateway:
             access_key_id=creds.access_key_id,
             access_key_secret=creds.access_key_secret,
         )
-        url = yarl.URL(f"{self.endpoint}/?{acs3.canonical_query(params)}", encoded=True)
-        with mapped_errors(f"Alibaba Cloud KMS at {self.host}"):
+        url = yarl.URL(f"{base.url}/?{acs3.canonical_query(params)}", encoded=True)
+        with mapped_errors(f"Alibaba Cloud KMS at {host}"):
             async with self._session.post(
                 url, headers=headers, data=b"", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 body = await resp.json(content_type=None)
         if not isinstance(body, dict):
-            raise Unavailable(f"Alibaba Cloud KMS at {self.host} answered with a non-object")
+            raise Unavailable(f"Alibaba Cloud KMS at {host} answered with a non-object")
         return resp.status, body, creds
 
 
@@ -185,17 +182,19 @@ class Provider(CloudProvider):
                 where=f"{where}.client_key_file",
             )
         endpoint = option(opts, "endpoint", str, where, None)
+        default = None
         if self.gateway_kind == "dedicated":
-            endpoint = _dedicated_endpoint(endpoint, self.instance_id, where)
+            if "endpoints" not in opts:
+                endpoint = _dedicated_endpoint(endpoint, self.instance_id, where)
             self.ca_file = _instance_ca(self.ca_file, where)
-        elif endpoint is None:
-            if not self.region:
-                raise ConfigError(
-                    f"{where}.region: give the region (like 'cn-hangzhou') or an endpoint"
-                )
+        elif self.region:
             prefix = "kms-vpc" if self.network == "vpc" else "kms"
-            endpoint = f"https://{prefix}.{self.region}.aliyuncs.com"
-        self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
+            default = f"https://{prefix}.{self.region}.aliyuncs.com"
+        elif endpoint is None and "endpoints" not in opts:
+            raise ConfigError(
+                f"{where}.region: give the region (like 'cn-hangzhou') or an endpoint"
+            )
+        self.endpoint = self._endpoints(opts, where, "endpoint", endpoint, default)
         self.region = self.region or "cn-hangzhou"
         self.account_id = str(option(opts, "account_id", (str, int), where, "*"))
         if self.gateway_kind == "dedicated":
@@ -210,7 +209,8 @@ class Provider(CloudProvider):
         if opts:
             raise ConfigError(
                 f"{where}.{min(opts)}: unknown setting; the alibaba provider takes region, "
-                "network, gateway, instance_id, endpoint, ca_file, auth, client_key_file, "
+                "network, gateway, instance_id, endpoint, endpoints, ca_file, auth, "
+                "client_key_file, "
                 "client_key_password_file, client_key_password_env, account_id, "
                 "rate_limit_qps, timeout_seconds, max_attempts, credentials"
             )
@@ -229,7 +229,7 @@ class Provider(CloudProvider):
         return f"alibaba.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
 
     async def open(self) -> None:
-        self.gateway = SharedGateway(self.endpoint, self.credentials, self._http())
+        self.gateway = SharedGateway(self.credentials, self._http())
         log.info(
             "alibaba_source_opened",
             source=self.name,
@@ -244,7 +244,7 @@ class Provider(CloudProvider):
         gateway = self.gateway
 
         async def attempt(remaining: float) -> dict[str, Any]:
-            status, body, creds = await gateway.call(action, params, remaining)
+            status, body, creds = await gateway.call(self._base(), action, params, remaining)
             if status == 200 and "Code" not in body:
                 return body
             raise self._error(status, body, name, creds)
@@ -358,10 +358,10 @@ class Provider(CloudProvider):
         )
         key = self.client_key
         session = self._http()
-        endpoint = self.endpoint
-        host = yarl.URL(endpoint).raw_authority
 
         async def attempt(remaining: float) -> dkms_gcs.GetSecretValueResponse:
+            base = self._base()
+            endpoint, host = base.url, base.host
             body = request.encode()
             headers = dkms.request_headers(
                 body=body,

@@ -43,7 +43,6 @@ from kms_agent.model import (
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import aws as sigv4
 from kms_agent.upstream import (
-    check_endpoint,
     mapped_errors,
     option,
 )
@@ -81,8 +80,8 @@ class Provider(CloudProvider):
         endpoint = option(opts, "endpoint", str, where, None) or env.get(
             "AWS_ENDPOINT_URL_SECRETSMANAGER"
         )
-        self.endpoint = check_endpoint(
-            endpoint or f"https://secretsmanager.{self.region}.amazonaws.com", f"{where}.endpoint"
+        self.endpoint = self._endpoints(
+            opts, where, "endpoint", endpoint, f"https://secretsmanager.{self.region}.amazonaws.com"
         )
         self._limits(opts, where, default_qps=50.0)
         table = option(opts, "credentials", dict, where, {})
@@ -100,9 +99,9 @@ class Provider(CloudProvider):
         if opts:
             raise ConfigError(
                 f"{where}.{min(opts)}: unknown setting; the aws provider takes region, endpoint, "
-                "rate_limit_qps, timeout_seconds, max_attempts, credentials, assume_roles"
+                "endpoints, rate_limit_qps, timeout_seconds, max_attempts, credentials, "
+                "assume_roles"
             )
-        self.host = yarl.URL(self.endpoint).raw_authority
         self.credential_type, fetch = aws_credentials.resolve(
             table, env, region=self.region, session=self._http, where=f"{where}.credentials"
         )
@@ -124,10 +123,11 @@ class Provider(CloudProvider):
         self, action: str, payload: dict[str, Any], timeout: float, held: Refreshing
     ) -> tuple[int, Any, Credentials]:
         creds = await held.get()
+        base = self._base()
         body = json.dumps(payload, separators=(",", ":")).encode()
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         headers = {
-            "Host": self.host,
+            "Host": base.host,
             "Content-Type": "application/x-amz-json-1.1",
             "X-Amz-Date": amz_date,
             "X-Amz-Target": f"secretsmanager.{action}",
@@ -146,9 +146,9 @@ class Provider(CloudProvider):
             service=SERVICE,
             amz_date=amz_date,
         )
-        with mapped_errors(f"AWS Secrets Manager at {self.host}"):
+        with mapped_errors(f"AWS Secrets Manager at {base.host}"):
             async with self._http().post(
-                yarl.URL(self.endpoint + "/"),
+                yarl.URL(base.url + "/"),
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
@@ -169,7 +169,7 @@ class Provider(CloudProvider):
         credentials = held or self.credentials
 
         async def attempt(remaining: float) -> dict[str, Any]:
-            with mapped_errors(f"AWS Secrets Manager at {self.host}"):
+            with mapped_errors(f"AWS Secrets Manager at {self._base().host}"):
                 status, body, creds = await self._request(action, payload, remaining, credentials)
             if status == 200 and isinstance(body, dict):
                 return body

@@ -48,7 +48,6 @@ from kms_agent.model import (
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import huawei as sdk_hmac
 from kms_agent.upstream import (
-    check_endpoint,
     mapped_errors,
     option,
 )
@@ -79,19 +78,18 @@ class Provider(CloudProvider):
         if not self.project_id:
             raise ConfigError(f"{where}.project_id: required (or $HUAWEICLOUD_SDK_PROJECT_ID)")
         endpoint = option(opts, "endpoint", str, where, None)
-        if endpoint is None:
-            if not self.region:
-                raise ConfigError(f"{where}.region: give the region (like 'cn-north-4')")
-            endpoint = f"https://kms.{self.region}.myhuaweicloud.com"
-        self.endpoint = check_endpoint(endpoint, f"{where}.endpoint")
+        default = f"https://kms.{self.region}.myhuaweicloud.com" if self.region else None
+        if endpoint is None and default is None and "endpoints" not in opts:
+            raise ConfigError(f"{where}.region: give the region (like 'cn-north-4')")
+        self.endpoint = self._endpoints(opts, where, "endpoint", endpoint, default)
         self._limits(opts, where, default_qps=50.0)
         table = option(opts, "credentials", dict, where, {})
         if opts:
             raise ConfigError(
                 f"{where}.{min(opts)}: unknown setting; the huawei provider takes region, "
-                "project_id, endpoint, rate_limit_qps, timeout_seconds, max_attempts, credentials"
+                "project_id, endpoint, endpoints, rate_limit_qps, timeout_seconds, max_attempts, "
+                "credentials"
             )
-        self.host = yarl.URL(self.endpoint).raw_authority
         self.credential_type, fetch = huawei_credentials.resolve(
             table, env, session=self._http, where=f"{where}.credentials"
         )
@@ -116,8 +114,9 @@ class Provider(CloudProvider):
         self, path: str, query: dict[str, str], timeout: float
     ) -> tuple[int, dict[str, Any], Credentials]:
         creds = await self.credentials.get()
+        base = self._base()
         headers = {
-            "Host": self.host,
+            "Host": base.host,
             "Content-Type": "application/json",
             "X-Sdk-Date": time.strftime(sdk_hmac.DATE_FORMAT, time.gmtime()),
             "X-Project-Id": str(self.project_id),
@@ -135,14 +134,14 @@ class Provider(CloudProvider):
             secret_key=creds.access_key_secret,
         )
         qs = sdk_hmac.canonical_query(query)
-        url = yarl.URL(f"{self.endpoint}{path}" + (f"?{qs}" if qs else ""), encoded=True)
-        with mapped_errors(f"Huawei Cloud CSMS at {self.host}"):
+        url = yarl.URL(f"{base.url}{path}" + (f"?{qs}" if qs else ""), encoded=True)
+        with mapped_errors(f"Huawei Cloud CSMS at {base.host}"):
             async with self._http().get(
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 body = await resp.json(content_type=None)
         if not isinstance(body, dict):
-            raise Unavailable(f"Huawei Cloud CSMS at {self.host} answered with a non-object")
+            raise Unavailable(f"Huawei Cloud CSMS at {base.host} answered with a non-object")
         return resp.status, body, creds
 
     async def _call(

@@ -44,7 +44,6 @@ from kms_agent.model import (
 )
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.upstream import (
-    check_endpoint,
     mapped_errors,
     option,
 )
@@ -76,11 +75,11 @@ class Provider(CloudProvider):
         opts = dict(source.options)
         self.name = source.name
         address = option(opts, "address", str, where, None) or env.get("VAULT_ADDR")
-        if not address:
+        if not address and "endpoints" not in opts:
             raise ConfigError(
                 f"{where}.address: the Vault/OpenBao URL is required (or $VAULT_ADDR)"
             )
-        self.address = check_endpoint(address, f"{where}.address")
+        self.address = self._endpoints(opts, where, "address", address or None, None)
         self.mount = str(option(opts, "mount", str, where, "secret")).strip("/")
         self.namespace = option(opts, "namespace", str, where, None)
         self.auth = option(opts, "auth", str, where, "token")
@@ -180,15 +179,16 @@ class Provider(CloudProvider):
             headers["X-Vault-Token"] = token
         if self.namespace:
             headers["X-Vault-Namespace"] = self.namespace
-        with mapped_errors(f"Vault at {self.address}"):
+        base = self._base()
+        with mapped_errors(f"Vault at {base.url}"):
             async with self._http().request(
-                method, self.address + path, headers=headers, json=payload
+                method, base.url + path, headers=headers, json=payload
             ) as resp:
                 text = await resp.text()
         try:
             body = json.loads(text) if text.strip() else {}
         except ValueError:
-            raise Unavailable(f"Vault at {self.address} answered with a non-JSON body") from None
+            raise Unavailable(f"Vault at {base.url} answered with a non-JSON body") from None
         return resp.status, body if isinstance(body, dict) else {}
 
     # ------------------------------------------------------------------ calls
