@@ -82,7 +82,7 @@ async def diagnose(config: Config, name: str, environ: Mapping[str, str]) -> dic
     details["source"] = {"message": f"source {provider.name!r} ({type(provider).__module__})"}
     try:
         await provider.open()
-        credentials = getattr(provider, "credentials", None)
+        credentials = provider.credentials
         if credentials is not None:
             try:
                 creds = await credentials.get()

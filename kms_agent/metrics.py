@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -30,6 +30,9 @@ POLICY_DENIAL_REASONS = ("explicit_deny", "no_allow")
 #: Why a connection was closed or refused by the agent (``kms_agent_connections_closed``).
 CLOSE_REASONS = ("limit", "evicted", "head_timeout", "idle", "bad_request", "upgrade")
 
+if TYPE_CHECKING:
+    from kms_agent.providers import Provider
+
 
 class _CacheCollector(Collector):
     def __init__(self, size: Callable[[], tuple[int, int]]) -> None:
@@ -44,7 +47,7 @@ class _CacheCollector(Collector):
 
 
 class _SourceCollector(Collector):
-    def __init__(self, providers: Mapping[str, object]) -> None:
+    def __init__(self, providers: Mapping[str, Provider]) -> None:
         self._providers = providers
 
     def collect(self) -> Iterable[Metric]:
@@ -68,13 +71,12 @@ class _SourceCollector(Collector):
             labels=["source", "endpoint"],
         )
         for name, provider in self._providers.items():
-            stats = getattr(provider, "stats", None)
-            throttled.add_metric([name], getattr(stats, "throttled", 0))
-            limited.add_metric([name], getattr(stats, "rate_limited", 0))
-            for host, count in getattr(stats, "answered_by", {}).items():
+            stats = provider.stats
+            throttled.add_metric([name], stats.throttled)
+            limited.add_metric([name], stats.rate_limited)
+            for host, count in stats.answered_by.items():
                 answered.add_metric([name, host], count)
-            expires = getattr(provider, "credentials_expiry", None)
-            when = expires() if callable(expires) else None
+            when = provider.credentials_expiry()
             if when is not None:
                 expiry.add_metric([name], when)
         yield throttled
@@ -214,7 +216,7 @@ class Metrics:
         for reason in CLOSE_REASONS:
             self.connections_closed.labels(reason)
 
-    def track_sources(self, providers: Mapping[str, object]) -> None:
+    def track_sources(self, providers: Mapping[str, Provider]) -> None:
         """Per-source counters the providers keep, read at scrape time."""
         self.registry.register(_SourceCollector(providers))
 

@@ -76,7 +76,7 @@ def check_files(state: AgentState, tokens: TokenSet) -> None:
         if warn_if_exposed(path, "token file", TOKEN_FILE_MODE):
             metrics.file_warnings.labels("token").inc()
     for provider in state.router.providers.values():
-        for kind, path, mode in getattr(provider, "sensitive_files", ()):
+        for kind, path, mode in provider.sensitive_files:
             if warn_if_exposed(path, kind, mode):
                 metrics.file_warnings.labels(kind).inc()
 

@@ -26,6 +26,7 @@ from kms_agent.config import ListenAddress, LoggingConfig
 from kms_agent.errors import AgentError, SecretNotFound
 from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord, SecretValue
 from kms_agent.state import Phase
+from kms_agent.upstream import UpstreamStats
 
 #: A marker in every secret value the tests store. It must never reach a log line.
 PLANTED = "planted-" + secrets.token_hex(6)
@@ -85,6 +86,12 @@ class ScriptedProvider:
     name_rule = LOCAL_NAMES
     stages = ALIBABA_STAGES
     assume_roles: frozenset[str] = frozenset()
+    credentials = None
+    sensitive_files = ()
+    stats: UpstreamStats = field(default_factory=UpstreamStats)
+
+    def credentials_expiry(self) -> None:
+        return None
     values: dict[str, str] = field(default_factory=dict)
     failures: dict[str, AgentError] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)

@@ -8,13 +8,16 @@ It never writes upstream.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from kms_agent.config import Config, SourceConfig
+from kms_agent.credentials import Refreshing
 from kms_agent.errors import BadRequest, RoleNotAllowed
 from kms_agent.model import NameRule, SecretMetadata, SecretRecord, Stages
+from kms_agent.upstream import UpstreamStats
 
 #: A predicate over secret names: which cached names a change upstream touched.
 Changed = Callable[[str], bool]
@@ -33,6 +36,15 @@ class Provider(Protocol):
     #: Roles a caller may ask the agent to read as (the AWS agent's ``roleArn``); empty:
     #: none, the request is refused.
     assume_roles: frozenset[str]
+    #: Counters the metrics collector reads at scrape time.
+    stats: UpstreamStats
+    #: The credentials the source holds (None: it needs none, like the local store).
+    credentials: Refreshing | None
+    #: Files whose mode is checked at start and reload: (kind, path, the most allowed).
+    sensitive_files: Sequence[tuple[str, Path, int]]
+
+    def credentials_expiry(self) -> float | None:
+        """When the current temporary credentials expire (epoch seconds), if they do."""
 
     async def open(self) -> None:
         """Prepare sessions and credentials. Called once before the first request."""
@@ -77,11 +89,20 @@ def create(
     return provider
 
 
-class NoRoles:
-    """For providers that read with their own identity only: no role may be asked for."""
+class ProviderBase:
+    """What a provider has unless it says otherwise: no roles to read as (requests for one
+    are refused), no credentials, no sensitive files, counters of its own."""
 
     assume_roles: frozenset[str] = frozenset()
+    credentials: Refreshing | None = None
+    sensitive_files: Sequence[tuple[str, Path, int]] = ()
     name: str
+
+    def __init__(self) -> None:
+        self.stats = UpstreamStats()
+
+    def credentials_expiry(self) -> float | None:
+        return self.credentials.expiration if self.credentials is not None else None
 
     async def get_as(
         self,

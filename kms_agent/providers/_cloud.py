@@ -19,7 +19,7 @@ from kms_agent.errors import (
     Unavailable,
     UpstreamTimeout,
 )
-from kms_agent.providers import Changed, NoRoles
+from kms_agent.providers import Changed, ProviderBase
 from kms_agent.upstream import (
     CURRENT_ENDPOINT,
     Endpoint,
@@ -35,7 +35,7 @@ from kms_agent.upstream import (
 _T = TypeVar("_T")
 
 
-class CloudProvider(NoRoles):
+class CloudProvider(ProviderBase):
     """Base of the alibaba, huawei, aws and vault providers (not a provider by itself)."""
 
     name: str
@@ -150,9 +150,6 @@ class CloudProvider(NoRoles):
         said.message = f"{last.message} (this call was not sent: {held.message})"
         said.args = (said.message,)
         return said
-
-    def credentials_expiry(self) -> float | None:
-        return self.credentials.expiration
 
     def changes(self) -> AsyncIterator[Changed] | None:
         return None

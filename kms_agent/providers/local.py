@@ -12,13 +12,13 @@ import watchfiles
 from kms_agent.config import Config, SourceConfig
 from kms_agent.errors import ConfigError
 from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord
-from kms_agent.providers import Changed, NoRoles
+from kms_agent.providers import Changed, ProviderBase
 from kms_agent.store import LocalStore, secret_file_stem
 
 log = structlog.get_logger("kms_agent.providers.local")
 
 
-class Provider(NoRoles):
+class Provider(ProviderBase):
     name_rule = LOCAL_NAMES
     stages = ALIBABA_STAGES
     """Serves one store directory: the agent's data dir, or ``path`` in the source table."""
@@ -26,6 +26,7 @@ class Provider(NoRoles):
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
+        super().__init__()
         unknown = set(source.options) - {"path"}
         if unknown:
             raise ConfigError(
