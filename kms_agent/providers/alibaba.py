@@ -105,26 +105,16 @@ class SharedGateway:
     ) -> tuple[int, dict[str, Any], Credentials]:
         creds = await self._credentials.get()
         host = base.host
-        headers = {
-            "host": host,
-            "x-acs-action": action,
-            "x-acs-version": API_VERSION,
-            "x-acs-date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "x-acs-signature-nonce": secrets.token_hex(16),
-            "x-acs-content-sha256": acs3.EMPTY_SHA256,
-            "accept": "application/json",
-        }
-        if creds.security_token:
-            headers["x-acs-accesskey-id"] = creds.access_key_id
-            headers["x-acs-security-token"] = creds.security_token
-        headers["authorization"] = acs3.authorization(
-            method="POST",
-            path="/",
+        headers = acs3.rpc_headers(
+            host=host,
+            action=action,
+            version=API_VERSION,
             query=params,
-            headers=headers,
-            body=b"",
             access_key_id=creds.access_key_id,
             access_key_secret=creds.access_key_secret,
+            security_token=creds.security_token,
+            date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            nonce=secrets.token_hex(16),
         )
         url = yarl.URL(f"{base.url}/?{acs3.canonical_query(params)}", encoded=True)
         with mapped_errors(f"Alibaba Cloud KMS at {host}"):
