@@ -240,22 +240,15 @@ async def _sts(
     body = urlencode({"Action": action, "Version": STS_VERSION, **params}).encode()
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     if signer is not None:
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        headers["Host"] = yarl.URL(endpoint).raw_authority
-        headers["X-Amz-Date"] = amz_date
-        if signer.security_token:
-            headers["X-Amz-Security-Token"] = signer.security_token
-        headers["Authorization"] = sigv4.authorization(
-            method="POST",
-            path="/",
-            query={},
-            headers=headers,
-            body=body,
+        headers = sigv4.post_headers(
+            {**headers, "Host": yarl.URL(endpoint).raw_authority},
+            body,
             access_key_id=signer.access_key_id,
             secret_access_key=signer.access_key_secret,
+            security_token=signer.security_token,
             region=region,
             service="sts",
-            amz_date=amz_date,
+            amz_date=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         )
     with mapped_errors("AWS STS"):
         async with session().post(endpoint + "/", data=body, headers=headers) as resp:

@@ -125,26 +125,19 @@ class Provider(CloudProvider):
         creds = await held.get()
         base = self._base()
         body = json.dumps(payload, separators=(",", ":")).encode()
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        headers = {
-            "Host": base.host,
-            "Content-Type": "application/x-amz-json-1.1",
-            "X-Amz-Date": amz_date,
-            "X-Amz-Target": f"secretsmanager.{action}",
-        }
-        if creds.security_token:
-            headers["X-Amz-Security-Token"] = creds.security_token
-        headers["Authorization"] = sigv4.authorization(
-            method="POST",
-            path="/",
-            query={},
-            headers=headers,
-            body=body,
+        headers = sigv4.post_headers(
+            {
+                "Host": base.host,
+                "Content-Type": "application/x-amz-json-1.1",
+                "X-Amz-Target": f"secretsmanager.{action}",
+            },
+            body,
             access_key_id=creds.access_key_id,
             secret_access_key=creds.access_key_secret,
+            security_token=creds.security_token,
             region=self.region,
             service=SERVICE,
-            amz_date=amz_date,
+            amz_date=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         )
         with mapped_errors(f"AWS Secrets Manager at {base.host}"):
             async with self._http().post(

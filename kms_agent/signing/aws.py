@@ -67,3 +67,28 @@ def authorization(
         f"{ALGORITHM} Credential={access_key_id}/{scope}, "
         f"SignedHeaders={';'.join(names)}, Signature={signature}"
     )
+
+
+def post_headers(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    access_key_id: str,
+    secret_access_key: str,
+    security_token: str | None,
+    region: str,
+    service: str,
+    amz_date: str,
+) -> dict[str, str]:
+    """``headers`` (Host and Content-Type at least) with X-Amz-Date, the session token if
+    any, and the Authorization of a ``POST /`` of ``body``: every signed call the agent
+    makes (Secrets Manager, STS) has this shape."""
+    out = {**headers, "X-Amz-Date": amz_date}
+    if security_token:
+        out["X-Amz-Security-Token"] = security_token
+    out["Authorization"] = authorization(
+        method="POST", path="/", query={}, headers=out, body=body,
+        access_key_id=access_key_id, secret_access_key=secret_access_key,
+        region=region, service=service, amz_date=amz_date,
+    )  # fmt: skip
+    return out
