@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import calendar
 import configparser
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -222,8 +221,6 @@ async def _sts(
                 access_key_id=signer.access_key_id,
                 access_key_secret=signer.access_key_secret,
                 security_token=signer.security_token,
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                nonce=secrets.token_hex(16),
             )
             url = yarl.URL(f"{endpoint}/?{acs3.canonical_query(params)}", encoded=True)
             async with session().post(url, headers=headers, data=b"") as resp:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import ssl
 import time
 from collections.abc import Mapping
@@ -113,8 +112,6 @@ class SharedGateway:
             access_key_id=creds.access_key_id,
             access_key_secret=creds.access_key_secret,
             security_token=creds.security_token,
-            date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            nonce=secrets.token_hex(16),
         )
         url = yarl.URL(f"{base.url}/?{acs3.canonical_query(params)}", encoded=True)
         with mapped_errors(f"Alibaba Cloud KMS at {host}"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
 from collections.abc import Mapping
 from urllib.parse import quote
 
@@ -72,12 +74,15 @@ def rpc_headers(
     access_key_id: str,
     access_key_secret: str,
     security_token: str | None,
-    date: str,
-    nonce: str,
+    date: str | None = None,
+    nonce: str | None = None,
 ) -> dict[str, str]:
     """Every header of an RPC-style call (parameters in ``query``, empty POST body) to any
     Alibaba OpenAPI product — KMS 2016-01-20, STS 2015-04-01 — Authorization included.
-    ``date`` is ``%Y-%m-%dT%H:%M:%SZ`` UTC; ``nonce`` is fresh per request."""
+    ``date`` is ``%Y-%m-%dT%H:%M:%SZ`` UTC (now, unless given); ``nonce`` is fresh per
+    request (made here unless given: tests pin both)."""
+    date = date or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    nonce = nonce or secrets.token_hex(16)
     headers = {
         "host": host,
         "x-acs-action": action,
