@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, unquote
 import aiohttp
 from aiohttp import web
 
+from kms_agent.upstream import new_session
+
 #: Hop-by-hop and framing headers: the proxy sets its own.
 _DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
@@ -144,8 +146,8 @@ class FaultProxy:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self._session = aiohttp.ClientSession(auto_decompress=True)
-        self._session._retry_connection = False
+        # The agent's own session settings (no silent re-sends), with time for a hang.
+        self._session = new_session(connect_timeout=5.0, total_timeout=60.0)
         await self._listen()
 
     async def _listen(self) -> None:
