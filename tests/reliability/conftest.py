@@ -48,6 +48,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     text = "\n".join([HEADER, *(row.line() for row in TABLE)])
     terminalreporter.write_sep("=", "fault table")
     terminalreporter.write_line(text)
-    cache = terminalreporter.config.cache
+    cache = getattr(terminalreporter.config, "cache", None)  # absent with -p no:cacheprovider
     if cache is not None:
         (cache.mkdir("fault-table") / "table.md").write_text(text + "\n")
