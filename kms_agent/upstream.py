@@ -14,12 +14,14 @@ import json
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 
 from kms_agent.errors import (
     AgentError,
@@ -29,6 +31,10 @@ from kms_agent.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from kms_agent.signing import Request, Signer
+
+if TYPE_CHECKING:
+    from kms_agent.credentials import Credentials
 
 _T = TypeVar("_T")
 
@@ -207,6 +213,100 @@ def mapped_errors(what: str) -> Iterator[None]:
         ) from exc
     except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise Unavailable(f"{what} answered with a broken response ({type(exc).__name__})") from exc
+
+
+#: The largest answer read from an upstream: a secret is at most 64 KiB in every store
+#: (Vault's KV default request limit is 32 MiB, but nothing sane keeps that in a secret);
+#: a bigger answer is a broken or hostile upstream and is not read into memory.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an upstream answered: its status, headers and (bounded) body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = field(repr=False)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    request: Request,
+    *,
+    what: str,
+    timeout: float | None = None,
+    signer: Signer | None = None,
+    credentials: Credentials | None = None,
+) -> Answer:
+    """The one way a request goes upstream: addressed to ``base_url``'s host, signed by
+    ``signer`` with ``credentials`` (when both are given), sent exactly as signed, and read
+    within ``timeout`` (else the session's) and :data:`MAX_ANSWER_BYTES`; transport
+    failures are mapped by :func:`mapped_errors` (``what`` names the upstream in them)."""
+    request = request.to(urlsplit(base_url).netloc)
+    if signer is not None and credentials is not None:
+        headers = signer.sign(request, credentials, time.time())
+    else:
+        headers = dict(request.headers)
+    url = yarl.URL(base_url + request.target, encoded=True)
+    with mapped_errors(what):
+        async with session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=request.body,
+            timeout=aiohttp.ClientTimeout(total=timeout) if timeout else session.timeout,
+        ) as resp:
+            if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+                raise _too_big(what)
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise _too_big(what)
+    return Answer(resp.status, resp.headers, bytes(body))
+
+
+def _too_big(what: str) -> Unavailable:
+    return Unavailable(f"{what} answered more than {MAX_ANSWER_BYTES // 1024 // 1024} MiB")
+
+
+def json_object(body: bytes, what: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A JSON object answer; anything else is the upstream's failure (Unavailable)."""
+    if empty_ok and not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise Unavailable(f"{what} answered with a non-JSON body") from None
+    if not isinstance(parsed, dict):
+        raise Unavailable(f"{what} answered with a non-object")
+    return parsed
+
+
+def error_object(body: bytes) -> dict[str, Any]:
+    """The JSON object of a refusal, or an empty one: an error answer may be a proxy's
+    HTML page, empty, or not JSON at all, and is then judged by its status alone."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def answer_time(value: Any) -> float:
+    """A time in an answer, as epoch seconds: ISO 8601 text (Alibaba, Vault; any offset),
+    or epoch seconds or milliseconds (Huawei); 0.0 when absent or unreadable (a creation
+    time is shown, never acted on)."""
+    if value is None or value == "" or isinstance(value, bool):
+        return 0.0
+    if isinstance(value, int | float):
+        return value / 1000 if value > 1e11 else float(value)
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def check_endpoint(url: str, key: str) -> str:

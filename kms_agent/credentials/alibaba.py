@@ -21,20 +21,21 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import aiohttp
-import yarl
 
 from kms_agent.credentials import Credentials, Fetch, StaleCredentials, assume, credential_kind
 from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.signing import Request
 from kms_agent.signing import alibaba as acs3
-from kms_agent.upstream import check_endpoint, mapped_errors
+from kms_agent.upstream import check_endpoint, json_object, mapped_errors, send
 
 TYPES = ("auto", "access_key", "rrsa", "ecs_ram_role", "ram_role_arn")
 #: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
 CHAIN_TYPE = "ram_role_arn"
 STS_VERSION = "2015-04-01"
+STS = "Alibaba STS"
+_SIGNER = acs3.Acs3()
 #: STS refusing the base credentials themselves: temporary ones expired or revoked.
 _STALE_BASE = ("InvalidSecurityToken.", "InvalidAccessKeyId.NotFound")
 METADATA_ENDPOINT = "http://100.100.100.200"
@@ -201,31 +202,19 @@ async def _sts(
 ) -> tuple[int, dict[str, Any]]:
     """One STS call: (HTTP status, JSON object). Unsigned (``signer`` None) calls carry
     Action, Version and Timestamp in a GET query; signed ones, ACS3 headers on a POST."""
-    with mapped_errors("Alibaba STS"):
-        if signer is None:
-            query = {
-                "Action": action,
-                "Format": "JSON",
-                "Version": STS_VERSION,
-                **params,
-                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            async with session().get(f"{endpoint}/?{urlencode(query)}") as resp:
-                body = await resp.json(content_type=None)
-        else:
-            headers = acs3.rpc_headers(
-                host=yarl.URL(endpoint).raw_authority,
-                action=action,
-                version=STS_VERSION,
-                query=params,
-                access_key_id=signer.access_key_id,
-                access_key_secret=signer.access_key_secret,
-                security_token=signer.security_token,
-            )
-            url = yarl.URL(f"{endpoint}/?{acs3.canonical_query(params)}", encoded=True)
-            async with session().post(url, headers=headers, data=b"") as resp:
-                body = await resp.json(content_type=None)
-    return resp.status, body if isinstance(body, dict) else {}
+    if signer is None:
+        query = {
+            "Action": action,
+            "Format": "JSON",
+            "Version": STS_VERSION,
+            **params,
+            "Timestamp": time.strftime(acs3.DATE_FORMAT, time.gmtime()),
+        }
+        request = Request("GET", "/", query)
+    else:
+        request = acs3.rpc(action, STS_VERSION, params)
+    answer = await send(session(), endpoint, request, what=STS, signer=_SIGNER, credentials=signer)
+    return answer.status, json_object(answer.body, STS)
 
 
 def _temporary(body: dict[str, Any], origin: str, action: str) -> Credentials:

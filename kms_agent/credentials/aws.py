@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
-import yarl
 
 from kms_agent.credentials import (
     Credentials,
@@ -33,13 +32,16 @@ from kms_agent.credentials import (
     credential_kind,
 )
 from kms_agent.errors import BadCredentials, ConfigError
-from kms_agent.signing import aws as sigv4
-from kms_agent.upstream import check_endpoint, mapped_errors
+from kms_agent.signing import Request
+from kms_agent.signing.aws import SigV4
+from kms_agent.upstream import check_endpoint, mapped_errors, send
 
 TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds", "assume_role")
 #: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
 CHAIN_TYPE = "assume_role"
 STS_VERSION = "2011-06-15"
+FORM = "application/x-www-form-urlencoded"
+STS = "AWS STS"
 #: STS refusing the base credentials themselves (botocore's AssumeRole error shapes name
 #: ExpiredTokenException; an unknown or revoked key is InvalidClientTokenId).
 _STALE_BASE = ("ExpiredToken", "InvalidClientTokenId")
@@ -238,21 +240,10 @@ async def _sts(
     """One STS query-protocol call: (HTTP status, XML text); SigV4-signed with ``signer``
     (service ``sts``, the source's region) when given, else unsigned."""
     body = urlencode({"Action": action, "Version": STS_VERSION, **params}).encode()
-    headers = {"Content-Type": "application/x-www-form-urlencoded"}
-    if signer is not None:
-        headers = sigv4.post_headers(
-            {**headers, "Host": yarl.URL(endpoint).raw_authority},
-            body,
-            access_key_id=signer.access_key_id,
-            secret_access_key=signer.access_key_secret,
-            security_token=signer.security_token,
-            region=region,
-            service="sts",
-            amz_date=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        )
-    with mapped_errors("AWS STS"):
-        async with session().post(endpoint + "/", data=body, headers=headers) as resp:
-            return resp.status, await resp.text()
+    request = Request("POST", "/", headers={"Content-Type": FORM}, body=body)
+    signing = SigV4(region, "sts")
+    answer = await send(session(), endpoint, request, what=STS, signer=signing, credentials=signer)
+    return answer.status, answer.body.decode("utf-8", "replace")
 
 
 def _sts_credentials(text: str, origin: str) -> Credentials | None:

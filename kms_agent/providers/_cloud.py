@@ -1,38 +1,56 @@
 """What the cloud providers share: their settings for limits and deadlines, one keep-alive
-session per source, the quota limiter, retries inside the call's deadline, and the
-credentials they keep fresh."""
+session per source, the quota limiter, retries inside the call's deadline, the credentials
+they keep fresh, and the one send path.
+
+Every call of every cloud goes the same way (:meth:`CloudProvider._send`): the provider
+builds a :class:`~kms_agent.signing.Request`; its :attr:`~CloudProvider.signer` signs it
+with the current credentials; :func:`kms_agent.upstream.send` sends it under the one error
+mapping; a refusal is turned into an error by the provider's pure
+:meth:`~CloudProvider.classify` (status, headers, body → error), and the side effects of an
+error are taken by its type, here only (:meth:`~CloudProvider._refused`): stale
+credentials are invalidated (the retry uses fresh ones), throttling is counted."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
+import structlog
 
-from kms_agent.credentials import Refreshing
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
 from kms_agent.errors import (
     AgentError,
     ConfigError,
     HeldByLimiter,
+    Throttled,
     Unavailable,
     UpstreamTimeout,
 )
+from kms_agent.model import SecretRecord, SecretValue
 from kms_agent.providers import Changed, ProviderBase
+from kms_agent.signing import Request, Signer
 from kms_agent.upstream import (
     CURRENT_ENDPOINT,
+    Answer,
     Endpoint,
     Endpoints,
     TokenBucket,
     UpstreamStats,
+    answer_time,
     check_endpoint,
     new_session,
     option,
+    send,
     with_retries,
 )
 
 _T = TypeVar("_T")
+log = structlog.get_logger("kms_agent.providers")
 
 
 class CloudProvider(ProviderBase):
@@ -42,6 +60,65 @@ class CloudProvider(ProviderBase):
     credentials: Refreshing
     ca_file: str | None = None
     endpoints: Endpoints
+    #: The provider's name in config ("aws"): its log events and repr say it.
+    kind: ClassVar[str]
+    #: What the store is called in errors ("AWS Secrets Manager").
+    service: ClassVar[str]
+    #: Which kind of credentials the source holds ("web_identity", "approle", ...).
+    credential_type: str
+    #: How its requests are signed.
+    signer: Signer
+
+    def __repr__(self) -> str:
+        endpoint = self.endpoints.primary.url
+        return f"{self.kind}.Provider({self.name!r}, {endpoint!r}, {self.credential_type})"
+
+    async def open(self) -> None:
+        self._http()
+        log.info(
+            "source_opened",
+            provider=self.kind,
+            source=self.name,
+            endpoint=self.endpoints.primary.url,
+            credentials=self.credential_type,
+            **self._described(),
+        )
+
+    def _described(self) -> dict[str, str]:
+        """What else the source's opening log line says (beside endpoint and credentials)."""
+        return {}
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Reading an answer's fields: one missing or of the wrong type is the store's
+        failure (Unavailable), named but never shown."""
+        try:
+            yield
+        except KeyError as exc:
+            raise Unavailable(f"{self.service} answered without {exc!s:.40}") from None
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise Unavailable(
+                f"{self.service} answered a field it cannot have ({type(exc).__name__})"
+            ) from None
+
+    def _record(
+        self, name: Any, data: Any, *, binary: bool, version_id: Any, stages: Iterable[Any],
+        created: Any, secret_type: Any = None, extra: Mapping[str, Any] | None = None,
+    ) -> SecretRecord:  # fmt: skip
+        """A version as the store answers it: ``data`` is the text, or base64 of the bytes
+        when ``binary``. Read it inside :meth:`_reading`."""
+        raw = base64.b64decode(str(data)) if binary else str(data).encode("utf-8")
+        return SecretRecord(
+            name=str(name),
+            value=SecretValue(raw),
+            data_type="binary" if binary else "text",
+            version_id=str(version_id),
+            version_stages=tuple(str(s) for s in stages),
+            created=answer_time(created),
+            source=self.name,
+            secret_type=str(secret_type or "Generic"),
+            extra={k: str(v) for k, v in (extra or {}).items()},
+        )
 
     def _limits(
         self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,
@@ -94,6 +171,48 @@ class CloudProvider(ProviderBase):
                 ca_file=self.ca_file,
             )
         return self._session
+
+    async def _send(
+        self, request: Request, *, name: str = "", held: Refreshing | None = None
+    ) -> bytes:
+        """The body of a 200 answer to ``request``, signed with ``held`` (a role's
+        credentials), else the source's; under the limiter, retried within the deadline.
+        ``name`` is the secret the call is about (for the errors' words)."""
+        credentials = held or self.credentials
+
+        async def attempt(remaining: float) -> bytes:
+            creds = await credentials.get()
+            answer = await self._exchange(request, creds, remaining)
+            if answer.status == 200:
+                return answer.body
+            error = self.classify(answer.status, answer.headers, answer.body, name, creds)
+            raise self._refused(error, creds, credentials)
+
+        return await self._limited(attempt)
+
+    async def _exchange(
+        self, request: Request, creds: Credentials | None, timeout: float
+    ) -> Answer:
+        """One signed (when ``creds`` are given) request to this attempt's endpoint."""
+        base = self._base()
+        return await send(
+            self._http(), base.url, request, what=f"{self.service} at {base.host}",
+            timeout=timeout, signer=self.signer, credentials=creds,
+        )  # fmt: skip
+
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
+    ) -> AgentError:
+        """The error a refusal means (pure: no counting, no invalidating)."""
+        raise NotImplementedError
+
+    def _refused(self, error: AgentError, creds: Credentials, held: Refreshing) -> AgentError:
+        """Take the side effects of ``error`` (by its type) and return it to be raised."""
+        if isinstance(error, StaleCredentials):
+            held.invalidate(creds)
+        elif isinstance(error, Throttled):
+            self.stats.throttled += 1
+        return error
 
     async def _limited(self, attempt: Callable[[float], Awaitable[_T]]) -> _T:
         """Run ``attempt(remaining_seconds)`` under the quota limiter, retrying what is

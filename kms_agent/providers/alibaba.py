@@ -5,9 +5,11 @@ OpenAPI 2016-01-20, RPC style: parameters in the query string, empty body, signe
 ACS3-HMAC-SHA256. GetSecretValue, DescribeSecret and ListSecrets only: the agent reads.
 Default secrets created by cloud products are named ``<ProductCode>!<SecretIdentifier>``.
 
-The gateway (how a request is carried and signed) is separate from the provider (what is
-asked and how answers map onto the vocabulary), so the dedicated gateway of a KMS instance,
-a different protocol, can be added beside :class:`SharedGateway`.
+Both ways in share the send path of every cloud (:mod:`kms_agent.providers._cloud`):
+RAM credentials sign OpenAPI calls with ACS3 (:class:`~kms_agent.signing.alibaba.Acs3`),
+a ClientKey signs the instance API's protobuf calls (dkms-gcs,
+:class:`~kms_agent.signing.dkms.ClientKeySigner`); :meth:`Provider.classify` reads either
+refusal, and one error rule (:func:`kms_agent.dkms_gcs.error_kind`) maps both.
 
 The dedicated gateway with RAM auth (Alibaba's recommended way in) is the same OpenAPI,
 signing and error vocabulary sent to ``<instance>.cryptoservice.kms.aliyuncs.com``, whose
@@ -17,20 +19,13 @@ verified against it, and its rate limit is what the instance was bought with (no
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
 import re
 import ssl
-import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
-
-import aiohttp
-import structlog
-import yarl
 
 from kms_agent import dkms_gcs
 from kms_agent.config import Config, SourceConfig
@@ -52,22 +47,14 @@ from kms_agent.errors import (
 from kms_agent.model import (
     ALIBABA_NAMES,
     ALIBABA_STAGES,
-    DataType,
     SecretMetadata,
     SecretRecord,
-    SecretValue,
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.signing import alibaba as acs3
 from kms_agent.signing import dkms
-from kms_agent.upstream import (
-    Endpoint,
-    mapped_errors,
-    option,
-)
-
-log = structlog.get_logger("kms_agent.providers.alibaba")
+from kms_agent.upstream import answer_time, error_object, json_object, option
 
 API_VERSION = "2016-01-20"
 #: Alibaba's documented GetSecretValue quota on the shared gateway, per account.
@@ -92,41 +79,11 @@ def policy_statement(action: str, resource: str) -> str:
     return json.dumps({"Effect": "Allow", "Action": action, "Resource": resource})
 
 
-class SharedGateway:
-    """Signed RPC calls to kms[-vpc].<region>.aliyuncs.com (or an explicit endpoint)."""
-
-    def __init__(self, credentials: Refreshing, session: aiohttp.ClientSession) -> None:
-        self._credentials = credentials
-        self._session = session
-
-    async def call(
-        self, base: Endpoint, action: str, params: dict[str, str], timeout: float
-    ) -> tuple[int, dict[str, Any], Credentials]:
-        creds = await self._credentials.get()
-        host = base.host
-        headers = acs3.rpc_headers(
-            host=host,
-            action=action,
-            version=API_VERSION,
-            query=params,
-            access_key_id=creds.access_key_id,
-            access_key_secret=creds.access_key_secret,
-            security_token=creds.security_token,
-        )
-        url = yarl.URL(f"{base.url}/?{acs3.canonical_query(params)}", encoded=True)
-        with mapped_errors(f"Alibaba Cloud KMS at {host}"):
-            async with self._session.post(
-                url, headers=headers, data=b"", timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                body = await resp.json(content_type=None)
-        if not isinstance(body, dict):
-            raise Unavailable(f"Alibaba Cloud KMS at {host} answered with a non-object")
-        return resp.status, body, creds
-
-
 class Provider(CloudProvider):
+    kind = "alibaba"
     name_rule = ALIBABA_NAMES
     stages = ALIBABA_STAGES
+    service = "Alibaba Cloud KMS"
 
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
@@ -210,33 +167,31 @@ class Provider(CloudProvider):
             where=f"{where}.credentials",
         )
         self.credentials = Refreshing(fetch, self.name)
-        self.gateway: SharedGateway | None = None
+        self.signer = acs3.Acs3()
+        if self.client_key is not None:
+            # The key id is all a ClientKey source's credentials are; its signer holds the key.
+            held = Credentials(self.client_key.key_id, "", origin="client_key")
 
-    def __repr__(self) -> str:
-        return f"alibaba.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
+            async def key_id() -> Credentials:
+                return held
 
-    async def open(self) -> None:
-        self.gateway = SharedGateway(self.credentials, self._http())
-        log.info(
-            "alibaba_source_opened",
-            source=self.name,
-            endpoint=self.endpoint,
-            credentials=self.credential_type,
-        )
+            self.credential_type = "client_key"
+            self.credentials = Refreshing(key_id, self.name)
+            self.signer = dkms.ClientKeySigner(self.client_key.private_key)
 
     # ------------------------------------------------------------------ calls
 
     async def _call(self, action: str, params: dict[str, str], name: str = "") -> dict[str, Any]:
-        assert self.gateway is not None, "open() first"
-        gateway = self.gateway
+        body = await self._send(acs3.rpc(action, API_VERSION, params), name=name)
+        return json_object(body, self.service)
 
-        async def attempt(remaining: float) -> dict[str, Any]:
-            status, body, creds = await gateway.call(self._base(), action, params, remaining)
-            if status == 200 and "Code" not in body:
-                return body
-            raise self._error(status, body, name, creds)
-
-        return await self._limited(attempt)
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
+    ) -> AgentError:
+        if self.client_key is not None:
+            return dkms_gcs.classify(status, body, endpoint=self._base().host, name=name)
+        answer = error_object(body)
+        return self._error(status, answer, name, creds)
 
     def _error(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -247,7 +202,6 @@ class Provider(CloudProvider):
         said = f"Alibaba Cloud KMS: {code}" + (f" (request {request_id})" if request_id else "")
         secret_arn = f"acs:kms:{self.region}:{self.account_id}:secret/{name}"
         if code in _STALE_CREDENTIAL_CODES and creds.security_token:
-            self.credentials.invalidate(creds)
             return StaleCredentials(f"{said}: temporary credentials no longer accepted")
         kind = dkms_gcs.error_kind(status, code, message)  # the rule of both gateways
         if kind is SecretNotFound:
@@ -278,7 +232,6 @@ class Provider(CloudProvider):
                 "its recovery window, or read another secret",
             )
         if kind is Throttled:
-            self.stats.throttled += 1
             limit = (
                 f"the shared gateway allows {SHARED_GATEWAY_QPS:g} GetSecretValue QPS per "
                 "account, shared by every client"
@@ -311,26 +264,17 @@ class Provider(CloudProvider):
             stage = canonical_stage(version_stage, self.stages, by_id=True)
             params["VersionStage"] = stage or self.stages.current
         body = await self._call("GetSecretValue", params, name)
-        try:
-            data_type: DataType = "binary" if body.get("SecretDataType") == "binary" else "text"
-            data = str(body["SecretData"])
-            raw = base64.b64decode(data) if data_type == "binary" else data.encode("utf-8")
-            stages = body.get("VersionStages", {}).get("VersionStage", [])
-            return SecretRecord(
-                name=str(body.get("SecretName", name)),
-                value=SecretValue(raw),
-                data_type=data_type,
-                version_id=str(body["VersionId"]),
-                version_stages=tuple(str(s) for s in stages),
-                created=_parse_time(body.get("CreateTime")),
-                source=self.name,
-                secret_type=str(body.get("SecretType", "Generic")),
-                extra={"request_id": str(body.get("RequestId", ""))},
+        with self._reading():
+            return self._record(
+                body.get("SecretName", name),
+                body["SecretData"],
+                binary=body.get("SecretDataType") == "binary",
+                version_id=body["VersionId"],
+                stages=body.get("VersionStages", {}).get("VersionStage", []),
+                created=body.get("CreateTime"),
+                secret_type=body.get("SecretType"),
+                extra={"request_id": body.get("RequestId", "")},
             )
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise Unavailable(
-                f"Alibaba Cloud KMS answered GetSecretValue without {exc!s:.40}"
-            ) from None
 
     async def _get_with_client_key(
         self, name: str, version_id: str | None, version_stage: str | None
@@ -343,54 +287,22 @@ class Provider(CloudProvider):
         request = dkms_gcs.GetSecretValueRequest(
             secret_name=name, version_stage=stage, version_id=version_id or ""
         )
-        key = self.client_key
-        session = self._http()
-
-        async def attempt(remaining: float) -> dkms_gcs.GetSecretValueResponse:
-            base = self._base()
-            endpoint, host = base.url, base.host
-            body = request.encode()
-            headers = dkms.request_headers(
-                body=body,
-                date=dkms.http_date(time.time()),
-                key_id=key.key_id,
-                api_name="GetSecretValue",
-                private_key=key.private_key,
-            )
-            with mapped_errors(f"the KMS instance at {host}"):
-                async with session.post(
-                    endpoint + "/", headers=headers, data=body,
-                    timeout=aiohttp.ClientTimeout(total=remaining),
-                ) as resp:  # fmt: skip
-                    answer = await resp.read()
-            if resp.status != 200:
-                if resp.status == 429:
-                    self.stats.throttled += 1
-                raise dkms_gcs.classify(resp.status, answer, endpoint=host, name=name)
-            try:
-                return dkms_gcs.GetSecretValueResponse.decode(answer)
-            except dkms_gcs.MalformedMessage as exc:
-                raise Unavailable(f"the KMS instance at {host} answered {exc}") from None
-
-        got = await self._limited(attempt)
-        binary = got.secret_data_type == "binary"  # noqa: S105 (a data type, not a secret)
+        answer = await self._send(dkms.request("GetSecretValue", request.encode()), name=name)
         try:
-            raw = base64.b64decode(got.secret_data) if binary else got.secret_data.encode()
-        except ValueError:
-            raise Unavailable(
-                "the KMS instance answered a binary secret that is not base64"
-            ) from None
-        return SecretRecord(
-            name=got.secret_name or name,
-            value=SecretValue(raw),
-            data_type="binary" if binary else "text",
-            version_id=got.version_id,
-            version_stages=got.version_stages,
-            created=_parse_time(got.create_time),
-            source=self.name,
-            secret_type=got.secret_type or "Generic",
-            extra={"request_id": got.request_id},
-        )
+            got = dkms_gcs.GetSecretValueResponse.decode(answer)
+        except dkms_gcs.MalformedMessage as exc:
+            raise Unavailable(f"the KMS instance at {self._base().host} answered {exc}") from None
+        with self._reading():
+            return self._record(
+                got.secret_name or name,
+                got.secret_data,
+                binary=got.secret_data_type == "binary",  # noqa: S105 (a data type)
+                version_id=got.version_id,
+                stages=got.version_stages,
+                created=got.create_time,
+                secret_type=got.secret_type,
+                extra={"request_id": got.request_id},
+            )
 
     async def describe(self, name: str) -> SecretMetadata:
         self._ram_only("DescribeSecret")
@@ -403,7 +315,7 @@ class Provider(CloudProvider):
         return SecretMetadata(
             name=name,
             source=self.name,
-            created=_parse_time(body.get("CreateTime")),
+            created=answer_time(body.get("CreateTime")),
             versions=(),
             secret_type=str(body.get("SecretType", "Generic")),
             extra=extra,
@@ -481,12 +393,3 @@ def _instance_ca(ca_file: str | None, where: str) -> str:
             hint="give the PEM file of the instance CA from the KMS console",
         ) from None
     return ca_file
-
-
-def _parse_time(text: Any) -> float:
-    if not text:
-        return 0.0
-    try:
-        return datetime.fromisoformat(str(text)).timestamp()
-    except ValueError:
-        return 0.0

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
-import structlog
-import yarl
 
 from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
@@ -34,21 +28,18 @@ from kms_agent.grammar import ROLE_ARN_RE
 from kms_agent.model import (
     AWS_NAMES,
     AWS_STAGES,
-    DataType,
     SecretMetadata,
     SecretRecord,
-    SecretValue,
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
-from kms_agent.signing import aws as sigv4
-from kms_agent.upstream import (
-    mapped_errors,
-    option,
-)
+from kms_agent.signing import Request
+from kms_agent.signing.aws import SigV4
+from kms_agent.upstream import json_object, option
 
-log = structlog.get_logger("kms_agent.providers.aws")
 SERVICE = "secretsmanager"
+TARGET = "secretsmanager"
+_HEADERS = {"Content-Type": "application/x-amz-json-1.1"}
 _CREDENTIAL_ERRORS = (
     "UnrecognizedClientException",
     "InvalidSignatureException",
@@ -59,8 +50,10 @@ _CREDENTIAL_ERRORS = (
 
 
 class Provider(CloudProvider):
+    kind = "aws"
     name_rule = AWS_NAMES
     stages = AWS_STAGES
+    service = "AWS Secrets Manager"
 
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
@@ -106,50 +99,7 @@ class Provider(CloudProvider):
             table, env, region=self.region, session=self._http, where=f"{where}.credentials"
         )
         self.credentials = Refreshing(fetch, self.name)
-
-    def __repr__(self) -> str:
-        return f"aws.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
-
-    async def open(self) -> None:
-        self._http()
-        log.info(
-            "aws_source_opened",
-            source=self.name,
-            endpoint=self.endpoint,
-            credentials=self.credential_type,
-        )
-
-    async def _request(
-        self, action: str, payload: dict[str, Any], timeout: float, held: Refreshing
-    ) -> tuple[int, Any, Credentials]:
-        creds = await held.get()
-        base = self._base()
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        headers = sigv4.post_headers(
-            {
-                "Host": base.host,
-                "Content-Type": "application/x-amz-json-1.1",
-                "X-Amz-Target": f"secretsmanager.{action}",
-            },
-            body,
-            access_key_id=creds.access_key_id,
-            secret_access_key=creds.access_key_secret,
-            security_token=creds.security_token,
-            region=self.region,
-            service=SERVICE,
-            amz_date=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        )
-        with mapped_errors(f"AWS Secrets Manager at {base.host}"):
-            async with self._http().post(
-                yarl.URL(base.url + "/"),
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                text = await resp.text()
-        if resp.status == 200:
-            return resp.status, json.loads(text), creds
-        return resp.status, _error_body(text), creds
+        self.signer = SigV4(self.region, SERVICE)
 
     async def _call(
         self,
@@ -159,35 +109,27 @@ class Provider(CloudProvider):
         held: Refreshing | None = None,
     ) -> dict[str, Any]:
         """One API call, signed with ``held`` (a role's credentials), else the source's."""
-        credentials = held or self.credentials
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        request = Request(
+            "POST", "/", headers={**_HEADERS, "X-Amz-Target": f"{TARGET}.{action}"}, body=body
+        )
+        answer = await self._send(request, name=name, held=held)
+        return json_object(answer, self.service)
 
-        async def attempt(remaining: float) -> dict[str, Any]:
-            with mapped_errors(f"AWS Secrets Manager at {self._base().host}"):
-                status, body, creds = await self._request(action, payload, remaining, credentials)
-            if status == 200 and isinstance(body, dict):
-                return body
-            raise self._error(status, body, name, creds, credentials)
-
-        return await self._limited(attempt)
-
-    def _error(
-        self,
-        status: int,
-        body: dict[str, str],
-        name: str,
-        creds: Credentials,
-        held: Refreshing,
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
         """The error for Secrets Manager's answer, remembering its status and type (the AWS
         agent's dialect passes them through)."""
-        err = self._classify(status, body, name, creds, held)
-        code = body.get("code", "").split(":", 1)[0]
+        said = _error_body(body.decode("utf-8", "replace"))
+        err = self._classify(status, said, name, creds)
+        code = said.get("code", "").split(":", 1)[0]
         if code:
-            err.upstream(status, code, body.get("message", "")[:1000] or None)
+            err.upstream(status, code, said.get("message", "")[:1000] or None)
         return err
 
     def _classify(
-        self, status: int, body: dict[str, str], name: str, creds: Credentials, held: Refreshing
+        self, status: int, body: dict[str, str], name: str, creds: Credentials
     ) -> AgentError:
         code, message = body.get("code", f"HTTP{status}"), body.get("message", "")[:300]
         said = f"AWS Secrets Manager: {code}"
@@ -222,10 +164,8 @@ class Provider(CloudProvider):
                 ),
             )
         if code in ("ThrottlingException", "TooManyRequestsException") or status == 429:
-            self.stats.throttled += 1
             return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
         if code in ("ExpiredTokenException", "ExpiredToken") and creds.expiration is not None:
-            held.invalidate(creds)
             return StaleCredentials(f"{said}: temporary credentials expired")
         if code in _CREDENTIAL_ERRORS or status in (401, 403):
             return BadCredentials(
@@ -274,26 +214,17 @@ class Provider(CloudProvider):
         elif not version_id:
             payload["VersionStage"] = self.stages.current
         body = await self._call("GetSecretValue", payload, name, held)
-        try:
+        with self._reading():
             binary = "SecretBinary" in body and "SecretString" not in body
-            data_type: DataType = "binary" if binary else "text"
-            raw = (
-                base64.b64decode(body["SecretBinary"])
-                if binary
-                else str(body["SecretString"]).encode()
+            return self._record(
+                body.get("Name", name),
+                body["SecretBinary"] if binary else body["SecretString"],
+                binary=binary,
+                version_id=body["VersionId"],
+                stages=body.get("VersionStages", []),
+                created=body.get("CreatedDate"),
+                extra={"arn": body.get("ARN", "")},
             )
-            return SecretRecord(
-                name=str(body.get("Name", name)),
-                value=SecretValue(raw),
-                data_type=data_type,
-                version_id=str(body["VersionId"]),
-                version_stages=tuple(str(s) for s in body.get("VersionStages", [])),
-                created=float(body.get("CreatedDate", 0)),
-                source=self.name,
-                extra={"arn": str(body.get("ARN", ""))},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Unavailable(f"AWS Secrets Manager answered without {exc!s:.40}") from None
 
     async def close(self) -> None:
         for held in self._as_roles.values():

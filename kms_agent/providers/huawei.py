@@ -8,18 +8,10 @@ CSMS secret names are 1-64 letters, digits, ``_`` and ``-``.
 
 from __future__ import annotations
 
-import base64
 import os
-import secrets
-import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote
-
-import aiohttp
-import structlog
-import yarl
 
 from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
@@ -39,20 +31,14 @@ from kms_agent.errors import (
 from kms_agent.model import (
     HUAWEI_NAMES,
     HUAWEI_STAGES,
-    DataType,
     SecretMetadata,
     SecretRecord,
-    SecretValue,
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
-from kms_agent.signing import huawei as sdk_hmac
-from kms_agent.upstream import (
-    mapped_errors,
-    option,
-)
-
-log = structlog.get_logger("kms_agent.providers.huawei")
+from kms_agent.signing import Request
+from kms_agent.signing.huawei import SdkHmac
+from kms_agent.upstream import answer_time, error_object, json_object, option
 
 _NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
 _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
@@ -61,8 +47,11 @@ STALE_BEFORE = 40 * 60
 
 
 class Provider(CloudProvider):
+    kind = "huawei"
     name_rule = HUAWEI_NAMES
     stages = HUAWEI_STAGES
+    service = "Huawei Cloud CSMS"
+    signer = SdkHmac()
 
     def __init__(
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
@@ -95,71 +84,24 @@ class Provider(CloudProvider):
         )
         self.credentials = Refreshing(fetch, self.name, stale_before=STALE_BEFORE)
 
-    def __repr__(self) -> str:
-        return f"huawei.Provider({self.name!r}, {self.endpoint!r}, {self.credential_type})"
+    def _described(self) -> dict[str, str]:
+        return {"project_id": str(self.project_id)}
 
-    async def open(self) -> None:
-        self._http()
-        log.info(
-            "huawei_source_opened",
-            source=self.name,
-            endpoint=self.endpoint,
-            project_id=self.project_id,
-            credentials=self.credential_type,
-        )
-
-    # ------------------------------------------------------------------ transport
-
-    async def _request(
-        self, path: str, query: dict[str, str], timeout: float
-    ) -> tuple[int, dict[str, Any], Credentials]:
-        creds = await self.credentials.get()
-        base = self._base()
-        headers = {
-            "Host": base.host,
-            "Content-Type": "application/json",
-            "X-Sdk-Date": time.strftime(sdk_hmac.DATE_FORMAT, time.gmtime()),
-            "X-Project-Id": str(self.project_id),
-            "X-Request-Nonce": secrets.token_hex(8),
-        }
-        if creds.security_token:
-            headers["X-Security-Token"] = creds.security_token
-        headers["Authorization"] = sdk_hmac.authorization(
-            method="GET",
-            path=path,
-            query=query,
-            headers=headers,
-            body=b"",
-            access_key=creds.access_key_id,
-            secret_key=creds.access_key_secret,
-        )
-        qs = sdk_hmac.canonical_query(query)
-        url = yarl.URL(f"{base.url}{path}" + (f"?{qs}" if qs else ""), encoded=True)
-        with mapped_errors(f"Huawei Cloud CSMS at {base.host}"):
-            async with self._http().get(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                body = await resp.json(content_type=None)
-        if not isinstance(body, dict):
-            raise Unavailable(f"Huawei Cloud CSMS at {base.host} answered with a non-object")
-        return resp.status, body, creds
+    # ------------------------------------------------------------------ calls
 
     async def _call(
         self, path: str, query: dict[str, str] | None = None, name: str = ""
     ) -> dict[str, Any]:
-        async def attempt(remaining: float) -> dict[str, Any]:
-            status, body, creds = await self._request(path, query or {}, remaining)
-            if status == 200:
-                return body
-            raise self._error(status, body, name, creds)
+        headers = {"Content-Type": "application/json", "X-Project-Id": str(self.project_id)}
+        body = await self._send(Request("GET", path, query or {}, headers), name=name)
+        return json_object(body, self.service)
 
-        return await self._limited(attempt)
-
-    def _error(
-        self, status: int, body: dict[str, Any], name: str, creds: Credentials
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
-        inner = body.get("error")
-        nested: dict[str, Any] = inner if isinstance(inner, dict) else body
+        answer = error_object(body)
+        inner = answer.get("error")
+        nested: dict[str, Any] = inner if isinstance(inner, dict) else answer
         code = str(nested.get("error_code") or nested.get("code") or f"HTTP{status}")
         message = str(nested.get("error_msg") or nested.get("message") or "")[:300]
         said = f"Huawei Cloud CSMS: {code}"
@@ -182,11 +124,9 @@ class Provider(CloudProvider):
                 "and allow kms:cmk:decrypt on it; the default key csms/default cannot be disabled",
             )
         if status == 429 or code.startswith("APIG.0308") or "throttl" in message.lower():
-            self.stats.throttled += 1
             return Throttled(f"{said}: throttled", hint="lower rate_limit_qps or raise cache.ttl")
         if status == 401 or code.startswith(("APIGW.03", "APIG.03")):
             if creds.security_token and creds.expiration is not None:
-                self.credentials.invalidate(creds)
                 return StaleCredentials(f"{said}: temporary credentials no longer accepted")
             return BadCredentials(
                 f"{said}: the AK/SK signature or token was refused ({message[:80]})",
@@ -224,28 +164,19 @@ class Provider(CloudProvider):
                 version_id = str(body["stage"]["version_id"])
         version = version_id or "latest"
         body = await self._call(f"{base}/versions/{quote(version, safe='')}", name=name)
-        try:
+        with self._reading():
             item = body["version"]
             meta = item["version_metadata"]
-            binary = item.get("secret_binary")
-            data_type: DataType = "binary" if binary and not item.get("secret_string") else "text"
-            raw = (
-                base64.b64decode(binary)
-                if data_type == "binary"
-                else str(item["secret_string"]).encode()
+            binary = bool(item.get("secret_binary")) and not item.get("secret_string")
+            return self._record(
+                meta.get("secret_name", name),
+                item["secret_binary"] if binary else item["secret_string"],
+                binary=binary,
+                version_id=meta["id"],
+                stages=meta.get("version_stages", []),
+                created=meta.get("create_time"),
+                extra={"kms_key_id": meta.get("kms_key_id", "")},
             )
-            return SecretRecord(
-                name=str(meta.get("secret_name", name)),
-                value=SecretValue(raw),
-                data_type=data_type,
-                version_id=str(meta["id"]),
-                version_stages=tuple(str(s) for s in meta.get("version_stages", [])),
-                created=_epoch(meta.get("create_time")),
-                source=self.name,
-                extra={"kms_key_id": str(meta.get("kms_key_id", ""))},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Unavailable(f"Huawei Cloud CSMS answered without {exc!s:.40}") from None
 
     async def describe(self, name: str) -> SecretMetadata:
         body = await self._call(f"/v1/{self.project_id}/secrets/{self._check(name)}", name=name)
@@ -254,7 +185,7 @@ class Provider(CloudProvider):
         return SecretMetadata(
             name=name,
             source=self.name,
-            created=_epoch(secret.get("create_time")),
+            created=answer_time(secret.get("create_time")),
             versions=(),
             extra={k: str(secret[k]) for k in keys if secret.get(k)},
         )
@@ -280,15 +211,3 @@ class Provider(CloudProvider):
             await self._call(f"/v1/{self.project_id}/secrets", {"limit": "1"})
         except AccessDenied:
             return
-
-
-def _epoch(value: Any) -> float:
-    """CSMS times are epoch milliseconds (or ISO text in some answers)."""
-    if value is None:
-        return 0.0
-    if isinstance(value, int | float):
-        return value / 1000 if value > 1e11 else float(value)
-    try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return 0.0

@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,10 +42,8 @@ from kms_agent.model import (
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
-from kms_agent.upstream import (
-    mapped_errors,
-    option,
-)
+from kms_agent.signing import Request
+from kms_agent.upstream import answer_time, error_object, json_object, option
 
 log = structlog.get_logger("kms_agent.providers.vault")
 AUTH_METHODS = ("token", "approle", "kubernetes")
@@ -61,7 +58,22 @@ def _read(path: str) -> str:
 TOKEN_FILE_RECHECK = 60.0
 
 
+class VaultToken:
+    """Vault's :class:`~kms_agent.signing.Signer`: no signature, the token as a header."""
+
+    def sign(self, request: Request, credentials: Credentials, now: float) -> dict[str, str]:
+        return {**request.headers, "X-Vault-Token": credentials.access_key_secret}
+
+
+def _answer(body: bytes, service: str) -> dict[str, Any]:
+    """Vault's JSON answer (an empty body is an empty answer: 204s and some errors)."""
+    return json_object(body, service, empty_ok=True)
+
+
 class Provider(CloudProvider):
+    kind = "vault"
+    service = "Vault"
+    signer = VaultToken()
     name_rule = VAULT_NAMES
     #: KV v2 has versions, not stages: the latest version answers as current, the one
     #: before as previous, in AWS's spelling.
@@ -117,13 +129,7 @@ class Provider(CloudProvider):
         self._renewable = False
         self.logins = 0
         self.credentials = Refreshing(self._authenticate, self.name)
-
-    def __repr__(self) -> str:
-        return f"vault.Provider({self.name!r}, {self.address!r}, auth={self.auth})"
-
-    async def open(self) -> None:
-        self._http()
-        log.info("vault_source_opened", source=self.name, address=self.address, auth=self.auth)
+        self.credential_type = self.auth
 
     # ------------------------------------------------------------------ auth
 
@@ -133,7 +139,7 @@ class Provider(CloudProvider):
             if self._token_file is None:
                 return Credentials("vault-token", str(self._token), origin="token")
             # A token file is re-read: within TOKEN_FILE_RECHECK in the background, and at
-            # once when Vault refuses the token (see _error), so a rotation needs no restart.
+            # once when Vault refuses the token (see _refused), so a rotation needs no restart.
             return Credentials(
                 "vault-token",
                 _read(str(self._token_file)),
@@ -142,9 +148,7 @@ class Provider(CloudProvider):
             )
         current = self.credentials.current  # the token being refreshed, if any
         if current is not None and self._renewable:
-            status, body = await self._raw(
-                "POST", "/v1/auth/token/renew-self", current.access_key_secret
-            )
+            status, body = await self._unlimited("/v1/auth/token/renew-self", current)
             if status == 200 and isinstance(body.get("auth"), dict):
                 return self._from_auth(body["auth"], "renewed")
             log.info("vault_renew_failed", source=self.name, status=status)
@@ -153,7 +157,7 @@ class Provider(CloudProvider):
             payload = {"role_id": self._role_id, "secret_id": secret_id}
         else:
             payload = {"role": self._role, "jwt": _read(self._jwt_file)}
-        status, body = await self._raw("POST", f"/v1/auth/{self.auth_mount}/login", None, payload)
+        status, body = await self._unlimited(f"/v1/auth/{self.auth_mount}/login", None, payload)
         if status != 200 or not isinstance(body.get("auth"), dict):
             errors = "; ".join(str(e) for e in body.get("errors", []))[:200]
             raise BadCredentials(
@@ -171,45 +175,41 @@ class Provider(CloudProvider):
             "vault-token", str(auth["client_token"]), expiration=expiration, origin=origin
         )
 
-    async def _raw(
-        self, method: str, path: str, token: str | None, payload: dict[str, Any] | None = None
+    async def _unlimited(
+        self, path: str, creds: Credentials | None, payload: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
+        """A POST of the auth flow (login, renewal): made while a call waits for the token,
+        so outside the limiter (that call holds its place), within the source's timeout."""
+        body = json.dumps(payload).encode() if payload is not None else b""
+        answer = await self._exchange(self._request("POST", path, body=body), creds, self.timeout)
+        return answer.status, _answer(answer.body, self.service)
+
+    def _request(
+        self, method: str, path: str, query: dict[str, str] | None = None, body: bytes = b""
+    ) -> Request:
         headers = {"X-Vault-Request": "true"}
-        if token:
-            headers["X-Vault-Token"] = token
         if self.namespace:
             headers["X-Vault-Namespace"] = self.namespace
-        base = self._base()
-        with mapped_errors(f"Vault at {base.url}"):
-            async with self._http().request(
-                method, base.url + path, headers=headers, json=payload
-            ) as resp:
-                text = await resp.text()
-        try:
-            body = json.loads(text) if text.strip() else {}
-        except ValueError:
-            raise Unavailable(f"Vault at {base.url} answered with a non-JSON body") from None
-        return resp.status, body if isinstance(body, dict) else {}
+        if body:
+            headers["Content-Type"] = "application/json"
+        return Request(method, path, query or {}, headers, body)
 
     # ------------------------------------------------------------------ calls
 
-    async def _call(self, path: str, name: str = "") -> dict[str, Any]:
-        async def attempt(_remaining: float) -> dict[str, Any]:
-            creds = await self.credentials.get()
-            status, body = await self._raw("GET", path, creds.access_key_secret)
-            if status == 200:
-                return body
-            raise self._error(status, body, name, creds)
+    async def _call(
+        self, path: str, name: str = "", query: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        body = await self._send(self._request("GET", path, query), name=name)
+        return _answer(body, self.service)
 
-        return await self._limited(attempt)
-
-    def _error(
-        self, status: int, body: dict[str, Any], name: str, creds: Credentials
+    def classify(
+        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
-        errors = "; ".join(str(e) for e in body.get("errors", []))[:200]
+        answer = error_object(body)
+        errors = "; ".join(str(e) for e in answer.get("errors", []))[:200]
         said = f"Vault: HTTP {status}"
         if status == 404:
-            meta = (body.get("data") or {}).get("metadata") or {}
+            meta = (answer.get("data") or {}).get("metadata") or {}
             if meta.get("destroyed") or meta.get("deletion_time"):
                 return SecretNotFound(
                     f"{said}: that version of {name!r} was deleted",
@@ -220,8 +220,7 @@ class Provider(CloudProvider):
                 hint=f"check the path under the KV v2 mount {self.mount!r}",
             )
         if status == 403:
-            if self.auth != "token" or self._rotated(creds):
-                self.credentials.invalidate(creds)
+            if self.auth != "token":
                 return StaleCredentials(f"{said}: the token was refused ({errors})")
             return AccessDenied(
                 f"{said}: the token may not read {self.mount}/{name} ({errors})",
@@ -229,11 +228,17 @@ class Provider(CloudProvider):
                 '{ capabilities = ["read"] }',
             )
         if status == 429:
-            self.stats.throttled += 1
             return Throttled(f"{said}: rate limited by Vault")
         if status >= 500:
             return Unavailable(f"{said}: {errors or 'the server failed'} (sealed or in standby?)")
         return InvalidUpstreamRequest(f"{said}: {errors or 'request refused'}")
+
+    def _refused(self, error: AgentError, creds: Credentials, held: Refreshing) -> AgentError:
+        """A token refused (403) after its file was rotated is stale, not a denial: the
+        retry reads the new token."""
+        if isinstance(error, AccessDenied) and self._rotated(creds):
+            error = StaleCredentials(f"{error.message} (the token file holds a newer token)")
+        return super()._refused(error, creds, held)
 
     def _rotated(self, creds: Credentials) -> bool:
         """Whether the token file now holds another token than ``creds`` (a rotation)."""
@@ -269,8 +274,8 @@ class Provider(CloudProvider):
             version = str(current - 1)
         elif version is None and stage:
             raise InvalidUpstreamRequest(f"Vault has no stage {version_stage!r}; use a version id")
-        query = f"?version={version}" if version else ""
-        read = self._call(f"/v1/{self.mount}/data/{path}{query}", name)
+        query = {"version": version} if version else None
+        read = self._call(f"/v1/{self.mount}/data/{path}", name, query)
         if self.verify_answers:
             body, listing = await asyncio.gather(
                 read, self._call(f"/v1/{self.mount}/metadata/{path}", name)
@@ -289,7 +294,7 @@ class Provider(CloudProvider):
                 data_type="text",
                 version_id=str(meta["version"]),
                 version_stages=stages,
-                created=_epoch(meta.get("created_time")),
+                created=answer_time(meta.get("created_time")),
                 source=self.name,
             )
         except (KeyError, TypeError) as exc:
@@ -316,15 +321,14 @@ class Provider(CloudProvider):
         body = await self._call(f"/v1/{self.mount}/metadata/{self._path(name)}", name)
         data = body.get("data", {})
         versions = tuple((str(v), ()) for v in sorted(data.get("versions", {}), key=int))
-        return SecretMetadata(
-            name=name, source=self.name, created=_epoch(data.get("created_time")), versions=versions
-        )
+        created = answer_time(data.get("created_time"))
+        return SecretMetadata(name=name, source=self.name, created=created, versions=versions)
 
     async def list_names(self, prefix: str) -> list[str]:
         directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        path = f"/v1/{self.mount}/metadata/{quote(directory, safe='/')}?list=true"
+        path = f"/v1/{self.mount}/metadata/{quote(directory, safe='/')}"
         try:
-            body = await self._call(path)
+            body = await self._call(path, query={"list": "true"})
         except SecretNotFound:
             return []
         keys = body.get("data", {}).get("keys", [])
@@ -335,12 +339,3 @@ class Provider(CloudProvider):
 
     async def check(self) -> None:
         await self._call("/v1/auth/token/lookup-self")
-
-
-def _epoch(value: Any) -> float:
-    if not value:
-        return 0.0
-    try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return 0.0

@@ -1,4 +1,5 @@
-"""AWS Signature Version 4 for JSON 1.1 services (Secrets Manager), as botocore signs it.
+"""AWS Signature Version 4 for JSON 1.1 and query services (Secrets Manager, STS), as
+botocore signs it.
 
 canonical request = METHOD \\n path \\n sorted query \\n ``name:value\\n`` per signed header
 (lowercase, trimmed, sorted) \\n signed header names \\n hex sha256 of the payload; string
@@ -11,10 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from kms_agent.signing import HmacSigner, Request, canonical_query
+
+if TYPE_CHECKING:
+    from kms_agent.credentials import Credentials
+
 ALGORITHM = "AWS4-HMAC-SHA256"
+DATE_HEADER = "X-Amz-Date"
+DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+TOKEN_HEADER = "X-Amz-Security-Token"  # noqa: S105 (a header name)
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -28,67 +37,46 @@ def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     return _hmac(key, "aws4_request")
 
 
-def authorization(
-    *,
-    method: str,
-    path: str,
-    query: Mapping[str, str],
-    headers: Mapping[str, str],
-    body: bytes,
-    access_key_id: str,
-    secret_access_key: str,
-    region: str,
-    service: str,
-    amz_date: str,
-) -> str:
-    """The Authorization value; ``headers`` are all signed (include host and x-amz-date)."""
-    lowered = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
+def authorization(request: Request, key_id: str, secret: str, *, region: str, service: str) -> str:
+    """The Authorization value; every header of ``request`` is signed (include Host and
+    X-Amz-Date, whose value is the signing time)."""
+    lowered = {k.lower(): " ".join(str(v).split()) for k, v in request.headers.items()}
     names = sorted(lowered)
-    canonical_query = "&".join(
-        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
-    )
     canonical = "\n".join(
         [
-            method,
-            quote(path, safe="/-_.~"),
-            canonical_query,
+            request.method,
+            quote(request.path, safe="/~"),
+            canonical_query(request.query),
             "".join(f"{n}:{lowered[n]}\n" for n in names),
             ";".join(names),
-            hashlib.sha256(body).hexdigest(),
+            hashlib.sha256(request.body).hexdigest(),
         ]
     )
+    amz_date = lowered[DATE_HEADER.lower()]
     date = amz_date[:8]
     scope = f"{date}/{region}/{service}/aws4_request"
     to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
     signature = hmac.new(
-        signing_key(secret_access_key, date, region, service), to_sign.encode(), hashlib.sha256
+        signing_key(secret, date, region, service), to_sign.encode(), hashlib.sha256
     ).hexdigest()
     return (
-        f"{ALGORITHM} Credential={access_key_id}/{scope}, "
+        f"{ALGORITHM} Credential={key_id}/{scope}, "
         f"SignedHeaders={';'.join(names)}, Signature={signature}"
     )
 
 
-def post_headers(
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    access_key_id: str,
-    secret_access_key: str,
-    security_token: str | None,
-    region: str,
-    service: str,
-    amz_date: str,
-) -> dict[str, str]:
-    """``headers`` (Host and Content-Type at least) with X-Amz-Date, the session token if
-    any, and the Authorization of a ``POST /`` of ``body``: every signed call the agent
-    makes (Secrets Manager, STS) has this shape."""
-    out = {**headers, "X-Amz-Date": amz_date}
-    if security_token:
-        out["X-Amz-Security-Token"] = security_token
-    out["Authorization"] = authorization(
-        method="POST", path="/", query={}, headers=out, body=body,
-        access_key_id=access_key_id, secret_access_key=secret_access_key,
-        region=region, service=service, amz_date=amz_date,
-    )  # fmt: skip
-    return out
+class SigV4(HmacSigner):
+    """The :class:`~kms_agent.signing.Signer` of one AWS service in one region."""
+
+    date_header = DATE_HEADER
+    date_format = DATE_FORMAT
+
+    def __init__(self, region: str, service: str) -> None:
+        self.region = region
+        self.service = service
+
+    def _token(self, credentials: Credentials) -> dict[str, str]:
+        return {TOKEN_HEADER: str(credentials.security_token)}
+
+    def authorization(self, request: Request, key_id: str, secret: str) -> str:
+        return authorization(request, key_id, secret, region=self.region, service=self.service)

@@ -24,17 +24,25 @@ import email.utils
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
+from kms_agent.signing import Request
+
+if TYPE_CHECKING:
+    from kms_agent.credentials import Credentials
+
 API_VERSION = "dkms-gcs-0.2"
 SIGNATURE_METHOD = "RSA_PKCS1_SHA_256"
 CONTENT_TYPE = "application/x-protobuf"
 #: Three c's: the SDK's spelling, which is what the gateway reads.
 KEY_ID_HEADER = "x-kms-acccesskeyid"
+API_NAME_HEADER = "x-kms-apiname"
 SIGNED_PREFIX = "x-kms-"
 METHOD = "POST"
 PATH = "/"
@@ -87,7 +95,7 @@ def request_headers(
         "accept": CONTENT_TYPE,
         "date": date,
         "x-kms-apiversion": api_version,
-        "x-kms-apiname": api_name,
+        API_NAME_HEADER: api_name,
         "x-kms-signaturemethod": SIGNATURE_METHOD,
         KEY_ID_HEADER: key_id,
         "content-type": CONTENT_TYPE,
@@ -96,6 +104,32 @@ def request_headers(
     }
     headers["authorization"] = BEARER + sign(string_to_sign(method, headers), private_key)
     return headers
+
+
+def request(api_name: str, body: bytes) -> Request:
+    """A call of the instance API: ``api_name`` with its protobuf ``body``."""
+    return Request(METHOD, PATH, headers={API_NAME_HEADER: api_name}, body=body)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeySigner:
+    """The :class:`~kms_agent.signing.Signer` of a KMS instance's API: the ClientKey's
+    private key signs; the credentials carry its key id (the ClientKey is not a secret
+    pair, so the key stays here, out of every Credentials)."""
+
+    private_key: RSAPrivateKey = field(repr=False)
+
+    def sign(self, request: Request, credentials: Credentials, now: float) -> dict[str, str]:
+        given = {k.lower(): v for k, v in request.headers.items()}
+        headers = request_headers(
+            body=request.body,
+            date=http_date(now),
+            key_id=credentials.access_key_id,
+            api_name=given[API_NAME_HEADER],
+            private_key=self.private_key,
+            method=request.method,
+        )
+        return {"host": given["host"], **headers} if "host" in given else headers
 
 
 def verify(method: str, headers: Mapping[str, str], body: bytes, public_key: RSAPublicKey) -> bool:

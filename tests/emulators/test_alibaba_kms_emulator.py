@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -12,6 +13,8 @@ import yarl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kms_agent.credentials import Credentials
+from kms_agent.signing import Request, canonical_query
 from kms_agent.signing import alibaba as agent_signer
 from tests.conftest import PLANTED
 
@@ -177,8 +180,7 @@ def test_agent_signer_matches_the_vector_and_the_sdk():
         "x-acs-date": "2023-10-26T10:22:32Z", "x-acs-security-token": "tok/+=",
         "x-acs-signature-nonce": "3156853299f313e23d1673dc12e1703d", "x-acs-version": "2016-01-20",
     }
-    ours = agent_signer.authorization(method="POST", path="/", query=query, headers=headers, body=b"",
-                                      access_key_id="testid", access_key_secret="testsecret")
+    ours = agent_signer.authorization(Request("POST", "/", query, headers), "testid", "testsecret")
     assert ours.endswith("Signature=89899c9e27fc02ecad1350660b44e2b81b0c6004806ec8d17108138585b61a36")
     assert ours == sdk_authorization("POST", query, headers, "testid", "testsecret")
 
@@ -194,17 +196,17 @@ _text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x24F), m
     nonce=st.text(alphabet="0123456789abcdef", min_size=8, max_size=32),
 )
 def test_agent_signer_equals_sdk_signer_for_any_input(name, stage, token, nonce):
-    """For arbitrary names, stages and tokens the two signers agree byte for byte."""
+    """For arbitrary names, stages and tokens the two signers agree byte for byte: the
+    headers the agent's Signer sends carry the authorization the SDK computes for them."""
     query = {"SecretName": name, "VersionStage": stage}
-    headers = {"host": "kms.cn-hangzhou.aliyuncs.com", "x-acs-action": "GetSecretValue",
-               "x-acs-version": "2016-01-20", "x-acs-date": "2026-11-24T00:00:00Z",
-               "x-acs-signature-nonce": nonce, "x-acs-content-sha256": agent_signer.EMPTY_SHA256,
-               "accept": "application/json"}
-    if token:
-        headers["x-acs-security-token"] = token.strip() or "t"
-    ours = agent_signer.authorization(method="POST", path="/", query=query, headers=headers, body=b"",
-                                      access_key_id="LTAIak", access_key_secret="sk/+=")
-    assert ours == sdk_authorization("POST", query, headers, "LTAIak", "sk/+=")
+    request = agent_signer.rpc("GetSecretValue", "2016-01-20", query).to("kms.cn-hangzhou.aliyuncs.com")
+    request = replace(request, headers={**request.headers, "x-acs-signature-nonce": nonce})
+    creds = Credentials("LTAIak", "sk/+=", security_token=(token.strip() or "t") if token else None)
+    sent = agent_signer.Acs3().sign(request, creds, now=1795046400.0)
+    assert sent["x-acs-date"] == "2026-11-19T00:00:00Z"
+    assert sent["x-acs-signature-nonce"] == nonce
+    ours = sent.pop("authorization")
+    assert ours == sdk_authorization("POST", query, sent, "LTAIak", "sk/+=")
 
 
 async def test_emulator_throttles_at_the_documented_quota(kms, kms_url):
@@ -223,9 +225,8 @@ async def test_emulator_throttles_at_the_documented_quota(kms, kms_url):
                        "x-acs-date": time_iso(frozen), "x-acs-signature-nonce": f"n{i}",
                        "x-acs-content-sha256": EMPTY_SHA256, "accept": "application/json"}
             query = {"SecretName": "db"}
-            headers["Authorization"] = agent_signer.authorization(
-                method="POST", path="/", query=query, headers=headers, body=b"", access_key_id=ak, access_key_secret=sk)
-            url = yarl.URL(f"{kms_url}/?{agent_signer.canonical_query(query)}", encoded=True)
+            headers["Authorization"] = agent_signer.authorization(Request("POST", "/", query, headers), ak, sk)
+            url = yarl.URL(f"{kms_url}/?{canonical_query(query)}", encoded=True)
             async with s.post(url, headers=headers, data=b"") as r:
                 codes.append((await r.json()).get("Code", "ok"))
     assert codes[:450] == ["ok"] * 450

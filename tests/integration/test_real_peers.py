@@ -14,6 +14,8 @@ import boto3
 import pytest
 
 from kms_agent.agent import Agent
+from kms_agent.credentials import Credentials as AgentCredentials
+from kms_agent.signing import Request
 from kms_agent.signing import aws as sigv4
 from kms_agent.store import LocalStore
 from tests.conftest import PLANTED, TOKEN, moto_source, running_agent
@@ -181,17 +183,20 @@ def test_sigv4_matches_botocore():
     canonical = auth.canonical_request(request)
     botocore_signature = auth.signature(auth.string_to_sign(request, canonical), request)
     ours = sigv4.authorization(
-        method="POST",
-        path="/",
-        query={},
-        headers={**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"},
-        body=body,
-        access_key_id="AKIDEXAMPLE",
-        secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        Request("POST", "/", {}, {**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"}, body),
+        "AKIDEXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
         region="us-east-1",
         service="secretsmanager",
-        amz_date="20240101T000000Z",
     )
+    # The Signer adds the date and the session token itself, to the same result.
+    unsigned = {k: v for k, v in headers.items() if not k.startswith("X-Amz-") or "Target" in k}
+    sent = sigv4.SigV4("us-east-1", "secretsmanager").sign(
+        Request("POST", "/", {}, unsigned, body).to("secretsmanager.us-east-1.amazonaws.com"),
+        AgentCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "SESSIONTOKEN"),
+        now=1704067200.0,
+    )
+    assert sent["Authorization"] == ours
     assert ours.endswith(f"Signature={botocore_signature}")
     assert botocore_signature == "ef3e6c65e028f7f3c7e64366b15eb5ed9fcd647c2176f4155922730fd68db707"
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kms_agent.credentials import Credentials
 from kms_agent.credentials.client_key import load_client_key
 from kms_agent.dkms_gcs import (
     SDK_RETRY,
@@ -207,6 +208,20 @@ def test_vector_reproduced_byte_for_byte():
     assert dkms.content_sha256(body) == VECTOR["content_sha256_expected_upper_hex"]
     assert headers["authorization"] == VECTOR["authorization"]
     assert dkms.http_date(1580974374) == DATE
+
+
+def test_the_send_path_signer_reproduces_the_vector():
+    """ClientKeySigner, the Signer the provider's one send path uses, makes the recorded
+    headers from a request, the key id in the source's Credentials and the clock: the same
+    authorization byte for byte, the host passed through unsigned."""
+    body = bytes.fromhex(VECTOR["body_hex"])
+    request = dkms.request("GetSecretValue", body).to("kst-test.cryptoservice.kms.aliyuncs.com")
+    signer = dkms.ClientKeySigner(VECTOR_KEY)
+    sent = signer.sign(request, Credentials(KEY_ID, "", origin="client_key"), now=1580974374)
+    expected = {k: v for k, v in VECTOR["headers"].items() if k not in TRANSPORT_HEADERS}
+    assert sent.pop("host") == "kst-test.cryptoservice.kms.aliyuncs.com"
+    assert list(sent.items()) == list(expected.items())
+    assert "PRIVATE" not in repr(signer) and "RSAPrivateKey" not in repr(signer)
 
 
 def test_signature_verifies_and_any_signed_byte_changed_fails():
