@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -242,15 +242,3 @@ def new_session(
     # off the same way (there is no public switch).
     session._retry_connection = False  # noqa: SLF001
     return session
-
-
-def option(
-    options: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any
-) -> Any:
-    """One provider setting, type-checked, with the dotted key in the error."""
-    value = options.pop(key, default)
-    if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: {value!r} has the wrong type")
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(f"{where}.{key}: {value!r} is not a number")
-    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 
@@ -20,6 +20,7 @@ from kms_agent.errors import (
     UpstreamTimeout,
 )
 from kms_agent.providers import Changed, ProviderBase
+from kms_agent.providers.options import CloudOptions
 from kms_agent.upstream import (
     CURRENT_ENDPOINT,
     Endpoint,
@@ -28,7 +29,6 @@ from kms_agent.upstream import (
     UpstreamStats,
     check_endpoint,
     new_session,
-    option,
     with_retries,
 )
 
@@ -43,17 +43,11 @@ class CloudProvider(ProviderBase):
     ca_file: str | None = None
     endpoints: Endpoints
 
-    def _limits(
-        self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,
-        why_max: str = "",
-    ) -> None:  # fmt: skip
-        """Read rate_limit_qps, timeout_seconds and max_attempts out of ``opts``."""
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, default_qps))
-        if qps <= 0 or (max_qps is not None and qps > max_qps):
-            bound = f" and at most {max_qps:g}, {why_max}" if max_qps is not None else ""
-            raise ConfigError(f"{where}.rate_limit_qps: {qps:g} must be above 0{bound}")
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+    def _limits(self, options: CloudOptions) -> None:
+        """The source's quota (checked by the options), deadline and attempts."""
+        qps = options.qps
+        self.timeout = options.timeout_seconds
+        self.attempts = options.max_attempts
         self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
         self.stats = UpstreamStats()
         #: The source's last transient failure and when (monotonic): what a call held back
@@ -62,19 +56,17 @@ class CloudProvider(ProviderBase):
         self._session: aiohttp.ClientSession | None = None
 
     def _endpoints(
-        self, opts: dict[str, Any], where: str, key: str, given: str | None, default: str | None
+        self, options: CloudOptions, where: str, key: str, given: str | None, default: str | None
     ) -> str:
         """The source's endpoints: ``given`` (the ``key`` setting, else ``default``), or the
         list ``endpoints``, tried in that order (failover). Returns the first."""
-        listed = option(opts, "endpoints", list, where, None)
+        listed = options.endpoints
         if listed is not None:
             if given is not None or not listed:
                 raise ConfigError(
                     f"{where}.endpoints: give one or more URLs here, or {key} alone, not both"
                 )
-            urls = [
-                check_endpoint(str(url), f"{where}.endpoints[{i}]") for i, url in enumerate(listed)
-            ]
+            urls = [check_endpoint(url, f"{where}.endpoints[{i}]") for i, url in enumerate(listed)]
         elif given is None and default is None:
             raise ConfigError(f"{where}.{key}: required (or endpoints, a list)")
         else:
