@@ -23,6 +23,7 @@ from kms_agent.auth import TOKEN_FILE_NAME, new_token, token_variable
 from kms_agent.config import Config, ListenAddress
 from kms_agent.errors import AgentError, ConfigError
 from kms_agent.policy import ACTIONS, GET_SECRET_VALUE
+from kms_agent.providers.options import LocalOptions
 from kms_agent.store import DEFAULT_KEY_ALIAS, LocalStore
 from kms_agent_client import Client, ClientError, read_token_file
 
@@ -414,7 +415,9 @@ def _store(cfg: Config, args: argparse.Namespace) -> LocalStore:
             )
         local = chosen
     if local:
-        return LocalStore(Path(local[0].options.get("path", cfg.data_dir)), source=local[0].name)
+        where = f"sources.{local[0].name}"
+        path = LocalOptions.of(local[0].options).directory(cfg.data_dir, where)
+        return LocalStore(Path(path), source=local[0].name)
     return LocalStore(cfg.data_path)
 
 

@@ -10,10 +10,11 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from kms_agent.errors import ConfigError
 from kms_agent.grammar import DIALECTS
@@ -27,6 +28,8 @@ from kms_agent.k8s_identity import (
     IN_CLUSTER_TOKEN_FILE,
 )
 from kms_agent.policy import PolicySet
+from kms_agent.providers.options import PROVIDERS as SOURCE_OPTIONS
+from kms_agent.providers.options import SourceOptions
 from kms_agent_client import (
     DEFAULT_ADDRESS,
     DEFAULT_HEADER,
@@ -57,7 +60,10 @@ DEFAULT_TTL = 300.0
 DEFAULT_MAX_STALE = 3600.0
 DEFAULT_MAX_ENTRIES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-PROVIDERS = ("local", "alibaba", "huawei", "aws", "vault")
+PROVIDERS = tuple(SOURCE_OPTIONS)
+#: The keys of a ``[[sources]]`` table that are the source's own; the rest are its
+#: provider's (kms_agent.providers.options).
+SOURCE_KEYS = ("name", "provider", "match")
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -251,10 +257,13 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class SourceConfig:
+    """One ``[[sources]]`` table; build it with :func:`source_config`."""
+
     name: str
     provider: str
+    #: The provider's settings: ``SOURCE_OPTIONS[provider]``, built and checked.
+    options: SourceOptions
     match: tuple[str, ...] = ("*",)
-    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,10 +314,20 @@ def _where(key: str, value: Any) -> str:
     return f"{key} (from ${value.var})" if isinstance(value, _EnvText) else key
 
 
+#: How a union's message names what each of its members takes.
+_KINDS = {str: "a string", int: "a whole number", float: "a number", bool: "a boolean"}
+
+
 def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     where = _where(key, value)
     env = isinstance(value, _EnvText)
     origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return _convert_union(get_args(tp), value, key, meta)
+    if origin is Mapping:
+        if not isinstance(value, Mapping):  # its type only: a misplaced value may be secret
+            raise ConfigError(f"{where}: expected a table, got a {type(value).__name__}")
+        return value
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -348,6 +367,22 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
 
 
+def _convert_union(members: tuple[Any, ...], value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    """``X | None`` (None: not given) or ``X | Y``: the first member that takes ``value``."""
+    given = [m for m in members if m is not type(None)]
+    if value is None and len(given) < len(members):
+        return None
+    if len(given) == 1:
+        return _convert(given[0], value, key, meta)
+    for member in given:
+        try:
+            return _convert(member, value, key, meta)
+        except ConfigError:
+            continue
+    kinds = " or ".join(_KINDS.get(m, repr(m)) for m in given)
+    raise ConfigError(f"{_where(key, value)}: {value!r} is not {kinds}")
+
+
 def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: {value!r} is not a number")
@@ -373,15 +408,25 @@ def _bounded(value: float, given: Any, where: str, meta: Mapping[str, Any]) -> A
     return value
 
 
-def _build(cls: type[_T], table: Any, prefix: str) -> _T:
+def _build(
+    cls: type[_T],
+    table: Any,
+    prefix: str,
+    *,
+    internal: Collection[str] = (),
+    handled: Collection[str] = (),
+) -> _T:
+    """``cls`` from ``table``: every field's value converted by its type, unknown keys
+    refused with the allowed ones listed. ``internal`` fields are not settable; ``handled``
+    keys may be in the table but are the caller's to read."""
     if not isinstance(table, Mapping):
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{where}: expected a table like [{where}], got {table!r}")
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in fields(cls) if f.name not in internal}  # type: ignore[arg-type]
     for key in table:
-        if key not in known or key in ("path", "options"):
-            allowed = ", ".join(sorted(k for k in known if k not in ("path", "options")))
+        if key not in known and key not in handled:
+            allowed = ", ".join(sorted([*known, *handled]))
             raise ConfigError(f"{prefix}{key}: unknown setting; allowed here: {allowed}")
     kwargs: dict[str, Any] = {}
     for name, fld in known.items():
@@ -395,9 +440,33 @@ def _build(cls: type[_T], table: Any, prefix: str) -> _T:
     return cls(**kwargs)
 
 
+def _options_class(provider: Any, key: str) -> type[SourceOptions]:
+    if provider not in SOURCE_OPTIONS:
+        allowed = ", ".join(repr(p) for p in PROVIDERS)
+        raise ConfigError(f"{key}: {provider!r} is not a provider; use one of {allowed}")
+    return SOURCE_OPTIONS[provider]
+
+
+def source_config(
+    name: str,
+    provider: str,
+    table: Mapping[str, Any] | None = None,
+    match: tuple[str, ...] = ("*",),
+) -> SourceConfig:
+    """A source from its ``[[sources]]`` table, checked as the loader checks it: the
+    provider's settings typed (:mod:`kms_agent.providers.options`), errors naming
+    ``sources.NAME.KEY``. The table's own name, provider and match (if there) are not read:
+    they are the arguments."""
+    where = f"sources.{name}"
+    cls = _options_class(provider, f"{where}.provider")
+    options = _build(cls, {} if table is None else table, f"{where}.", handled=SOURCE_KEYS)
+    options.validate(where)
+    return SourceConfig(name=name, provider=provider, options=options, match=match)
+
+
 def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
     if raw is None:
-        return (SourceConfig(name="local", provider="local"),)
+        return (source_config("local", "local"),)
     if not isinstance(raw, list) or not raw:
         raise ConfigError("sources: expected one or more [[sources]] tables")
     out: list[SourceConfig] = []
@@ -415,16 +484,11 @@ def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
             raise ConfigError(f"{key}.name: {name!r} is used by another source")
         seen.add(name)
         provider = table.get("provider")
-        if provider not in PROVIDERS:
-            allowed = ", ".join(repr(p) for p in PROVIDERS)
-            raise ConfigError(
-                f"{key}.provider: {provider!r} is not a provider; use one of {allowed}"
-            )
+        _options_class(provider, f"{key}.provider")
         match = _convert(tuple[str, ...], table.get("match", ["*"]), f"{key}.match", {})
         if not match:
             raise ConfigError(f'{key}.match: give at least one name glob, like "*" or "aigw!*"')
-        options = {k: v for k, v in table.items() if k not in ("name", "provider", "match")}
-        out.append(SourceConfig(name=name, provider=provider, match=match, options=options))
+        out.append(source_config(name, str(provider), table, match))
     return tuple(out)
 
 
@@ -499,7 +563,7 @@ def load(
         raw = _merge(raw, overrides)
     sources = _build_sources(raw.pop("sources", None))
     own_policies = raw.pop("policies", {})
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, raw, "", internal=("path",))
     policies = _policies(own_policies, cfg.policy_files)
     data_dir = cfg.data_dir or default_data_dir(env)
     runtime_dir = cfg.runtime_dir or default_runtime_dir(env, data_dir)

@@ -342,15 +342,3 @@ def new_session(
     # off the same way (there is no public switch).
     session._retry_connection = False  # noqa: SLF001
     return session
-
-
-def option(
-    options: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any
-) -> Any:
-    """One provider setting, type-checked, with the dotted key in the error."""
-    value = options.pop(key, default)
-    if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: {value!r} has the wrong type")
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(f"{where}.{key}: {value!r} is not a number")
-    return value

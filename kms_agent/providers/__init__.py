@@ -11,13 +11,15 @@ import importlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from kms_agent.config import Config, SourceConfig
 from kms_agent.credentials import Refreshing
 from kms_agent.errors import BadRequest, RoleNotAllowed
 from kms_agent.model import NameRule, SecretMetadata, SecretRecord, Stages
 from kms_agent.upstream import UpstreamStats
+
+if TYPE_CHECKING:  # kms_agent.config imports this package (for providers.options)
+    from kms_agent.config import Config, SourceConfig
 
 #: A predicate over secret names: which cached names a change upstream touched.
 Changed = Callable[[str], bool]

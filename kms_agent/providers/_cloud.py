@@ -33,6 +33,7 @@ from kms_agent.errors import (
 )
 from kms_agent.model import SecretRecord, SecretValue
 from kms_agent.providers import Changed, ProviderBase
+from kms_agent.providers.options import CloudOptions
 from kms_agent.signing import Request, Signer
 from kms_agent.upstream import (
     CURRENT_ENDPOINT,
@@ -44,7 +45,6 @@ from kms_agent.upstream import (
     answer_time,
     check_endpoint,
     new_session,
-    option,
     send,
     with_retries,
 )
@@ -120,17 +120,11 @@ class CloudProvider(ProviderBase):
             extra={k: str(v) for k, v in (extra or {}).items()},
         )
 
-    def _limits(
-        self, opts: dict[str, Any], where: str, *, default_qps: float, max_qps: float | None = None,
-        why_max: str = "",
-    ) -> None:  # fmt: skip
-        """Read rate_limit_qps, timeout_seconds and max_attempts out of ``opts``."""
-        qps = float(option(opts, "rate_limit_qps", (int, float), where, default_qps))
-        if qps <= 0 or (max_qps is not None and qps > max_qps):
-            bound = f" and at most {max_qps:g}, {why_max}" if max_qps is not None else ""
-            raise ConfigError(f"{where}.rate_limit_qps: {qps:g} must be above 0{bound}")
-        self.timeout = float(option(opts, "timeout_seconds", (int, float), where, 10.0))
-        self.attempts = int(option(opts, "max_attempts", int, where, 4))
+    def _limits(self, options: CloudOptions) -> None:
+        """The source's quota (checked by the options), deadline and attempts."""
+        qps = options.qps
+        self.timeout = options.timeout_seconds
+        self.attempts = options.max_attempts
         self.limiter = TokenBucket(qps, burst=max(1.0, qps / 10))
         self.stats = UpstreamStats()
         #: The source's last transient failure and when (monotonic): what a call held back
@@ -139,19 +133,17 @@ class CloudProvider(ProviderBase):
         self._session: aiohttp.ClientSession | None = None
 
     def _endpoints(
-        self, opts: dict[str, Any], where: str, key: str, given: str | None, default: str | None
+        self, options: CloudOptions, where: str, key: str, given: str | None, default: str | None
     ) -> str:
         """The source's endpoints: ``given`` (the ``key`` setting, else ``default``), or the
         list ``endpoints``, tried in that order (failover). Returns the first."""
-        listed = option(opts, "endpoints", list, where, None)
+        listed = options.endpoints
         if listed is not None:
             if given is not None or not listed:
                 raise ConfigError(
                     f"{where}.endpoints: give one or more URLs here, or {key} alone, not both"
                 )
-            urls = [
-                check_endpoint(str(url), f"{where}.endpoints[{i}]") for i, url in enumerate(listed)
-            ]
+            urls = [check_endpoint(url, f"{where}.endpoints[{i}]") for i, url in enumerate(listed)]
         elif given is None and default is None:
             raise ConfigError(f"{where}.{key}: required (or endpoints, a list)")
         else:

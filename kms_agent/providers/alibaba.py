@@ -52,20 +52,12 @@ from kms_agent.model import (
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
+from kms_agent.providers.options import SHARED_GATEWAY_QPS, AlibabaOptions
+from kms_agent.signing import Signer, dkms
 from kms_agent.signing import alibaba as acs3
-from kms_agent.signing import dkms
-from kms_agent.upstream import answer_time, error_object, json_object, option
+from kms_agent.upstream import answer_time, error_object, json_object
 
 API_VERSION = "2016-01-20"
-#: Alibaba's documented GetSecretValue quota on the shared gateway, per account.
-SHARED_GATEWAY_QPS = 450.0
-DEFAULT_QPS = 100.0
-#: A KMS instance's dedicated gateway: its QPS is what was bought; stay modest unless told.
-DEDICATED_DEFAULT_QPS = 200.0
-GATEWAYS = ("shared", "dedicated")
-#: How the agent proves itself: RAM credentials (the OpenAPI, either gateway) or a
-#: ClientKey (the instance API, dkms-gcs, dedicated gateway only).
-AUTHS = ("ram", "client_key")
 #: What a ClientKey source's readiness check reads (a not-found answer is the pass).
 CHECK_NAME = "kms-agent-readiness-check"
 #: Where a KMS instance's dedicated gateway answers (reachable from its VPC only).
@@ -89,86 +81,45 @@ class Provider(CloudProvider):
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
         where = f"sources.{source.name}"
-        opts = dict(source.options)
+        opts = AlibabaOptions.of(source.options)
+        env = os.environ if environ is None else environ
         self.name = source.name
-        self.region = option(opts, "region", str, where, None)
-        self.network = option(opts, "network", str, where, "public")
-        if self.network not in ("public", "vpc"):
-            raise ConfigError(f"{where}.network: {self.network!r} is not 'public' or 'vpc'")
-        self.gateway_kind = option(opts, "gateway", str, where, "shared")
-        if self.gateway_kind not in GATEWAYS:
-            raise ConfigError(f"{where}.gateway: {self.gateway_kind!r} is not one of {GATEWAYS}")
-        self.instance_id = option(opts, "instance_id", str, where, None)
-        self.ca_file = option(opts, "ca_file", str, where, None)
-        self.auth = option(opts, "auth", str, where, "ram")
-        key_file = option(opts, "client_key_file", str, where, None)
-        password_file = option(opts, "client_key_password_file", str, where, None)
-        password_env = option(opts, "client_key_password_env", str, where, None)
+        self.network = opts.network
+        self.gateway_kind = opts.gateway
+        self.instance_id = opts.instance_id
+        self.ca_file = opts.ca_file
+        #: RAM credentials (the OpenAPI, either gateway) or a ClientKey (the instance API,
+        #: dkms-gcs, dedicated gateway only).
+        self.auth = opts.auth
         self.client_key: ClientKey | None = None
-        if self.auth not in AUTHS:
-            raise ConfigError(f"{where}.auth: {self.auth!r} is not one of {AUTHS}")
-        if self.auth == "client_key":
-            if self.gateway_kind != "dedicated":
-                raise ConfigError(
-                    f'{where}.auth: "client_key" is a way into a KMS instance: set '
-                    'gateway = "dedicated" with instance_id (or endpoint) and ca_file'
-                )
-            if not key_file:
-                raise ConfigError(
-                    f"{where}.client_key_file: the ClientKey JSON file is required for "
-                    'auth = "client_key"'
-                )
+        if opts.auth == "client_key":
+            assert opts.client_key_file is not None  # AlibabaOptions.validate
             self.client_key = load_client_key(
-                key_file,
-                password_file=password_file,
-                password_env=password_env,
-                environ=os.environ if environ is None else environ,
+                opts.client_key_file,
+                password_file=opts.client_key_password_file,
+                password_env=opts.client_key_password_env,
+                environ=env,
                 where=f"{where}.client_key_file",
             )
-        endpoint = option(opts, "endpoint", str, where, None)
+        endpoint = opts.endpoint
         default = None
-        if self.gateway_kind == "dedicated":
-            if "endpoints" not in opts:
-                endpoint = _dedicated_endpoint(endpoint, self.instance_id, where)
-            self.ca_file = _instance_ca(self.ca_file, where)
-        elif self.region:
-            prefix = "kms-vpc" if self.network == "vpc" else "kms"
-            default = f"https://{prefix}.{self.region}.aliyuncs.com"
-        elif endpoint is None and "endpoints" not in opts:
-            raise ConfigError(
-                f"{where}.region: give the region (like 'cn-hangzhou') or an endpoint"
-            )
+        if opts.gateway == "dedicated":
+            if opts.endpoints is None:
+                endpoint = _dedicated_endpoint(endpoint, opts.instance_id, where)
+            self.ca_file = _instance_ca(opts.ca_file, where)
+        elif opts.region:
+            prefix = "kms-vpc" if opts.network == "vpc" else "kms"
+            default = f"https://{prefix}.{opts.region}.aliyuncs.com"
         self.endpoint = self._endpoints(opts, where, "endpoint", endpoint, default)
-        self.region = self.region or "cn-hangzhou"
-        self.account_id = str(option(opts, "account_id", (str, int), where, "*"))
-        if self.gateway_kind == "dedicated":
-            self._limits(opts, where, default_qps=DEDICATED_DEFAULT_QPS)
-        else:
-            self._limits(
-                opts, where, default_qps=DEFAULT_QPS, max_qps=SHARED_GATEWAY_QPS,
-                why_max="the shared gateway's GetSecretValue quota per account (shared by all "
-                "clients)",
-            )  # fmt: skip
-        table = option(opts, "credentials", dict, where, {})
-        if opts:
-            raise ConfigError(
-                f"{where}.{min(opts)}: unknown setting; the alibaba provider takes region, "
-                "network, gateway, instance_id, endpoint, endpoints, ca_file, auth, "
-                "client_key_file, "
-                "client_key_password_file, client_key_password_env, account_id, "
-                "rate_limit_qps, timeout_seconds, max_attempts, credentials"
-            )
-        self.credential_type, fetch = alibaba_credentials.resolve(
-            table,
-            os.environ if environ is None else environ,
-            region=self.region,
-            network=self.network,
-            session=self._http,
-            where=f"{where}.credentials",
-        )
-        self.credentials = Refreshing(fetch, self.name)
-        self.signer = acs3.Acs3()
+        self.region = opts.region or "cn-hangzhou"
+        self.account_id = str(opts.account_id)
+        self._limits(opts)
         if self.client_key is not None:
+            if opts.credentials:
+                raise ConfigError(
+                    f"{where}.credentials: a ClientKey source signs with its key, not with RAM "
+                    'credentials; remove the table, or use auth = "ram"'
+                )
             # The key id is all a ClientKey source's credentials are; its signer holds the key.
             held = Credentials(self.client_key.key_id, "", origin="client_key")
 
@@ -177,7 +128,18 @@ class Provider(CloudProvider):
 
             self.credential_type = "client_key"
             self.credentials = Refreshing(key_id, self.name)
-            self.signer = dkms.ClientKeySigner(self.client_key.private_key)
+            self.signer: Signer = dkms.ClientKeySigner(self.client_key.private_key)
+        else:
+            self.credential_type, fetch = alibaba_credentials.resolve(
+                opts.credentials,
+                env,
+                region=self.region,
+                network=self.network,
+                session=self._http,
+                where=f"{where}.credentials",
+            )
+            self.credentials = Refreshing(fetch, self.name)
+            self.signer = acs3.Acs3()
 
     # ------------------------------------------------------------------ calls
 

@@ -24,7 +24,6 @@ from kms_agent.errors import (
     Throttled,
     Unavailable,
 )
-from kms_agent.grammar import ROLE_ARN_RE
 from kms_agent.model import (
     AWS_NAMES,
     AWS_STAGES,
@@ -33,9 +32,10 @@ from kms_agent.model import (
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
+from kms_agent.providers.options import AwsOptions
 from kms_agent.signing import Request
 from kms_agent.signing.aws import SigV4
-from kms_agent.upstream import json_object, option
+from kms_agent.upstream import json_object
 
 SERVICE = "secretsmanager"
 TARGET = "secretsmanager"
@@ -60,43 +60,27 @@ class Provider(CloudProvider):
     ) -> None:
         where = f"sources.{source.name}"
         env = os.environ if environ is None else environ
-        opts = dict(source.options)
+        opts = AwsOptions.of(source.options)
         self.name = source.name
-        region = (
-            option(opts, "region", str, where, None)
-            or env.get("AWS_REGION")
-            or env.get("AWS_DEFAULT_REGION")
-        )
+        region = opts.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if not region:
             raise ConfigError(f"{where}.region: required (or $AWS_REGION)")
-        self.region: str = str(region)
-        endpoint = option(opts, "endpoint", str, where, None) or env.get(
-            "AWS_ENDPOINT_URL_SECRETSMANAGER"
-        )
+        self.region: str = region
+        endpoint = opts.endpoint or env.get("AWS_ENDPOINT_URL_SECRETSMANAGER")
         self.endpoint = self._endpoints(
             opts, where, "endpoint", endpoint, f"https://secretsmanager.{self.region}.amazonaws.com"
         )
-        self._limits(opts, where, default_qps=50.0)
-        table = option(opts, "credentials", dict, where, {})
-        roles = option(opts, "assume_roles", list, where, [])
-        for i, role in enumerate(roles):
-            if not isinstance(role, str) or ROLE_ARN_RE.fullmatch(role) is None:
-                raise ConfigError(
-                    f"{where}.assume_roles[{i}]: {role!r} is not a role ARN like "
-                    "arn:aws:iam::123456789012:role/reader"
-                )
-        self.assume_roles = frozenset(roles)
+        self._limits(opts)
+        self.assume_roles = frozenset(opts.assume_roles)
         self._environ = env
         #: The credentials of each role a caller asked for, assumed with the source's own.
         self._as_roles: dict[str, Refreshing] = {}
-        if opts:
-            raise ConfigError(
-                f"{where}.{min(opts)}: unknown setting; the aws provider takes region, endpoint, "
-                "endpoints, rate_limit_qps, timeout_seconds, max_attempts, credentials, "
-                "assume_roles"
-            )
         self.credential_type, fetch = aws_credentials.resolve(
-            table, env, region=self.region, session=self._http, where=f"{where}.credentials"
+            opts.credentials,
+            env,
+            region=self.region,
+            session=self._http,
+            where=f"{where}.credentials",
         )
         self.credentials = Refreshing(fetch, self.name)
         self.signer = SigV4(self.region, SERVICE)

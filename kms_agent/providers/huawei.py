@@ -36,9 +36,10 @@ from kms_agent.model import (
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
+from kms_agent.providers.options import HuaweiOptions
 from kms_agent.signing import Request
 from kms_agent.signing.huawei import SdkHmac
-from kms_agent.upstream import answer_time, error_object, json_object, option
+from kms_agent.upstream import answer_time, error_object, json_object
 
 _NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
 _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
@@ -58,29 +59,17 @@ class Provider(CloudProvider):
     ) -> None:
         where = f"sources.{source.name}"
         env = os.environ if environ is None else environ
-        opts = dict(source.options)
+        opts = HuaweiOptions.of(source.options)
         self.name = source.name
-        self.region = option(opts, "region", str, where, None)
-        self.project_id = option(opts, "project_id", str, where, None) or env.get(
-            "HUAWEICLOUD_SDK_PROJECT_ID"
-        )
+        self.region = opts.region
+        self.project_id = opts.project_id or env.get("HUAWEICLOUD_SDK_PROJECT_ID")
         if not self.project_id:
             raise ConfigError(f"{where}.project_id: required (or $HUAWEICLOUD_SDK_PROJECT_ID)")
-        endpoint = option(opts, "endpoint", str, where, None)
         default = f"https://kms.{self.region}.myhuaweicloud.com" if self.region else None
-        if endpoint is None and default is None and "endpoints" not in opts:
-            raise ConfigError(f"{where}.region: give the region (like 'cn-north-4')")
-        self.endpoint = self._endpoints(opts, where, "endpoint", endpoint, default)
-        self._limits(opts, where, default_qps=50.0)
-        table = option(opts, "credentials", dict, where, {})
-        if opts:
-            raise ConfigError(
-                f"{where}.{min(opts)}: unknown setting; the huawei provider takes region, "
-                "project_id, endpoint, endpoints, rate_limit_qps, timeout_seconds, max_attempts, "
-                "credentials"
-            )
+        self.endpoint = self._endpoints(opts, where, "endpoint", opts.endpoint, default)
+        self._limits(opts)
         self.credential_type, fetch = huawei_credentials.resolve(
-            table, env, session=self._http, where=f"{where}.credentials"
+            opts.credentials, env, session=self._http, where=f"{where}.credentials"
         )
         self.credentials = Refreshing(fetch, self.name, stale_before=STALE_BEFORE)
 

@@ -10,9 +10,9 @@ import structlog
 import watchfiles
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.errors import ConfigError
 from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord
 from kms_agent.providers import Changed, ProviderBase
+from kms_agent.providers.options import LocalOptions
 from kms_agent.store import LocalStore, secret_file_stem
 
 log = structlog.get_logger("kms_agent.providers.local")
@@ -27,15 +27,8 @@ class Provider(ProviderBase):
         self, source: SourceConfig, config: Config, environ: Mapping[str, str] | None = None
     ) -> None:
         super().__init__()
-        unknown = set(source.options) - {"path"}
-        if unknown:
-            raise ConfigError(
-                f"sources.{source.name}.{min(unknown)}: unknown setting; the local "
-                "provider takes only 'path'"
-            )
-        path = source.options.get("path", config.data_dir)
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"sources.{source.name}.path: {path!r} is not a directory path")
+        opts = LocalOptions.of(source.options)
+        path = opts.directory(config.data_dir, f"sources.{source.name}")
         self.name = source.name
         self.store = LocalStore(Path(path), source=source.name)
         #: (kind, path, widest allowed mode): checked and warned about by the agent.

@@ -42,12 +42,11 @@ from kms_agent.model import (
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
+from kms_agent.providers.options import VaultOptions
 from kms_agent.signing import Request
-from kms_agent.upstream import answer_time, error_object, json_object, option
+from kms_agent.upstream import answer_time, error_object, json_object
 
 log = structlog.get_logger("kms_agent.providers.vault")
-AUTH_METHODS = ("token", "approle", "kubernetes")
-K8S_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 def _read(path: str) -> str:
@@ -84,48 +83,32 @@ class Provider(CloudProvider):
     ) -> None:
         where = f"sources.{source.name}"
         env = os.environ if environ is None else environ
-        opts = dict(source.options)
+        opts = VaultOptions.of(source.options)
         self.name = source.name
-        address = option(opts, "address", str, where, None) or env.get("VAULT_ADDR")
-        if not address and "endpoints" not in opts:
+        address = opts.address or env.get("VAULT_ADDR")
+        if not address and opts.endpoints is None:
             raise ConfigError(
                 f"{where}.address: the Vault/OpenBao URL is required (or $VAULT_ADDR)"
             )
         self.address = self._endpoints(opts, where, "address", address or None, None)
-        self.mount = str(option(opts, "mount", str, where, "secret")).strip("/")
-        self.namespace = option(opts, "namespace", str, where, None)
-        self.auth = option(opts, "auth", str, where, "token")
-        if self.auth not in AUTH_METHODS:
-            raise ConfigError(
-                f"{where}.auth: {self.auth!r} is not one of {', '.join(AUTH_METHODS)}"
-            )
-        self.auth_mount = str(option(opts, "auth_mount", str, where, self.auth)).strip("/")
-        self._token = option(opts, "token", str, where, None) or env.get("VAULT_TOKEN")
-        self._token_file = option(opts, "token_file", str, where, None)
-        self._role_id = option(opts, "role_id", str, where, None)
-        self._secret_id = option(opts, "secret_id", str, where, None)
-        self._secret_id_file = option(opts, "secret_id_file", str, where, None)
-        self._role = option(opts, "role", str, where, None)
-        self._jwt_file = str(option(opts, "jwt_file", str, where, K8S_JWT))
-        #: KV v2 answers carry no path: a crossed answer (another secret's) is caught by
-        #: reading the version's metadata beside it and comparing (a second call a fetch).
-        self.verify_answers = bool(option(opts, "verify_answers", bool, where, default=True))
-        self._limits(opts, where, default_qps=100.0)
-        self.ca_file = option(opts, "ca_file", str, where, None)
-        if opts:
-            raise ConfigError(f"{where}.{min(opts)}: unknown setting of the vault provider")
+        self.mount = opts.mount.strip("/")
+        self.namespace = opts.namespace
+        self.auth = opts.auth
+        self.auth_mount = (opts.auth if opts.auth_mount is None else opts.auth_mount).strip("/")
+        self._token = opts.token or env.get("VAULT_TOKEN")
+        self._token_file = opts.token_file
+        self._role_id = opts.role_id
+        self._secret_id = opts.secret_id
+        self._secret_id_file = opts.secret_id_file
+        self._role = opts.role
+        self._jwt_file = opts.jwt_file
+        self.verify_answers = opts.verify_answers
+        self._limits(opts)
+        self.ca_file = opts.ca_file
         if self.auth == "token" and not (self._token or self._token_file):
             raise ConfigError(
                 f"{where}.token: token auth needs token or token_file (or $VAULT_TOKEN)"
             )
-        if self.auth == "approle" and not (
-            self._role_id and (self._secret_id or self._secret_id_file)
-        ):
-            raise ConfigError(
-                f"{where}: approle auth needs role_id and secret_id (or secret_id_file)"
-            )
-        if self.auth == "kubernetes" and not self._role:
-            raise ConfigError(f"{where}.role: kubernetes auth needs the Vault role")
         self._renewable = False
         self.logins = 0
         self.credentials = Refreshing(self._authenticate, self.name)

@@ -145,7 +145,8 @@ def test_dedicated_gateway_settings_fail_at_start_naming_the_key(
     tmp_path, instance_ca_file, options, key
 ):
     """A missing CA, an unreadable one, no instance and a ClientKey on the shared gateway
-    are start-up errors naming the setting (never a first-request surprise)."""
+    are start-up errors naming the setting (never a first-request surprise): from the
+    config load when the table alone shows it, else from creating the provider."""
     from kms_agent import providers
 
     path = tmp_path / "kms.toml"
@@ -153,7 +154,11 @@ def test_dedicated_gateway_settings_fail_at_start_naming_the_key(
         f'[[sources]]\nname = "instance"\nprovider = "alibaba"\n'
         f"{options.replace('CA', str(instance_ca_file))}"
     )
-    cfg = load(path, environ={})
-    with pytest.raises(ConfigError) as info:
+
+    def start() -> None:
+        cfg = load(path, environ={})
         providers.create(cfg.sources[0], cfg, {})
+
+    with pytest.raises(ConfigError) as info:
+        start()
     assert f"sources.instance.{key}" in info.value.message

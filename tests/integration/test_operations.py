@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kms_agent.agent import Agent
-from kms_agent.config import SourceConfig, load
+from kms_agent.config import load, source_config
 from kms_agent.errors import Unavailable
 from kms_agent.providers.local import Provider as LocalProvider
 from tests.conftest import PLANTED, TOKEN, ScriptedProvider, read_response, running_agent
@@ -321,7 +321,7 @@ async def test_exposed_store_key_is_warned_and_counted(tmp_path, provider):
     """A group-readable store key file shows in the log and the metric."""
     path, environ = agent_config(tmp_path)
     cfg = load(path, environ=environ)
-    local = LocalProvider(SourceConfig(name="local", provider="local"), cfg)
+    local = LocalProvider(source_config("local", "local"), cfg)
     local.store.init()
     local.store.key_path.chmod(0o640)
     agent = Agent(cfg, environ=environ, sources=[(("*",), local)])

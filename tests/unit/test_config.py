@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from kms_agent import cli
-from kms_agent.config import DEFAULT_TTL, field_docs, load
+from kms_agent.config import DEFAULT_TTL, PROVIDERS, SOURCE_KEYS, field_docs, load, source_config
 from kms_agent.errors import ConfigError
+from kms_agent.providers.options import PROVIDERS as SOURCE_OPTIONS
+from kms_agent.providers.options import AlibabaOptions, AwsOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid-configs").glob("*.toml"))
@@ -159,3 +162,137 @@ def test_unix_listen_address():
     cfg = load(environ={"KMS_AGENT_SERVER_LISTEN": "unix:/run/kms-agent/agent.sock"})
     assert cfg.server.address.unix_path == "/run/kms-agent/agent.sock"
     assert cfg.server.address.is_loopback
+
+
+def _source_file(tmp_path: Path, provider: str, settings: str) -> Path:
+    path = tmp_path / "kms.toml"
+    path.write_text(f'[[sources]]\nname = "s"\nprovider = "{provider}"\n{settings}\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    ("provider", "settings", "message"),
+    [
+        ("aws", "region = 5", r"sources\.s\.region: 5 is not a string"),
+        (
+            "vault",
+            'auth = "ldap"',
+            r"sources\.s\.auth: 'ldap' is not allowed; use one of 'token', 'approle', 'kubernetes'",
+        ),
+        (
+            "alibaba",
+            'region = "cn-hangzhou"\ngateway = "private"',
+            r"sources\.s\.gateway: 'private' is not allowed; use one of 'shared', 'dedicated'",
+        ),
+        ("huawei", "timeout_seconds = true", r"sources\.s\.timeout_seconds: True is not a number"),
+        ("vault", "max_attempts = 2.5", r"sources\.s\.max_attempts: 2\.5 is not a whole number"),
+        (
+            "huawei",
+            'endpoints = "https://kms.example"',
+            r"sources\.s\.endpoints: 'https://kms\.example' is not a list of strings",
+        ),
+        (
+            "alibaba",
+            'region = "cn-hangzhou"\naccount_id = 1.5',
+            r"sources\.s\.account_id: 1\.5 is not a string or a whole number",
+        ),
+        (
+            "aws",
+            'region = "us-east-1"\nassume_roles = ["reader"]',
+            r"sources\.s\.assume_roles\[0\]: 'reader' is not a role ARN",
+        ),
+        (
+            "alibaba",
+            'region = "cn-hangzhou"\nrate_limit_qps = 0',
+            r"sources\.s\.rate_limit_qps: 0 must be above 0 and at most 450",
+        ),
+        (
+            "vault",
+            'auth = "approle"\nrole_id = "r"',
+            r"sources\.s: approle auth needs role_id and secret_id",
+        ),
+        ("alibaba", 'auth = "client_key"\nregion = "x"', r"sources\.s\.auth: \"client_key\""),
+        ("huawei", 'project_id = "p"', r"sources\.s\.region: give the region"),
+        ("local", 'path = ""', r"sources\.s\.path: '' is not a directory path"),
+    ],
+)
+def test_a_bad_source_setting_fails_the_load_naming_its_key(
+    tmp_path: Path, provider: str, settings: str, message: str
+) -> None:
+    """A source's provider settings are checked when the config loads, like every other
+    section: a wrong type, a value outside a choice or a bound, or settings that do not go
+    together is an error naming sources.NAME.KEY (not left for the provider to find)."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load(_source_file(tmp_path, provider, settings), environ={})
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_unknown_source_setting_lists_what_its_provider_takes(
+    tmp_path: Path, provider: str
+) -> None:
+    """A key no provider setting has is refused, and the message lists what this
+    provider's table takes: its options class's fields and the source's own keys."""
+    with pytest.raises(ConfigError) as info:
+        load(_source_file(tmp_path, provider, "regoin = 1"), environ={})
+    prefix = "sources.s.regoin: unknown setting; allowed here: "
+    assert info.value.message.startswith(prefix)
+    allowed = info.value.message.removeprefix(prefix).split(", ")
+    takes = {f.name for f in fields(SOURCE_OPTIONS[provider])}
+    assert set(allowed) == takes | set(SOURCE_KEYS)
+    assert allowed == sorted(allowed)
+    assert ("rate_limit_qps" in allowed) == (provider != "local")
+    assert ("assume_roles" in allowed) == (provider == "aws")
+
+
+def test_a_credentials_setting_that_is_not_a_table_is_not_echoed(tmp_path: Path) -> None:
+    """``credentials`` must be a table; a string there (maybe a key pasted in the wrong
+    place) is refused by its type, its value not repeated."""
+    settings = 'region = "cn-hangzhou"\ncredentials = "LTAI-not-echoed"'
+    with pytest.raises(ConfigError, match=r"^sources\.s\.credentials: expected a table") as info:
+        load(_source_file(tmp_path, "alibaba", settings), environ={})
+    assert "LTAI-not-echoed" not in info.value.message
+
+
+def test_source_settings_are_typed_with_defaults_that_follow_other_settings() -> None:
+    """The loader gives providers typed settings: lists as tuples, a number or a string
+    account id as given, and the quota default (and cap) that fits the gateway."""
+    shared = AlibabaOptions.of(source_config("s", "alibaba", {"region": "cn-hangzhou"}).options)
+    assert (shared.qps, shared.max_qps() is not None, shared.account_id) == (100, True, "*")
+    dedicated = AlibabaOptions.of(
+        source_config(
+            "s",
+            "alibaba",
+            {"gateway": "dedicated", "rate_limit_qps": 1000, "account_id": 1234567890},
+        ).options
+    )
+    assert (dedicated.qps, dedicated.max_qps(), dedicated.account_id) == (1000, None, 1234567890)
+    assert (
+        AlibabaOptions.of(source_config("s", "alibaba", {"gateway": "dedicated"}).options).qps
+        == 200
+    )
+    aws = AwsOptions.of(
+        source_config("s", "aws", {"endpoints": ["https://a.example", "https://b.example"]}).options
+    )
+    assert (aws.endpoints, aws.qps, aws.region) == (
+        ("https://a.example", "https://b.example"),
+        50,
+        None,
+    )
+    with pytest.raises(ConfigError, match=r"^sources\.s\.provider: 'gcp' is not a provider"):
+        source_config("s", "gcp", {})
+
+
+def test_a_source_repr_shows_no_credential() -> None:
+    """A source's repr (in a log line or a traceback) holds no token, secret id or
+    credentials table."""
+    planted = "planted-" + "z" * 16
+    table = {
+        "auth": "approle",
+        "role_id": "r",
+        "secret_id": planted,
+        "token": planted,
+        "credentials": {"secret": planted},
+    }
+    text = repr(source_config("v", "vault", table))
+    assert "role_id='r'" in text
+    assert planted not in text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kms_agent.config import Config, SourceConfig
+from kms_agent.config import Config, source_config
 from kms_agent.providers.local import Provider
 from kms_agent.store import LocalStore
 
@@ -21,9 +21,7 @@ async def test_changes_are_seen_under_a_dot_directory(tmp_path: Path, parent: st
     default data dir is under ~/.local, and a dot in a parent directory's name hid every
     change (the filter looked for '/.' in the whole path, not in the file's own name)."""
     data_dir = tmp_path / parent / "kms-agent"
-    provider = Provider(
-        SourceConfig(name="local", provider="local"), Config(data_dir=str(data_dir))
-    )
+    provider = Provider(source_config("local", "local"), Config(data_dir=str(data_dir)))
     await provider.open()
     changes = provider.changes()
     first = asyncio.ensure_future(anext(changes))
@@ -52,9 +50,7 @@ async def test_dot_files_in_the_store_are_not_changes(tmp_path: Path):
     """A dot-file in the secrets directory (a write's temp file) is not a change; only the
     file's own name is looked at."""
     data_dir = tmp_path / ".dot" / "kms-agent"
-    provider = Provider(
-        SourceConfig(name="local", provider="local"), Config(data_dir=str(data_dir))
-    )
+    provider = Provider(source_config("local", "local"), Config(data_dir=str(data_dir)))
     await provider.open()
     changes = provider.changes()
     first = asyncio.ensure_future(anext(changes))

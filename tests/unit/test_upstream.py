@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from kms_agent import upstream
-from kms_agent.config import Config, SourceConfig
+from kms_agent.config import Config, source_config
 from kms_agent.errors import (
     AccessDenied,
     AgentError,
@@ -34,6 +34,7 @@ from kms_agent.errors import (
     Unavailable,
     UpstreamTimeout,
 )
+from kms_agent.providers.options import VaultOptions
 from kms_agent.providers.vault import Provider as VaultProvider
 from kms_agent.upstream import (
     ONE_ATTEMPT,
@@ -41,7 +42,6 @@ from kms_agent.upstream import (
     backoff_delays,
     check_endpoint,
     mapped_errors,
-    option,
     with_retries,
 )
 from tests.conftest import FakeClock
@@ -251,10 +251,10 @@ async def test_the_limiter_paces_a_provider_in_real_time(aiohttp_server):
     app = web.Application()
     app.router.add_get("/v1/secret/data/{name}", kv)
     server = await aiohttp_server(app, host="127.0.0.1")
-    source = SourceConfig(
-        name="v",
-        provider="vault",
-        options={
+    source = source_config(
+        "v",
+        "vault",
+        {
             "address": str(server.make_url("")).rstrip("/"),
             "token": "t" * 16,
             "rate_limit_qps": 20,
@@ -511,14 +511,15 @@ def test_endpoints_are_https_or_loopback_http(url, accepted):
         assert check_endpoint(url, "sources.x.endpoint") == accepted
 
 
-def test_option_type_checks_and_consumes_the_setting():
-    """A provider option is popped (leftovers are unknown settings), type-checked with its
-    dotted key in the error, and a bool is not taken for a number."""
-    opts: dict[str, object] = {"timeout_seconds": 3, "mount": 5, "rate_limit_qps": True}
-    assert option(opts, "timeout_seconds", (int, float), "sources.v", 10.0) == 3
-    assert option(opts, "absent", str, "sources.v", "default") == "default"
-    with pytest.raises(ConfigError, match=r"sources\.v\.mount: 5 has the wrong type"):
-        option(opts, "mount", str, "sources.v", None)
-    with pytest.raises(ConfigError, match=r"sources\.v\.rate_limit_qps: True is not a number"):
-        option(opts, "rate_limit_qps", (int, float), "sources.v", 100.0)
-    assert opts == {}
+def test_source_options_are_typed_with_the_dotted_key_in_errors() -> None:
+    """A source's provider settings are built from their declared types: given values
+    converted, the rest defaulted, and a wrong type (a bool is not a number) refused with
+    the setting's dotted key."""
+    table = {"address": "https://vault.example", "timeout_seconds": 3}
+    opts = VaultOptions.of(source_config("v", "vault", table).options)
+    assert opts.timeout_seconds == 3.0
+    assert (opts.mount, opts.qps, opts.endpoints) == ("secret", 100, None)
+    with pytest.raises(ConfigError, match=r"^sources\.v\.mount: 5 is not a string"):
+        source_config("v", "vault", {"mount": 5})
+    with pytest.raises(ConfigError, match=r"^sources\.v\.rate_limit_qps: True is not a number"):
+        source_config("v", "vault", {"rate_limit_qps": True})

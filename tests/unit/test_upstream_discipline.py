@@ -10,7 +10,7 @@ import time
 import pytest
 from aiohttp import web
 
-from kms_agent.config import Config, SourceConfig
+from kms_agent.config import Config, source_config
 from kms_agent.credentials import FAILED_RETRY_BASE, FAILED_RETRY_MAX, Credentials, Refreshing
 from kms_agent.errors import (
     BadCredentials,
@@ -25,9 +25,7 @@ from tests.conftest import FakeClock
 
 
 def vault(address: str, **options: object) -> VaultProvider:
-    source = SourceConfig(
-        name="v", provider="vault", options={"address": address, "token": "t" * 16, **options}
-    )
+    source = source_config("v", "vault", {"address": address, "token": "t" * 16, **options})
     return VaultProvider(source, Config(), environ={})
 
 
