@@ -7,6 +7,10 @@ makes callers wait when the credentials are missing or about to expire. One refr
 a time: concurrent callers share it. A failed fetch is not repeated for a while (1 s,
 doubling to 15 s): callers get the same error meanwhile, or the current credentials while
 they have not expired, so a refusing STS or metadata service sees a trickle, not a flood.
+
+Every source reads its files with :func:`read_secret_file` and its expiry times with
+:func:`parse_time`; the blocks the clouds compose their sources of are in
+:mod:`kms_agent.credentials.blocks`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import asyncio
 import copy
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,7 +44,7 @@ FAILED_RETRY_MAX = 15.0
 
 
 def credential_kind(
-    table: Mapping[str, Any], keys: set[str], kinds: tuple[str, ...], where: str
+    table: Mapping[str, Any], keys: AbstractSet[str], kinds: tuple[str, ...], where: str
 ) -> str:
     """Check a ``credentials`` table's keys and return its ``type`` (default "auto")."""
     unknown = set(table) - keys
@@ -48,6 +55,39 @@ def credential_kind(
     if kind not in kinds:
         raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(kinds)}")
     return str(kind)
+
+
+def read_secret_file(path: str | Path, what: str = "file", *, hint: str | None = None) -> str:
+    """The text of a credential or token file (UTF-8, surrounding whitespace stripped),
+    read anew on each call: kubelet and operators rotate these files in place.
+
+    A failure is :class:`BadCredentials` naming ``what`` and the path and why (the error's
+    type, or that the file is not UTF-8 text), never the content: a UnicodeDecodeError's
+    own message quotes a byte of it.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        why = type(exc).__name__
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    raise BadCredentials(f"{what} {path} cannot be read ({why})", hint=hint)
+
+
+def parse_time(text: object, what: str = "credentials") -> float:
+    """Epoch seconds of an ISO 8601 time with ``Z`` or a UTC offset, the way the clouds
+    write expirations (Alibaba and AWS ``2024-05-01T12:00:00Z``, Huawei
+    ``2024-05-01T12:00:00.000000Z``). A time without a zone is refused rather than taken as
+    local time; the refusal does not quote the text."""
+    try:
+        when = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.utcoffset() is None:
+        raise BadCredentials(
+            f"the expiration of the {what} is not an ISO 8601 time with Z or a UTC offset"
+        )
+    return when.timestamp()
 
 
 class StaleCredentials(BadCredentials):

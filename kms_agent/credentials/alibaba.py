@@ -15,8 +15,6 @@ lines 103-120 and 149-156).
 
 from __future__ import annotations
 
-import calendar
-import configparser
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,11 +22,11 @@ from typing import Any
 
 import aiohttp
 
-from kms_agent.credentials import Credentials, Fetch, StaleCredentials, assume, credential_kind
+from kms_agent.credentials import Credentials, Fetch, assume, blocks
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.signing import Request
 from kms_agent.signing import alibaba as acs3
-from kms_agent.upstream import check_endpoint, json_object, mapped_errors, send
+from kms_agent.upstream import check_endpoint, json_object, send
 
 TYPES = ("auto", "access_key", "rrsa", "ecs_ram_role", "ram_role_arn")
 #: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
@@ -39,7 +37,6 @@ _SIGNER = acs3.Acs3()
 #: STS refusing the base credentials themselves: temporary ones expired or revoked.
 _STALE_BASE = ("InvalidSecurityToken.", "InvalidAccessKeyId.NotFound")
 METADATA_ENDPOINT = "http://100.100.100.200"
-METADATA_TOKEN_TTL = 21600
 ENV_AK, ENV_SK, ENV_TOKEN = (
     "ALIBABA_CLOUD_ACCESS_KEY_ID",
     "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
@@ -67,10 +64,27 @@ _KEYS = {
     "role_name",
     *assume.KEYS,
 }
-
-
-def parse_expiration(text: str) -> float:
-    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+_KINDS = blocks.Kinds(_KEYS, TYPES, CHAIN_TYPE)
+_KEY_NAMES = blocks.KeyNames(
+    ("access_key_id", ENV_AK),
+    ("access_key_secret", ENV_SK),
+    ("security_token", ENV_TOKEN),
+    "AccessKey credentials",
+)
+#: Interpolated as Alibaba's SDK reads it (ConfigParser); the keys do not expire.
+_PROFILE = blocks.ProfileLayout(
+    "access_key_id", "access_key_secret", None, literal=False, recheck=None
+)
+#: STS's answer (under ``Credentials``) and the ECS metadata document.
+_FIELDS = ("AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration")
+_STS_CREDENTIALS = blocks.Document(*_FIELDS, within="Credentials")
+_METADATA = blocks.Document(*_FIELDS, success=("Code", "Success"))
+_METADATA_TOKEN = blocks.SessionToken(
+    "/latest/api/token",
+    "X-aliyun-ecs-metadata-token-ttl-seconds",
+    "X-aliyun-ecs-metadata-token",
+    "ECS metadata",
+)
 
 
 def resolve(
@@ -83,60 +97,33 @@ def resolve(
     where: str,
 ) -> tuple[str, Fetch]:
     """(description, fetch function) for the configured or discovered credentials."""
-    kind = credential_kind(table, _KEYS, TYPES, where)
+    kind = _KINDS.of(table, where, lambda: _discover(table, environ))
     if kind == CHAIN_TYPE:
-        return CHAIN_TYPE, _ram_role_arn(table, environ, region, network, session, where)
-    assume.refuse_chain_keys(table, kind, CHAIN_TYPE, where)
-    if kind == "auto":
-        if "access_key_id" in table or "credentials_file" in table or environ.get(ENV_AK):
-            kind = "access_key"
-        elif "role_arn" in table or environ.get(ENV_ROLE):
-            kind = "rrsa"
-        else:
-            kind = "ecs_ram_role"
+        return kind, _ram_role_arn(table, environ, region, network, session, where)
     if kind == "access_key":
-        return "access_key", _static(table, environ, where)
+        return kind, _static(table, environ, where)
     if kind == "rrsa":
-        return "rrsa", _rrsa(table, environ, region, network, session, where)
-    return "ecs_ram_role", _ecs(table, session, where)
+        return kind, _rrsa(table, environ, region, network, session, where)
+    return kind, _ecs(table, session, where)
+
+
+def _discover(table: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    """ "auto": AccessKey in the table or environment, then RRSA, then the instance role."""
+    if "access_key_id" in table or "credentials_file" in table or environ.get(ENV_AK):
+        return "access_key"
+    if "role_arn" in table or environ.get(ENV_ROLE):
+        return "rrsa"
+    return "ecs_ram_role"
 
 
 def _static(table: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Fetch:
     if "credentials_file" in table:
         path = Path(str(table["credentials_file"])).expanduser()
         profile = str(table.get("profile", "default"))
-
-        async def from_file() -> Credentials:
-            parser = configparser.ConfigParser()
-            try:
-                parser.read_string(path.read_text(encoding="utf-8"))
-                section = parser[profile]
-                return Credentials(
-                    section["access_key_id"],
-                    section["access_key_secret"],
-                    origin="credentials_file",
-                )
-            except (OSError, KeyError, configparser.Error) as exc:
-                raise BadCredentials(
-                    f"{where}.credentials_file: {path} profile [{profile}] has no "
-                    f"access_key_id/access_key_secret ({type(exc).__name__})"
-                ) from None
-
-        return from_file
-    ak = table.get("access_key_id") or environ.get(ENV_AK)
-    sk = table.get("access_key_secret") or environ.get(ENV_SK)
-    token = table.get("security_token") or environ.get(ENV_TOKEN) or None
-    if not ak or not sk:
-        raise ConfigError(
-            f"{where}: AccessKey credentials need access_key_id and access_key_secret "
-            f"(or ${ENV_AK} and ${ENV_SK})"
+        return blocks.profile_file(
+            path, profile, _PROFILE, "credentials_file", f"{where}.credentials_file"
         )
-    creds = Credentials(str(ak), str(sk), token, origin="access_key")
-
-    async def static() -> Credentials:
-        return creds
-
-    return static
+    return blocks.static(*blocks.static_keys(table, environ, _KEY_NAMES, where), "access_key")
 
 
 def _rrsa(
@@ -159,14 +146,7 @@ def _rrsa(
     endpoint = _sts_endpoint(table, region, network, where)
     session_name = assume.session_name(table, where)
 
-    async def assume_role_with_oidc() -> Credentials:
-        try:  # re-read on every exchange: kubelet rotates the projected token
-            oidc_token = _read(Path(str(token_file)))
-        except OSError as exc:
-            raise BadCredentials(
-                f"RRSA token file {token_file} cannot be read ({type(exc).__name__})",
-                hint="is the projected service-account token volume mounted?",
-            ) from None
+    async def assume_role_with_oidc(oidc_token: str) -> Credentials:
         params = {
             "DurationSeconds": str(duration),
             "RoleArn": str(role),
@@ -174,16 +154,21 @@ def _rrsa(
             "OIDCToken": oidc_token,
             "RoleSessionName": session_name,
         }
-        status, body = await _sts(session, endpoint, "AssumeRoleWithOIDC", params, None)
-        if status != 200 or "Credentials" not in body:
+        found, code = await _call(session, endpoint, "AssumeRoleWithOIDC", params, "rrsa", None)
+        if found is None:
             raise BadCredentials(
-                f"STS AssumeRoleWithOIDC refused: {body.get('Code', status)}",
+                f"STS AssumeRoleWithOIDC refused: {code}",
                 hint="check the role's trust policy (oidc:aud sts.aliyuncs.com, oidc:sub "
                 "system:serviceaccount:<ns>:<sa>) and that the token file is fresh",
             )
-        return _temporary(body, "rrsa", "AssumeRoleWithOIDC")
+        return found
 
-    return assume_role_with_oidc
+    return blocks.token_exchange(
+        str(token_file),
+        "RRSA token file",
+        assume_role_with_oidc,
+        hint="is the projected service-account token volume mounted?",
+    )
 
 
 def _sts_endpoint(table: Mapping[str, Any], region: str, network: str, where: str) -> str:
@@ -217,18 +202,18 @@ async def _sts(
     return answer.status, json_object(answer.body, STS)
 
 
-def _temporary(body: dict[str, Any], origin: str, action: str) -> Credentials:
-    try:
-        c = body["Credentials"]
-        return Credentials(
-            c["AccessKeyId"],
-            c["AccessKeySecret"],
-            c["SecurityToken"],
-            parse_expiration(c["Expiration"]),
-            origin=origin,
-        )
-    except (KeyError, TypeError, ValueError):
-        raise BadCredentials(f"STS {action} answered without usable Credentials") from None
+async def _call(
+    session: Callable[[], aiohttp.ClientSession],
+    endpoint: str,
+    action: str,
+    params: Mapping[str, str],
+    origin: str,
+    signer: Credentials | None,
+) -> tuple[Credentials | None, str]:
+    """One STS call for credentials: (them, or None and what STS said)."""
+    status, body = await _sts(session, endpoint, action, params, signer)
+    found = _STS_CREDENTIALS.credentials(body, origin) if status == 200 else None
+    return found, blocks.refusal(str(body.get("Code") or ""), status)
 
 
 def _ram_role_arn(
@@ -246,67 +231,31 @@ def _ram_role_arn(
     )
     params = chain.params()
 
-    async def assume_role(signer: Credentials) -> Credentials:
-        status, body = await _sts(session, endpoint, "AssumeRole", params, signer)
-        if status == 200 and "Credentials" in body:
-            return _temporary(body, CHAIN_TYPE, "AssumeRole")
-        code = str(body.get("Code", f"HTTP {status}"))
-        said = f"STS AssumeRole of {chain.role_arn} refused: {code}"
-        if signer.security_token and code.startswith(_STALE_BASE):
-            raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
-        raise BadCredentials(
-            said,
-            hint=f"check that the role's trust policy lets the base credentials ({where}.base) "
-            "assume it, the external_id it requires, and that they may call sts:AssumeRole",
-        )
+    async def call(signer: Credentials) -> tuple[Credentials | None, str]:
+        return await _call(session, endpoint, "AssumeRole", params, CHAIN_TYPE, signer)
 
+    assume_role = assume.assumer(call, chain, _STALE_BASE, f"{where}.base")
     return assume.chained(base, assume_role, where)
-
-
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8").strip()
 
 
 def _ecs(
     table: Mapping[str, Any], session: Callable[[], aiohttp.ClientSession], where: str
 ) -> Fetch:
-    endpoint = str(table.get("metadata_endpoint", METADATA_ENDPOINT)).rstrip("/")
-    if not endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.metadata_endpoint: {endpoint!r} is not an http(s) URL")
-    role_name = table.get("role_name")
-
-    async def from_metadata() -> Credentials:
-        http = session()
-        with mapped_errors("the ECS metadata service"):
-            # Hardened mode: a session token first; requests without it may be refused.
-            async with http.put(
-                f"{endpoint}/latest/api/token",
-                headers={"X-aliyun-ecs-metadata-token-ttl-seconds": str(METADATA_TOKEN_TTL)},
-            ) as resp:
-                if resp.status != 200:
-                    raise BadCredentials(f"ECS metadata token request failed: HTTP {resp.status}")
-                token = (await resp.text()).strip()
-            headers = {"X-aliyun-ecs-metadata-token": token}
-            base = f"{endpoint}/latest/meta-data/ram/security-credentials/"
-            role = role_name
-            if not role:
-                async with http.get(base, headers=headers) as resp:
-                    if resp.status != 200:
-                        raise BadCredentials(
-                            f"no RAM role is attached to this instance (HTTP {resp.status})",
-                            hint="attach a RAM role to the ECS instance, or configure credentials",
-                        )
-                    role = (await resp.text()).strip().splitlines()[0]
-            async with http.get(base + str(role), headers=headers) as resp:
-                body = await resp.json(content_type=None)
-        if resp.status != 200 or body.get("Code") != "Success":
-            raise BadCredentials(f"ECS metadata refused the credentials of role {role!r}")
-        return Credentials(
-            body["AccessKeyId"],
-            body["AccessKeySecret"],
-            body["SecurityToken"],
-            parse_expiration(body["Expiration"]),
-            origin="ecs_ram_role",
-        )
-
-    return from_metadata
+    endpoint = blocks.endpoint_setting(table, "metadata_endpoint", METADATA_ENDPOINT, where)
+    # Hardened mode: a session token first; requests without it may be refused.
+    return blocks.metadata(
+        session,
+        "the ECS metadata service",
+        blocks.session_token(endpoint, _METADATA_TOKEN),
+        blocks.instance_role(
+            f"{endpoint}/latest/meta-data/ram/security-credentials/",
+            str(table["role_name"]) if table.get("role_name") else None,
+            lambda status: BadCredentials(
+                f"no RAM role is attached to this instance (HTTP {status})",
+                hint="attach a RAM role to the ECS instance, or configure credentials",
+            ),
+            lambda role: f"ECS metadata refused the credentials of role {role!r}",
+        ),
+        _METADATA,
+        "ecs_ram_role",
+    )

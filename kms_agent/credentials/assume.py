@@ -4,7 +4,8 @@ An assume-role credentials table (Alibaba ``type = "ram_role_arn"``, AWS ``type 
 "assume_role"``) names a role and a nested ``base`` table of any other credentials type. The
 base credentials are held and refreshed like any source's (:class:`Refreshing`); each fetch
 of the role's credentials signs one STS AssumeRole call with them. This module owns the
-table's keys, their limits and defaults, and the chain; the cloud modules own the STS call.
+table's keys, their limits and defaults, the chain and what a refusal means; the cloud
+modules own the STS call.
 
 Limits: ``duration_seconds`` 900-43200 (AWS STS ``roleDurationSecondsType``; Alibaba's
 AssumeRole has the same range, the role's maximum session duration permitting);
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kms_agent.credentials import Credentials, Fetch, Refreshing, StaleCredentials
-from kms_agent.errors import ConfigError
+from kms_agent.errors import BadCredentials, ConfigError
 
 SESSION_NAME = "kms-agent"
 MIN_DURATION, MAX_DURATION, DEFAULT_DURATION = 900, 43200, 3600
@@ -44,6 +45,8 @@ _EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}")
 
 #: Exchange base credentials for the role's (one STS AssumeRole call).
 Assume = Callable[[Credentials], Awaitable[Credentials]]
+#: One signed STS AssumeRole call: (the role's credentials, or None and what STS said).
+Call = Callable[[Credentials], Awaitable[tuple[Credentials | None, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +146,30 @@ def settings(table: Mapping[str, Any], chain_type: str, where: str) -> Chain:
     )
 
 
-def chained(base: Fetch, assume: Assume, where: str) -> Fetch:
-    """The role's credentials: base credentials (held and refreshed on their own) sign each
-    AssumeRole. ``assume`` raises :class:`StaleCredentials` when STS refused the base
-    credentials as expired or revoked; they are then fetched anew on the next attempt."""
-    held = Refreshing(base, f"{where}.base")
+def assumer(call: Call, chain: Chain, stale_codes: tuple[str, ...], signed_by: str) -> Assume:
+    """AssumeRole of ``chain.role_arn`` by ``call``; a refusal is BadCredentials naming the
+    role and STS's code, or StaleCredentials when the signer's temporary credentials were
+    refused themselves (a code starting with one of ``stale_codes``)."""
+
+    async def assume(signer: Credentials) -> Credentials:
+        found, code = await call(signer)
+        if found is not None:
+            return found
+        said = f"STS AssumeRole of {chain.role_arn} refused: {code}"
+        if signer.security_token and code.startswith(stale_codes):
+            raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
+        raise BadCredentials(
+            said,
+            hint=f"check that the role's trust policy lets the base credentials ({signed_by}) "
+            "assume it, the external_id it requires, and that they may call sts:AssumeRole",
+        )
+
+    return assume
+
+
+def signed_with(held: Refreshing, assume: Assume) -> Fetch:
+    """The role's credentials, assumed with ``held``'s current ones; when STS refuses those
+    as stale they are invalidated, so the next attempt fetches them anew."""
 
     async def fetch() -> Credentials:
         creds = await held.get()
@@ -158,3 +180,10 @@ def chained(base: Fetch, assume: Assume, where: str) -> Fetch:
             raise
 
     return fetch
+
+
+def chained(base: Fetch, assume: Assume, where: str) -> Fetch:
+    """The role's credentials: base credentials (held and refreshed on their own) sign each
+    AssumeRole. ``assume`` raises :class:`StaleCredentials` when STS refused the base
+    credentials as expired or revoked; they are then fetched anew on the next attempt."""
+    return signed_with(Refreshing(base, f"{where}.base"), assume)

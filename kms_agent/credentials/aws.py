@@ -12,11 +12,8 @@ roleDurationSecondsType, Credentials).
 
 from __future__ import annotations
 
-import configparser
 import re
-import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -27,14 +24,15 @@ from kms_agent.credentials import (
     Credentials,
     Fetch,
     Refreshing,
-    StaleCredentials,
     assume,
-    credential_kind,
+    blocks,
+    read_secret_file,
 )
+from kms_agent.credentials import parse_time as parse_time  # noqa: PLC0414 (re-exported)
 from kms_agent.errors import BadCredentials, ConfigError
 from kms_agent.signing import Request
 from kms_agent.signing.aws import SigV4
-from kms_agent.upstream import check_endpoint, mapped_errors, send
+from kms_agent.upstream import check_endpoint, send
 
 TYPES = ("auto", "static", "shared_file", "web_identity", "container", "imds", "assume_role")
 #: The chained type: STS AssumeRole signed with the ``base`` table's credentials.
@@ -66,17 +64,35 @@ _KEYS = {
     "imds_endpoint",
     *assume.KEYS,
 }
+_KINDS = blocks.Kinds(_KEYS, TYPES, CHAIN_TYPE)
 _Session = Callable[[], aiohttp.ClientSession]
 #: Re-read the shared credentials file this often (it has no expiry of its own).
 FILE_RECHECK = 16 * 60
-
-
-def parse_time(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
-
-
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8").strip()
+_KEY_NAMES = blocks.KeyNames(
+    ("access_key_id", "AWS_ACCESS_KEY_ID"),
+    ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ("session_token", "AWS_SESSION_TOKEN"),
+    "static credentials",
+)
+#: Literal values: botocore reads the file with RawConfigParser.
+_PROFILE = blocks.ProfileLayout(
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    literal=True,
+    recheck=FILE_RECHECK,
+)
+#: STS's ``Credentials`` element, and the JSON of IMDS and the container endpoint.
+_STS_CREDENTIALS = blocks.Document("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+_METADATA = blocks.Document(
+    "AccessKeyId", "SecretAccessKey", "Token", "Expiration", token_optional=True
+)
+_IMDS_TOKEN = blocks.SessionToken(
+    "/latest/api/token",
+    "X-aws-ec2-metadata-token-ttl-seconds",
+    "X-aws-ec2-metadata-token",
+    "IMDSv2",
+)
 
 
 def resolve(
@@ -87,26 +103,9 @@ def resolve(
     session: Callable[[], aiohttp.ClientSession],
     where: str,
 ) -> tuple[str, Fetch]:
-    kind = credential_kind(table, _KEYS, TYPES, where)
-    if kind == CHAIN_TYPE:
-        return CHAIN_TYPE, _assume_role(table, environ, region, session, where)
-    assume.refuse_chain_keys(table, kind, CHAIN_TYPE, where)
-    if kind == "auto":
-        if "access_key_id" in table or environ.get("AWS_ACCESS_KEY_ID"):
-            kind = "static"
-        elif (
-            "credentials_file" in table
-            or environ.get("AWS_SHARED_CREDENTIALS_FILE")
-            or (Path.home() / ".aws" / "credentials").exists()
-        ):
-            kind = "shared_file"
-        elif "role_arn" in table or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
-            kind = "web_identity"
-        elif "container_uri" in table or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-            kind = "container"
-        else:
-            kind = "imds"
+    kind = _KINDS.of(table, where, lambda: _discover(table, environ))
     builders = {
+        CHAIN_TYPE: _assume_role,
         "static": _static,
         "shared_file": _shared_file,
         "web_identity": _web_identity,
@@ -116,23 +115,27 @@ def resolve(
     return kind, builders[kind](table, environ, region, session, where)
 
 
+def _discover(table: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    """ "auto": the first configured, in the SDKs' order."""
+    if "access_key_id" in table or environ.get("AWS_ACCESS_KEY_ID"):
+        return "static"
+    if (
+        "credentials_file" in table
+        or environ.get("AWS_SHARED_CREDENTIALS_FILE")
+        or (Path.home() / ".aws" / "credentials").exists()
+    ):
+        return "shared_file"
+    if "role_arn" in table or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return "web_identity"
+    if "container_uri" in table or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return "container"
+    return "imds"
+
+
 def _static(
     table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
 ) -> Fetch:
-    ak = table.get("access_key_id") or environ.get("AWS_ACCESS_KEY_ID")
-    sk = table.get("secret_access_key") or environ.get("AWS_SECRET_ACCESS_KEY")
-    token = table.get("session_token") or environ.get("AWS_SESSION_TOKEN") or None
-    if not ak or not sk:
-        raise ConfigError(
-            f"{where}: static credentials need access_key_id and secret_access_key "
-            "(or $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY)"
-        )
-    creds = Credentials(str(ak), str(sk), token, origin="static")
-
-    async def static() -> Credentials:
-        return creds
-
-    return static
+    return blocks.static(*blocks.static_keys(table, environ, _KEY_NAMES, where), "static")
 
 
 def _shared_file(
@@ -146,28 +149,7 @@ def _shared_file(
         )
     ).expanduser()
     profile = str(table.get("profile") or environ.get("AWS_PROFILE") or "default")
-
-    async def from_file() -> Credentials:
-        parser = configparser.ConfigParser(interpolation=None)  # literal, as the SDKs read it
-        try:
-            parser.read_string(_read(path))
-            section = parser[profile]
-            ak, sk = section["aws_access_key_id"], section["aws_secret_access_key"]
-        except (OSError, KeyError, configparser.Error) as exc:
-            raise BadCredentials(
-                f"{path} has no [{profile}] aws_access_key_id/aws_secret_access_key "
-                f"({type(exc).__name__})"
-            ) from None
-        # Re-read periodically: an edited file is picked up without a restart.
-        return Credentials(
-            ak,
-            sk,
-            section.get("aws_session_token"),
-            time.time() + FILE_RECHECK,
-            origin="shared_file",
-        )
-
-    return from_file
+    return blocks.profile_file(path, profile, _PROFILE, "shared_file", where)
 
 
 def _web_identity(
@@ -188,30 +170,27 @@ def _web_identity(
         or assume.SESSION_NAME
     )
 
-    async def assume_role_with_web_identity() -> Credentials:
-        try:
-            token = _read(Path(str(token_file)))  # re-read: kubelet rotates it
-        except OSError as exc:
-            raise BadCredentials(
-                f"web identity token file {token_file} cannot be read ({type(exc).__name__})"
-            ) from None
+    async def assume_role_with_web_identity(token: str) -> Credentials:
         form = {
             "RoleArn": str(role),
             "RoleSessionName": name,
             "WebIdentityToken": token,
             "DurationSeconds": str(duration),
         }
-        status, text = await _sts(session, endpoint, region, "AssumeRoleWithWebIdentity", form)
-        found = _sts_credentials(text, "web_identity")
-        if status != 200 or found is None:
+        found, code = await _call(
+            session, endpoint, region, "AssumeRoleWithWebIdentity", form, "web_identity"
+        )
+        if found is None:
             raise BadCredentials(
-                f"STS AssumeRoleWithWebIdentity refused: {_xml(text, 'Code') or status}",
+                f"STS AssumeRoleWithWebIdentity refused: {code}",
                 hint="check the role's trust policy for this service account and the token "
                 "audience",
             )
         return found
 
-    return assume_role_with_web_identity
+    return blocks.token_exchange(
+        str(token_file), "web identity token file", assume_role_with_web_identity
+    )
 
 
 def _sts_endpoint(
@@ -246,19 +225,24 @@ async def _sts(
     return answer.status, answer.body.decode("utf-8", "replace")
 
 
+async def _call(
+    session: _Session,
+    endpoint: str,
+    region: str,
+    action: str,
+    params: Mapping[str, str],
+    origin: str,
+    signer: Credentials | None = None,
+) -> tuple[Credentials | None, str]:
+    """One STS call for credentials: (them, or None and what STS said)."""
+    status, text = await _sts(session, endpoint, region, action, params, signer)
+    found = _sts_credentials(text, origin) if status == 200 else None
+    return found, blocks.refusal(_xml(text, "Code"), status)
+
+
 def _sts_credentials(text: str, origin: str) -> Credentials | None:
-    found = {
-        k: _xml(text, k) for k in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
-    }
-    if not all(found.values()):
-        return None
-    return Credentials(
-        found["AccessKeyId"],
-        found["SecretAccessKey"],
-        found["SessionToken"],
-        parse_time(found["Expiration"]),
-        origin=origin,
-    )
+    fields = ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+    return _STS_CREDENTIALS.credentials({k: _xml(text, k) for k in fields}, origin)
 
 
 def _assume_role(
@@ -277,22 +261,10 @@ def _assumer(
     """One STS AssumeRole of ``chain.role_arn``, signed with the credentials given it."""
     params = chain.params()
 
-    async def assume_role(signer: Credentials) -> Credentials:
-        status, text = await _sts(session, endpoint, region, "AssumeRole", params, signer)
-        found = _sts_credentials(text, CHAIN_TYPE)
-        if status == 200 and found is not None:
-            return found
-        code = _xml(text, "Code") or f"HTTP {status}"
-        said = f"STS AssumeRole of {chain.role_arn} refused: {code}"
-        if signer.security_token and code.startswith(_STALE_BASE):
-            raise StaleCredentials(f"{said} (the base credentials are no longer valid)")
-        raise BadCredentials(
-            said,
-            hint=f"check that the role's trust policy lets the base credentials ({signed_by}) "
-            "assume it, the external_id it requires, and that they may call sts:AssumeRole",
-        )
+    async def call(signer: Credentials) -> tuple[Credentials | None, str]:
+        return await _call(session, endpoint, region, "AssumeRole", params, CHAIN_TYPE, signer)
 
-    return assume_role
+    return assume.assumer(call, chain, _STALE_BASE, signed_by)
 
 
 def as_role(
@@ -308,17 +280,7 @@ def as_role(
     their own), for a caller's per-request ``roleArn``: the AWS agent's parameter."""
     chain = assume.settings({"role_arn": role_arn}, CHAIN_TYPE, where)
     endpoint = _sts_endpoint({}, environ, region, where)
-    assume_role = _assumer(chain, endpoint, region, session, where)
-
-    async def fetch() -> Credentials:
-        creds = await base.get()
-        try:
-            return await assume_role(creds)
-        except StaleCredentials:
-            base.invalidate(creds)
-            raise
-
-    return fetch
+    return assume.signed_with(base, _assumer(chain, endpoint, region, session, where))
 
 
 def _container(
@@ -336,61 +298,41 @@ def _container(
     if not (parts.scheme == "http" and parts.hostname in CONTAINER_HOSTS):
         check_endpoint(str(uri), f"{where}.container_uri ($AWS_CONTAINER_CREDENTIALS_FULL_URI)")
 
-    async def from_container() -> Credentials:
-        headers = {}
-        if token_file:
-            headers["Authorization"] = _read(Path(str(token_file)))  # re-read each time
-        with mapped_errors("the container credentials endpoint"):
-            async with session().get(str(uri), headers=headers) as resp:
-                # the status first: an error's body need not be JSON
-                body = await resp.json(content_type=None) if resp.status == 200 else None
-        if resp.status != 200 or not isinstance(body, dict) or "AccessKeyId" not in body:
-            raise BadCredentials(f"the container credentials endpoint refused (HTTP {resp.status})")
-        return Credentials(
-            body["AccessKeyId"],
-            body["SecretAccessKey"],
-            body.get("Token"),
-            parse_time(body["Expiration"]),
-            origin="container",
-        )
+    async def authorization(http: aiohttp.ClientSession) -> dict[str, str]:
+        if not token_file:
+            return {}
+        # re-read each time: the agent rotates it
+        return {
+            "Authorization": read_secret_file(str(token_file), "container authorization token file")
+        }
 
-    return from_container
+    return blocks.metadata(
+        session,
+        "the container credentials endpoint",
+        authorization,
+        blocks.at(str(uri), "the container credentials endpoint refused"),
+        _METADATA,
+        "container",
+    )
 
 
 def _imds(
     table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
 ) -> Fetch:
-    endpoint = str(table.get("imds_endpoint") or IMDS_ENDPOINT).rstrip("/")
-
-    async def from_imds() -> Credentials:
-        http = session()
-        with mapped_errors("the EC2 instance metadata service"):
-            async with http.put(
-                f"{endpoint}/latest/api/token",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
-            ) as resp:
-                if resp.status != 200:
-                    raise BadCredentials(f"IMDSv2 token request failed: HTTP {resp.status}")
-                token = (await resp.text()).strip()
-            headers = {"X-aws-ec2-metadata-token": token}
-            base = f"{endpoint}/latest/meta-data/iam/security-credentials/"
-            async with http.get(base, headers=headers) as resp:
-                if resp.status != 200:
-                    raise BadCredentials("no IAM role is attached to this instance")
-                role = (await resp.text()).strip().splitlines()[0]
-            async with http.get(base + role, headers=headers) as resp:
-                body = await resp.json(content_type=None)
-        if not isinstance(body, dict) or body.get("Code") != "Success":
-            raise BadCredentials(f"IMDS refused the credentials of role {role!r}")
-        return Credentials(
-            body["AccessKeyId"],
-            body["SecretAccessKey"],
-            body.get("Token"),
-            parse_time(body["Expiration"]),
-            origin="imds",
-        )
-
-    return from_imds
+    endpoint = blocks.endpoint_setting(table, "imds_endpoint", IMDS_ENDPOINT, where)
+    return blocks.metadata(
+        session,
+        "the EC2 instance metadata service",
+        blocks.session_token(endpoint, _IMDS_TOKEN),
+        blocks.instance_role(
+            f"{endpoint}/latest/meta-data/iam/security-credentials/",
+            None,
+            lambda _status: BadCredentials("no IAM role is attached to this instance"),
+            lambda role: f"IMDS refused the credentials of role {role!r}",
+        ),
+        _METADATA,
+        "imds",
+    )
 
 
 def _xml(text: str, tag: str) -> str:

@@ -15,14 +15,13 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import structlog
 
 from kms_agent.config import Config, SourceConfig
-from kms_agent.credentials import Credentials, Refreshing, StaleCredentials
+from kms_agent.credentials import Credentials, Refreshing, StaleCredentials, read_secret_file
 from kms_agent.errors import (
     AccessDenied,
     AgentError,
@@ -47,10 +46,6 @@ from kms_agent.signing import Request
 from kms_agent.upstream import answer_time, error_object, json_object
 
 log = structlog.get_logger("kms_agent.providers.vault")
-
-
-def _read(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8").strip()
 
 
 #: How often a token file is re-read when nothing refused its token (seconds).
@@ -125,7 +120,7 @@ class Provider(CloudProvider):
             # once when Vault refuses the token (see _refused), so a rotation needs no restart.
             return Credentials(
                 "vault-token",
-                _read(str(self._token_file)),
+                read_secret_file(str(self._token_file), "Vault token file"),
                 expiration=time.time() + TOKEN_FILE_RECHECK,
                 origin="token_file",
             )
@@ -136,10 +131,15 @@ class Provider(CloudProvider):
                 return self._from_auth(body["auth"], "renewed")
             log.info("vault_renew_failed", source=self.name, status=status)
         if self.auth == "approle":
-            secret_id = self._secret_id or _read(str(self._secret_id_file))
+            secret_id = self._secret_id or read_secret_file(
+                str(self._secret_id_file), "AppRole secret_id file"
+            )
             payload = {"role_id": self._role_id, "secret_id": secret_id}
         else:
-            payload = {"role": self._role, "jwt": _read(self._jwt_file)}
+            payload = {
+                "role": self._role,
+                "jwt": read_secret_file(self._jwt_file, "service-account token file"),
+            }
         status, body = await self._unlimited(f"/v1/auth/{self.auth_mount}/login", None, payload)
         if status != 200 or not isinstance(body.get("auth"), dict):
             errors = "; ".join(str(e) for e in body.get("errors", []))[:200]
@@ -228,8 +228,10 @@ class Provider(CloudProvider):
         if self._token_file is None:
             return False
         try:
-            return _read(str(self._token_file)) != creds.access_key_secret
-        except OSError:
+            return read_secret_file(str(self._token_file), "Vault token file") != (
+                creds.access_key_secret
+            )
+        except BadCredentials:
             return False
 
     # ------------------------------------------------------------------ interface

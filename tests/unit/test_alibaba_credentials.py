@@ -34,7 +34,7 @@ async def test_credentials_file_profile(tmp_path):
     assert kind == "access_key"
     assert (await fetch()).access_key_id == "LTAIp"
     _, broken = pick({"credentials_file": str(path), "profile": "nope"}, {})
-    with pytest.raises(BadCredentials, match=r"profile \[nope\]"):
+    with pytest.raises(BadCredentials, match=r"has no \[nope\] access_key_id/access_key_secret"):
         await broken()
 
 
