@@ -23,7 +23,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -113,6 +113,14 @@ class Credentials:
 
 
 Fetch = Callable[[], Awaitable[Credentials]]
+
+
+@runtime_checkable
+class Holding(Protocol):
+    """A fetch that holds credentials of its own (a role chain's base credentials, kept
+    fresh by a Refreshing of theirs): closed with the Refreshing that holds the fetch."""
+
+    async def close(self) -> None: ...
 
 
 class Refreshing:
@@ -229,5 +237,9 @@ class Refreshing:
             )
 
     async def close(self) -> None:
+        """Stop refreshing (and whatever the fetch holds, like a chain's base). Idempotent."""
         if self._background is not None:
             self._background.cancel()
+        fetch: object = self._fetch  # a plain function, or a Holding callable
+        if isinstance(fetch, Holding):
+            await fetch.close()

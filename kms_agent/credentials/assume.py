@@ -182,8 +182,23 @@ def signed_with(held: Refreshing, assume: Assume) -> Fetch:
     return fetch
 
 
+class _Chained:
+    """A role chain's fetch: holds the base credentials' own Refreshing, which is closed
+    with the source's (see :class:`~kms_agent.credentials.Holding`)."""
+
+    def __init__(self, base: Refreshing, assume: Assume) -> None:
+        self.base = base
+        self._fetch = signed_with(base, assume)
+
+    async def __call__(self) -> Credentials:
+        return await self._fetch()
+
+    async def close(self) -> None:
+        await self.base.close()
+
+
 def chained(base: Fetch, assume: Assume, where: str) -> Fetch:
     """The role's credentials: base credentials (held and refreshed on their own) sign each
     AssumeRole. ``assume`` raises :class:`StaleCredentials` when STS refused the base
     credentials as expired or revoked; they are then fetched anew on the next attempt."""
-    return signed_with(Refreshing(base, f"{where}.base"), assume)
+    return _Chained(Refreshing(base, f"{where}.base"), assume)
