@@ -27,12 +27,13 @@ async def test_closing_a_chain_closes_its_base() -> None:
         return Credentials("ASIAROLE", "role-secret", "tok", origin=f"as:{signer.access_key_id}")
 
     fetch = assume.chained(base, take_role, "sources.x.credentials")
-    assert isinstance(fetch, Holding)
+    holding: object = fetch
+    assert isinstance(holding, Holding)
+    assert isinstance(fetch, assume._Chained)
     held = Refreshing(fetch, "x")
     assert (await held.get()).origin == "as:AKIDBASE"
-    inner = fetch.base  # type: ignore[attr-defined]  # the chain's own Refreshing
-    refresh = inner._refresh(inner.current)
-    inner._background = asyncio.get_running_loop().create_task(refresh)
+    inner = fetch.base  # the chain's own Refreshing
+    inner._background = asyncio.get_running_loop().create_task(inner._refresh_quietly())
     await entered.wait()  # the base's refresh is in flight, blocked on the gate
     assert base_fetches == 2
     task = inner._background
@@ -48,7 +49,8 @@ async def test_a_plain_fetch_is_not_holding() -> None:
     async def static() -> Credentials:
         return Credentials("AKID", "s")
 
-    assert not isinstance(static, Holding)
+    plain: object = static
+    assert not isinstance(plain, Holding)
     held = Refreshing(static, "x")
     await held.get()
     await held.close()
