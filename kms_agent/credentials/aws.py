@@ -48,6 +48,12 @@ IMDS_ENDPOINT = "http://169.254.169.254"
 #: the only non-loopback ones its authorization token is sent to over plain http: the
 #: AWS SDKs' rule (botocore utils.py ContainerMetadataFetcher._ALLOWED_HOSTS).
 CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
+#: ECS task roles: the relative URI is on this host (botocore ContainerMetadataFetcher).
+ECS_HOST = CONTAINER_HOSTS[0]
+ENV_FULL_URI = "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+ENV_RELATIVE_URI = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
+ENV_TOKEN_FILE = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"  # noqa: S105 (a variable's name)
+ENV_TOKEN = "AWS_CONTAINER_AUTHORIZATION_TOKEN"  # noqa: S105 (a variable's name)
 _KEYS = {
     "type",
     "access_key_id",
@@ -127,7 +133,7 @@ def _discover(table: Mapping[str, Any], environ: Mapping[str, str]) -> str:
         return "shared_file"
     if "role_arn" in table or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
         return "web_identity"
-    if "container_uri" in table or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    if "container_uri" in table or environ.get(ENV_FULL_URI) or environ.get(ENV_RELATIVE_URI):
         return "container"
     return "imds"
 
@@ -283,22 +289,39 @@ def as_role(
     return assume.signed_with(base, _assumer(chain, endpoint, region, session, where))
 
 
-def _container(
-    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
-) -> Fetch:
-    uri = table.get("container_uri") or environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    token_file = table.get("container_token_file") or environ.get(
-        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
+def container_uri(table: Mapping[str, Any], environ: Mapping[str, str], where: str) -> str:
+    """The container credentials endpoint, as botocore's ContainerProvider picks it: the
+    table's ``container_uri``; else ECS's ``$AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` on
+    ECS_HOST (it wins over the full URI, as in botocore); else EKS Pod Identity's
+    ``$AWS_CONTAINER_CREDENTIALS_FULL_URI``. Plain http only to loopback or the
+    container hosts (where the authorization token may go)."""
+    relative = environ.get(ENV_RELATIVE_URI)
+    uri = table.get("container_uri") or (
+        f"http://{ECS_HOST}{relative}" if relative else environ.get(ENV_FULL_URI)
     )
     if not uri:
         raise ConfigError(
-            f"{where}: container credentials need $AWS_CONTAINER_CREDENTIALS_FULL_URI"
+            f"{where}: container credentials need ${ENV_FULL_URI} or ${ENV_RELATIVE_URI}"
         )
     parts = urlsplit(str(uri))
     if not (parts.scheme == "http" and parts.hostname in CONTAINER_HOSTS):
-        check_endpoint(str(uri), f"{where}.container_uri ($AWS_CONTAINER_CREDENTIALS_FULL_URI)")
+        check_endpoint(str(uri), f"{where}.container_uri (${ENV_FULL_URI})")
+    return str(uri)
+
+
+def _container(
+    table: Mapping[str, Any], environ: Mapping[str, str], region: str, session: _Session, where: str
+) -> Fetch:
+    uri = container_uri(table, environ, where)
+    token_file = table.get("container_token_file") or environ.get(ENV_TOKEN_FILE)
+    # ECS may hand the token inline instead of in a file (botocore: the file wins).
+    inline = None if token_file else environ.get(ENV_TOKEN)
+    if inline is not None and ("\r" in inline or "\n" in inline):
+        raise ConfigError(f"{where}: ${ENV_TOKEN} holds a line break; it is not a header value")
 
     async def authorization(http: aiohttp.ClientSession) -> dict[str, str]:
+        if inline is not None:
+            return {"Authorization": inline}
         if not token_file:
             return {}
         # re-read each time: the agent rotates it
@@ -310,7 +333,7 @@ def _container(
         session,
         "the container credentials endpoint",
         authorization,
-        blocks.at(str(uri), "the container credentials endpoint refused"),
+        blocks.at(uri, "the container credentials endpoint refused"),
         _METADATA,
         "container",
     )
