@@ -260,11 +260,15 @@ class Error(Message):
 
 # ---------------------------------------------------------------------------- errors
 
-#: Codes that say the credentials or the signature were refused. The shared gateway's
-#: list (providers/alibaba.py) plus the instance gateway's clock error.
+#: Codes that say the credentials or the signature were refused: the shared gateway's
+#: (OpenAPI common errors) and the instance API's ("Common error codes" of the KMS instance
+#: API: 401 ``SignatureNotMatch``, 404 ``Unauthorized`` for an unknown ClientKey, 400
+#: ``RequestTimeTooSkewed``).
 BAD_CREDENTIAL_CODE_PREFIXES = (
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
+    "SignatureNotMatch",
+    "Unauthorized",
     "IncompleteSignature",
     "InvalidSecurityToken",
     "IllegalTimestamp",
@@ -290,6 +294,8 @@ def error_kind(status: int, code: str, message: str) -> type[UpstreamError]:
         return Throttled
     if code.startswith(BAD_CREDENTIAL_CODE_PREFIXES) or status == 401:
         return BadCredentials
+    if code == "InvalidParam" and "Authorization" in message:
+        return BadCredentials  # the transfer SDKs' IncompleteSignature
     if status >= 500 or code in UNAVAILABLE_CODES:
         return Unavailable
     return InvalidUpstreamRequest

@@ -37,12 +37,16 @@ not authorized to do this action. You should be authorized by RAM." (the AssumeR
 page, for a caller the trust policy does not name), ``InvalidParameter.DurationSeconds``,
 ``InvalidParameter.PolicyGrammar``, ``InvalidParameter.RoleSessionName`` (STS common-errors
 page). Modelled and flagged: a wrong or missing ExternalId answers the same ``NoPermission``;
-an unknown role is 404 ``EntityNotExist.Role``. Modelled and flagged (no public source gives them): a wrong
-``content-sha256`` is 400 ``InvalidParam``; an unknown ClientKey is 401
-``InvalidAccessKeyId.NotFound``; a signature that does not verify is 401
-``SignatureDoesNotMatch``; a missing ``Bearer`` authorization is 401 ``MissingParameter``;
-an access policy that refuses is 403 ``Forbidden.NoPermission``; a missing secret is 404
-``Forbidden.ResourceNotFound`` (the shape the SDK turns into its exception is confirmed);
+an unknown role is 404 ``EntityNotExist.Role``. dkms-gcs refusals, as the KMS instance API's "Common error codes" page lists
+them: a signature that does not verify is 401 ``SignatureNotMatch`` "Signature is not
+matched."; an unknown ClientKey is 404 ``Unauthorized`` ("The AccessKey ID ... does not
+exist in our records"); a wrong ``content-sha256`` or ``date`` is 400 ``InvalidParam``
+("The Param ... is invalid."); an access policy that refuses is 403
+``Forbidden.NoPermission``. Modelled and flagged (no public source gives them): a
+missing or non-``Bearer`` authorization is 400 ``InvalidParam`` "The Param Authorization
+is invalid." (Alibaba's transfer SDKs map that message to ``IncompleteSignature``); a
+missing secret is 404 ``Forbidden.ResourceNotFound`` (the shape the SDK turns into its
+exception is confirmed);
 throttling is 429 ``Rejected.Throttling`` (the SDK retries on that code whatever the status);
 an unchanged request replayed inside the window is accepted (dkms-gcs has no nonce); the
 application access point's policy is written in the RAM statement shape (``secret/<name>``
@@ -932,12 +936,12 @@ class KmsEmulator:
             raise KmsError(400, "InvalidParam", "The Param content-sha256 is invalid.")
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer "):
-            raise KmsError(
-                401, "MissingParameter", "Parameter Authorization does not exist in http header."
-            )
+            raise KmsError(400, "InvalidParam", "The Param Authorization is invalid.")
         client_key = self.client_keys.get(key_id)
         if client_key is None:
-            raise KmsError(401, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+            raise KmsError(
+                404, "Unauthorized", f"The AccessKey ID {key_id[:64]} does not exist in our records."
+            )
         to_sign = dkms_string_to_sign(request.method, headers)
         try:
             signature = base64.b64decode(auth[len("Bearer ") :], validate=True)
@@ -945,11 +949,7 @@ class KmsEmulator:
                 signature, to_sign.encode(), padding.PKCS1v15(), hashes.SHA256()
             )
         except (binascii.Error, InvalidSignature):
-            raise KmsError(
-                401,
-                "SignatureDoesNotMatch",
-                f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}",
-            ) from None
+            raise KmsError(401, "SignatureNotMatch", "Signature is not matched.") from None
         if abs(self.clock() - when) > TIME_WINDOW:
             raise KmsError(
                 400,

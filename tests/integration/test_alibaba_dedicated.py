@@ -102,6 +102,33 @@ async def test_client_key_reads_the_same_secret_by_dkms_gcs(
     assert issued.password not in (tmp_path / "kms.toml").read_text()
 
 
+async def test_a_client_key_the_instance_does_not_know_is_refused_credentials(
+    tmp_path, kms_instance, kms_instance_url, instance_ca_file
+):
+    """A ClientKey deleted from the instance: the gateway's 404 ``Unauthorized`` (its
+    documented code for an unknown key) is the caller's 502 UpstreamBadCredentials with
+    the ClientKey hint, not a missing secret."""
+    kms_instance.add_secret("aigw!secret-abc", PLANTED + "-paid", product="aigw")
+    issued = kms_instance.add_client_key(READ_AIGW)
+    del kms_instance.client_keys[issued.key_id]
+    key_file = tmp_path / "clientKey.json"
+    key_file.write_text(issued.content)
+    password_file = tmp_path / "clientKey-password"
+    password_file.write_text(issued.password)
+    extra = (
+        f'auth = "client_key"\nclient_key_file = "{key_file}"\n'
+        f'client_key_password_file = "{password_file}"\n'
+    )
+    async with running_agent(
+        tmp_path, dedicated(kms_instance_url, instance_ca_file, extra)
+    ) as agent:
+        status, body = await curl(agent, "/secrets/aigw!secret-abc")
+    error = json.loads(body)["error"]
+    assert (status, error["code"]) == (502, "UpstreamBadCredentials"), error
+    assert "client_key_file" in error["hint"]
+    assert PLANTED not in body.decode()
+
+
 async def test_a_wrong_ca_leaves_the_source_not_ready_and_says_why(
     tmp_path, kms_instance, kms_instance_url
 ):
