@@ -22,6 +22,7 @@ from kms_agent.credentials import Credentials, StaleCredentials
 from kms_agent.errors import AccessDenied, AgentError, Throttled, Unavailable
 from kms_agent.providers import create
 from kms_agent.providers._cloud import CloudProvider
+from kms_agent.providers.aws import Provider as AwsProvider
 from kms_agent.providers.vault import Provider as VaultProvider
 from kms_agent.signing import Request
 
@@ -229,4 +230,61 @@ async def test_vault_auth_calls_keep_to_the_deadline(aiohttp_server) -> None:
         await source.get("db")
     assert caught.value.transient
     assert "in time" in str(caught.value)
+    await source.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "epoch"),
+    [
+        ("2024-01-01T00:00:00Z", 1704067200.0),
+        ("2024-01-01T08:00:00+08:00", 1704067200.0),
+        ("2024-01-01T00:00:00.123456789Z", 1704067200.123456),  # Vault's nanoseconds
+        (1704067200, 1704067200.0),  # seconds (AWS)
+        (1704067200000, 1704067200.0),  # milliseconds (Huawei)
+        (None, 0.0),
+        ("", 0.0),
+        ("not a time", 0.0),
+        (True, 0.0),
+    ],
+)
+def test_answer_time_reads_every_clouds_times(value: object, epoch: float) -> None:
+    """One reader for the times in answers: ISO text with any offset, epoch seconds or
+    milliseconds; absent or unreadable is 0.0 (a creation time is shown, never acted on)."""
+    assert upstream.answer_time(value) == pytest.approx(epoch)
+
+
+@pytest.mark.parametrize("body", [b"<html>", b"[1]", b'"x"', b"\xff"])
+def test_a_success_that_is_not_a_json_object_is_unavailable(body: bytes) -> None:
+    """A 200 whose body is not a JSON object is the store's failure, said without the body."""
+    with pytest.raises(Unavailable, match=r"^the store answered with a non-") as caught:
+        upstream.json_object(body, "the store")
+    assert "html" not in str(caught.value)
+    assert upstream.json_object(b" ", "the store", empty_ok=True) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"SecretString": "v", "Name": "db"}, "answered without 'VersionId'"),
+        ({"SecretBinary": "!!not base64", "VersionId": "v1"}, "a field it cannot have"),
+        ({"SecretString": "v", "VersionId": "v1", "VersionStages": 5}, "a field it cannot"),
+    ],
+)
+async def test_an_answer_missing_or_garbling_a_field_is_unavailable(
+    aiohttp_server, body: dict[str, Any], said: str
+) -> None:
+    """A GetSecretValue answer without a field the record needs, or with one of the wrong
+    kind, is Unavailable naming the field or the fault, never showing the value."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    source = provider("aws", endpoint=str(server.make_url("")).rstrip("/"))
+    assert isinstance(source, AwsProvider)
+    with pytest.raises(Unavailable, match=said) as caught:
+        await source.get("db")
+    assert "not base64" not in str(caught.value)
     await source.close()
