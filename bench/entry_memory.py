@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kms_agent import providers  # noqa: E402
-from kms_agent.cache import Cache  # noqa: E402
+from kms_agent.cache import Cache, Key  # noqa: E402
 from kms_agent.config import load  # noqa: E402
+from kms_agent.model import SecretRecord  # noqa: E402
 from kms_agent.respond import rendered  # noqa: E402
 from kms_agent.store import LocalStore  # noqa: E402
 
@@ -39,7 +40,7 @@ async def measure(count: int, shape: str) -> None:
     provider = providers.create(cfg.sources[0], cfg, {})
     await provider.open()
 
-    async def fetch(key):
+    async def fetch(key: Key) -> SecretRecord:
         return await provider.get(key[1])
 
     cache = Cache(fetch, cfg.cache)

@@ -26,7 +26,9 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,7 +78,8 @@ def free_port() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 20) -> float:
@@ -151,7 +154,7 @@ def wrk(url: str, conns: int, seconds: int, script: Path | None = None) -> dict[
 class Servers:
     def __init__(self, tmp: Path, quick: bool) -> None:
         self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, subprocess.Popen[bytes] | subprocess.Popen[str]] = {}
         self.urls: dict[str, str] = {}
         self.cpu_pids: dict[str, list[int]] = {}
         self.quick = quick
@@ -211,7 +214,8 @@ class Servers:
     def body(self) -> bytes:
         req = urllib.request.Request(self.urls["agent"], headers={"X-Aws-Parameters-Secrets-Token": TOKEN})
         with urllib.request.urlopen(req) as resp:
-            return resp.read()
+            body: bytes = resp.read()
+            return body
 
     def start_minimal(self, body: Path) -> None:
         port = free_port()
@@ -259,7 +263,7 @@ class Servers:
             proc.wait(10)
 
 
-def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, seconds: int) -> dict:
+def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, seconds: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {}
     for r in range(rounds):
         for c in conns:
@@ -387,7 +391,7 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     finally:
         client.close()
         await direct.close()
-    def q(xs: list[float], p: float) -> float:
+    def q(xs: list[float], p: int) -> float:
         return statistics.quantiles(xs, n=100)[p - 1]
     return {
         "samples": samples,
@@ -399,7 +403,7 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str, float]:
+def client_vs_library(servers: Servers, rounds: int, per_round: int) -> Mapping[str, float | str]:
     """A Python keep-alive client's round trip to the agent (raw value, and the AWS JSON
     parsed) against aws-secretsmanager-caching's cache hit, in interleaved rounds."""
     import http.client
@@ -427,7 +431,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         conns[name] = http.client.HTTPConnection(host, int(port))
     headers = {"X-KMS-Token": TOKEN}
 
-    def raw(name: str):
+    def raw(name: str) -> Callable[[], None]:
         conn = conns[name]
 
         def call() -> None:
@@ -436,7 +440,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
             resp.read().decode()
         return call
 
-    def parsed(name: str):
+    def parsed(name: str) -> Callable[[], None]:
         conn = conns[name]
 
         def call() -> None:
@@ -445,7 +449,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
             jsonlib.loads(resp.read())["SecretString"]
         return call
 
-    def ours(name: str):
+    def ours(name: str) -> Callable[[], None]:
         """kms_agent_client: keep-alive, request bytes built once, llhttp for the answer."""
         from kms_agent_client import Client
 
@@ -495,7 +499,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="kms-bench-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
     servers = Servers(tmp, args.quick)
-    results: dict = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
                                  "kernel": os.uname().release}, "label": args.label}  # fmt: skip
     try:
         # The 10,000 secrets the memory figure caches are in the store before the agent
@@ -542,7 +546,7 @@ def checkout(ref: str, tmp: Path) -> Path:
     return path
 
 
-def report(results: dict) -> None:
+def report(results: dict[str, Any]) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y%m%dT%H%M%S')}{'-' + results['label'] if results['label'] else ''}.json"
@@ -556,7 +560,7 @@ def report(results: dict) -> None:
              f"(+{results['rss_10k_1KiB_mb'] - results['rss_before_fill_mb']:.1f} over the {results['rss_before_fill_mb']} MB before)" if "rss_10k_1KiB_mb" in results else ""))
 
 
-def report_speed(results: dict) -> None:
+def report_speed(results: dict[str, Any]) -> None:
     t = results["throughput"]
     print(f"{'server@conns':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
           f"{'x nginx':>9}{'x minimal':>11}")  # fmt: skip

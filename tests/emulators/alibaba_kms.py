@@ -893,7 +893,7 @@ class KmsEmulator:
             v = self._version(secret, version_id or None, stage or None)
         except KmsError as exc:
             return self._dkms_error(exc, request_id)
-        answer = [(1, secret.name), (2, secret.secret_type), (3, _secret_data(v)),
+        answer: list[tuple[int, str | int | list[str]]] = [(1, secret.name), (2, secret.secret_type), (3, _secret_data(v)),
                   (4, v.data_type), (5, sorted(v.stages)), (6, v.id),
                   (7, iso(v.created)), (8, request_id)]  # fmt: skip
         return web.Response(status=200, body=pb_encode(answer), content_type=PROTOBUF)

@@ -168,7 +168,10 @@ def sdk_authorization(method, query, headers, ak, sk) -> str:
 
     request = TeaRequest()
     request.method, request.pathname, request.query, request.headers = method, "/", dict(query), dict(headers)
-    return Client.get_authorization(request, "ACS3-HMAC-SHA256", agent_signer.EMPTY_SHA256, ak, sk)
+    authorization: str = Client.get_authorization(
+        request, "ACS3-HMAC-SHA256", agent_signer.EMPTY_SHA256, ak, sk
+    )
+    return authorization
 
 
 def test_agent_signer_matches_the_vector_and_the_sdk():

@@ -7,10 +7,11 @@ import pytest
 from kms_agent.credentials import Credentials
 from kms_agent.credentials.alibaba import resolve
 from kms_agent.errors import BadCredentials, ConfigError
+from tests.conftest import no_session
 
 
 def pick(table, environ):
-    return resolve(table, environ, region="cn-hangzhou", network="public", session=lambda: None, where="sources.a.credentials")
+    return resolve(table, environ, region="cn-hangzhou", network="public", session=no_session, where="sources.a.credentials")
 
 
 async def test_auto_prefers_env_access_key_then_rrsa_then_ecs():
