@@ -699,7 +699,7 @@ class KmsEmulator:
         if identity is None or (identity.expires is not None and self.clock() >= identity.expires):
             raise KmsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         if identity.security_token is not None and not (
-            token and hmac.compare_digest(token, identity.security_token)
+            token and hmac.compare_digest(token.encode(), identity.security_token.encode())
         ):
             raise KmsError(
                 400,
@@ -763,7 +763,7 @@ class KmsEmulator:
         to_sign = "ACS3-HMAC-SHA256\n" + hashlib.sha256(canonical.encode()).hexdigest()
         identity = self._identity(ak, headers.get("x-acs-security-token"))
         expected = hmac.new(identity.secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
+        if not hmac.compare_digest(expected.encode(), given.encode()):
             raise KmsError(
                 400,
                 "SignatureDoesNotMatch",
@@ -790,7 +790,7 @@ class KmsEmulator:
         to_sign = f"{method}&{rfc3986('/')}&{rfc3986(canonical)}"
         identity = self._identity(params["AccessKeyId"], params.get("SecurityToken"))
         digest = hmac.new(f"{identity.secret}&".encode(), to_sign.encode(), hashlib.sha1).digest()
-        if not hmac.compare_digest(base64.b64encode(digest).decode(), params["Signature"]):
+        if not hmac.compare_digest(base64.b64encode(digest), params["Signature"].encode()):
             raise KmsError(
                 400,
                 "SignatureDoesNotMatch",
@@ -1081,7 +1081,7 @@ class KmsEmulator:
         given = params.get("ExternalId")
         if identity.principal not in role.trusted or (
             role.external_id is not None
-            and not (given and hmac.compare_digest(given, role.external_id))
+            and not (given and hmac.compare_digest(given.encode(), role.external_id.encode()))
         ):
             raise KmsError(
                 403,

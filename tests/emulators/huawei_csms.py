@@ -272,7 +272,7 @@ class CsmsEmulator:
                 401, "APIGW.0301", "Incorrect IAM authentication information: ak not found."
             )
         expected = hmac.new(identity.sk.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
+        if not hmac.compare_digest(expected.encode(), given.encode()):
             raise CsmsError(
                 401,
                 "APIGW.0301",
@@ -286,7 +286,7 @@ class CsmsEmulator:
             )
         if identity.security_token is not None:
             token = request.headers.get("X-Security-Token", "")
-            if not hmac.compare_digest(token, identity.security_token):
+            if not hmac.compare_digest(token.encode(), identity.security_token.encode()):
                 raise CsmsError(
                     401,
                     "APIGW.0301",
