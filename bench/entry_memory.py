@@ -23,23 +23,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kms_agent import providers  # noqa: E402
-from kms_agent.cache import Cache  # noqa: E402
+from kms_agent.cache import Cache, Key  # noqa: E402
 from kms_agent.config import load  # noqa: E402
+from kms_agent.model import SecretRecord  # noqa: E402
 from kms_agent.respond import rendered  # noqa: E402
 from kms_agent.store import LocalStore  # noqa: E402
 
 
 async def measure(count: int, shape: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix="kms-entry-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
+    root = Path(
+        tempfile.mkdtemp(prefix="kms-entry-", dir="/dev/shm" if Path("/dev/shm").exists() else None)
+    )
     store = LocalStore(root)
     store.init()
     for i in range(count + 1):
         store.put(f"fill/s{i}", os.urandom(512).hex().encode())
-    cfg = load(None, environ={"KMS_AGENT_DATA_DIR": str(root), "KMS_AGENT_CACHE_MAX_ENTRIES": str(count * 2)})
+    cfg = load(
+        None,
+        environ={"KMS_AGENT_DATA_DIR": str(root), "KMS_AGENT_CACHE_MAX_ENTRIES": str(count * 2)},
+    )
     provider = providers.create(cfg.sources[0], cfg, {})
     await provider.open()
 
-    async def fetch(key):
+    async def fetch(key: Key) -> SecretRecord:
         return await provider.get(key[1])
 
     cache = Cache(fetch, cfg.cache)

@@ -50,10 +50,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from run import CLK_TCK, NAME, ROOT, TOKEN, Servers, cpu_ticks, fill_name
 
-from kms_agent.config import DEFAULT_HEADER, TOKEN_ENV
+from kms_agent_client import DEFAULT_HEADER, TOKEN_ENV
 
 #: The bench's caller (its principal ``token:bench-app``, as POLICIES names it); the others
 #: only fill the token file.
@@ -312,7 +313,9 @@ def write_tokens(path: Path) -> None:
     path.chmod(0o600)
 
 
-def measure(args: argparse.Namespace, servers: Servers, tmp: Path) -> tuple[dict, list[str]]:
+def measure(
+    args: argparse.Namespace, servers: Servers, tmp: Path
+) -> tuple[dict[str, Any], list[str]]:
     problems: list[str] = []
     table: dict[str, dict[str, list[Run]]] = {}
     plan = shapes(args.secrets, args.connections)
@@ -347,7 +350,7 @@ def measure(args: argparse.Namespace, servers: Servers, tmp: Path) -> tuple[dict
 
 def report(
     table: dict[str, dict[str, list[Run]]], gated: set[str], max_ratio: float
-) -> tuple[dict, list[str]]:
+) -> tuple[dict[str, Any], list[str]]:
     """Print the table; return the medians, and the ``gated`` shapes over ``max_ratio``."""
     print(f"\n{'round':<7}{'shape':<8}{'plain us/hit':>13}{'policies us':>13}{'ratio':>8}"
           f"{'plain /s':>10}{'policies /s':>13}")  # fmt: skip

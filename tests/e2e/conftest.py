@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,7 +89,7 @@ class AgentProcess:
             self._eof = True
             self._cond.notify_all()
 
-    def events(self) -> list[dict]:
+    def events(self) -> list[dict[str, Any]]:
         out = []
         for line in list(self.lines):
             try:
@@ -97,17 +98,19 @@ class AgentProcess:
                 continue
         return out
 
-    def wait_for(self, pred: Callable[[dict], bool], timeout: float, start: int = 0) -> dict:
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float, start: int = 0
+    ) -> dict[str, Any]:
         """Block until a JSON log line after index ``start`` satisfies ``pred``."""
         seen = start
 
-        def check() -> dict | None:
+        def check() -> dict[str, Any] | None:
             nonlocal seen
             while seen < len(self.lines):
                 line = self.lines[seen]
                 seen += 1
                 try:
-                    event = json.loads(line)
+                    event: dict[str, Any] = json.loads(line)
                 except ValueError:
                     continue
                 if pred(event):
@@ -184,6 +187,6 @@ def _agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
 
 @pytest.fixture(name="agent")
-def _agent(agent_factory) -> AgentProcess:
+def _agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
     """An agent with no config at all, as after the README's first command."""
     return agent_factory()

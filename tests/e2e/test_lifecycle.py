@@ -89,7 +89,9 @@ def test_health_command_and_probes_on_the_metrics_listener(agent):
     assert (ok.returncode, ok.stdout.strip()) == (0, b"ready")
     status = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{metrics}/healthz"],
-        capture_output=True, check=True, timeout=30,
+        capture_output=True,
+        check=True,
+        timeout=30,
     ).stdout
     assert status == b"200"
     agent.stop()

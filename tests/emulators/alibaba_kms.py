@@ -164,7 +164,9 @@ class Faults:
     """Knobs for reliability tests; each answer consumes one entry of ``next``."""
 
     latency: float = 0.0
-    next: deque[str] = field(default_factory=deque)  # "500", "503", "reset", "garbage", "throttle", "hang"
+    next: deque[str] = field(
+        default_factory=deque
+    )  # "500", "503", "reset", "garbage", "throttle", "hang"
 
 
 @dataclass
@@ -500,7 +502,9 @@ class KmsEmulator:
         self.register_client_key(issued.key_id, issued.private_key().public_key(), policy)
         return issued
 
-    def add_access_key(self, policy: dict[str, Any], principal: str = "user/app") -> tuple[str, str]:
+    def add_access_key(
+        self, policy: dict[str, Any], principal: str = "user/app"
+    ) -> tuple[str, str]:
         ak = "LTAI" + secrets.token_hex(8)
         sk = secrets.token_urlsafe(24)
         self.identities[ak] = Identity(ak, sk, policy, principal)
@@ -604,7 +608,9 @@ class KmsEmulator:
         app.router.add_route("*", "/", self._root)
         app.router.add_put("/latest/api/token", self._metadata_token)
         app.router.add_get("/latest/meta-data/ram/security-credentials/", self._metadata_role)
-        app.router.add_get("/latest/meta-data/ram/security-credentials/{role}", self._metadata_creds)
+        app.router.add_get(
+            "/latest/meta-data/ram/security-credentials/{role}", self._metadata_creds
+        )
         return app
 
     def _reply(self, status: int, body: dict[str, Any]) -> web.Response:
@@ -637,7 +643,9 @@ class KmsEmulator:
         if fault == "hang":
             await asyncio.Event().wait()
         if fault == "garbage":
-            return web.Response(status=200, body=b"<html>upstream proxy error", content_type="text/html")
+            return web.Response(
+                status=200, body=b"<html>upstream proxy error", content_type="text/html"
+            )
         if fault == "throttle":
             message = "Request was denied due to request throttling."
             exc = KmsError(429, "Rejected.Throttling", message)
@@ -657,7 +665,9 @@ class KmsEmulator:
         if faulted is not None:
             return faulted
         body = await request.read()
-        self.recorded.append((request.method, request.rel_url.raw_path_qs, list(request.headers.items()), body))
+        self.recorded.append(
+            (request.method, request.rel_url.raw_path_qs, list(request.headers.items()), body)
+        )
         if dkms:
             return self._dkms(request, body, request_id.lower())
         query = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
@@ -673,7 +683,11 @@ class KmsEmulator:
             elif "Signature" in params:
                 identity, action, version = self._verify_rpc_v1(request.method, params)
             else:
-                raise KmsError(400, "MissingParameter", "The input parameter Signature that is mandatory for processing this request is not supplied.")
+                raise KmsError(
+                    400,
+                    "MissingParameter",
+                    "The input parameter Signature that is mandatory for processing this request is not supplied.",
+                )
             if version != ("2015-04-01" if action == "AssumeRole" else "2016-01-20"):
                 raise KmsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
             if action == "AssumeRole":
@@ -689,19 +703,29 @@ class KmsEmulator:
         if identity is None or (identity.expires is not None and self.clock() >= identity.expires):
             raise KmsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         if identity.security_token is not None and not (
-            token and hmac.compare_digest(token, identity.security_token)
+            token and hmac.compare_digest(token.encode(), identity.security_token.encode())
         ):
-            raise KmsError(400, "InvalidSecurityToken.MismatchWithAccessKey", "The security token does not match the access key.")
+            raise KmsError(
+                400,
+                "InvalidSecurityToken.MismatchWithAccessKey",
+                "The security token does not match the access key.",
+            )
         return identity
 
     def _check_time_and_nonce(self, stamp: str, nonce: str) -> None:
         try:
             when = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
         except ValueError:
-            raise KmsError(400, "IllegalTimestamp", f"The input parameter Timestamp {stamp!r} is not in ISO 8601 UTC.") from None
+            raise KmsError(
+                400,
+                "IllegalTimestamp",
+                f"The input parameter Timestamp {stamp!r} is not in ISO 8601 UTC.",
+            ) from None
         now = self.clock()
         if abs(now - when) > TIME_WINDOW:
-            raise KmsError(400, "IllegalTimestamp", "The request timestamp is outside the 15 minute window.")
+            raise KmsError(
+                400, "IllegalTimestamp", "The request timestamp is outside the 15 minute window."
+            )
         for old in [n for n, t in self.nonces.items() if now - t > 2 * TIME_WINDOW]:
             del self.nonces[old]
         if not nonce or nonce in self.nonces:
@@ -712,10 +736,14 @@ class KmsEmulator:
         self, request: web.Request, auth: str, query: dict[str, str], body: bytes
     ) -> tuple[Identity, str, str]:
         try:
-            fields = dict(part.split("=", 1) for part in auth[len("ACS3-HMAC-SHA256 ") :].split(","))
+            fields = dict(
+                part.split("=", 1) for part in auth[len("ACS3-HMAC-SHA256 ") :].split(",")
+            )
             ak, signed, given = fields["Credential"], fields["SignedHeaders"], fields["Signature"]
         except (ValueError, KeyError):
-            raise KmsError(400, "IncompleteSignature", "The Authorization header is malformed.") from None
+            raise KmsError(
+                400, "IncompleteSignature", "The Authorization header is malformed."
+            ) from None
         names = signed.split(";")
         for required in ("host", "x-acs-action", "x-acs-version", "x-acs-date",
                          "x-acs-signature-nonce", "x-acs-content-sha256"):  # fmt: skip
@@ -725,7 +753,9 @@ class KmsEmulator:
             raise KmsError(400, "IncompleteSignature", "SignedHeaders must be sorted.")
         headers = request.headers
         if headers.get("x-acs-content-sha256") != hashlib.sha256(body).hexdigest():
-            raise KmsError(400, "IncompleteSignature", "x-acs-content-sha256 does not match the body.")
+            raise KmsError(
+                400, "IncompleteSignature", "x-acs-content-sha256 does not match the body."
+            )
         canonical_query = "&".join(f"{rfc3986(k)}={rfc3986(v)}" for k, v in sorted(query.items()))
         canonical_headers = "".join(
             f"{n}:{','.join(sorted(v.strip() for v in headers.getall(n, [])))}\n" for n in names
@@ -737,8 +767,12 @@ class KmsEmulator:
         to_sign = "ACS3-HMAC-SHA256\n" + hashlib.sha256(canonical.encode()).hexdigest()
         identity = self._identity(ak, headers.get("x-acs-security-token"))
         expected = hmac.new(identity.secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
-            raise KmsError(400, "SignatureDoesNotMatch", f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}")
+        if not hmac.compare_digest(expected.encode(), given.encode()):
+            raise KmsError(
+                400,
+                "SignatureDoesNotMatch",
+                f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}",
+            )
         self._check_time_and_nonce(headers["x-acs-date"], headers["x-acs-signature-nonce"])
         return identity, headers["x-acs-action"], headers.get("x-acs-version", "")
 
@@ -746,16 +780,26 @@ class KmsEmulator:
         for required in ("AccessKeyId", "SignatureMethod", "SignatureVersion", "SignatureNonce",
                          "Timestamp", "Action", "Version"):  # fmt: skip
             if required not in params:
-                raise KmsError(400, "MissingParameter", f"The input parameter {required} that is mandatory for processing this request is not supplied.")
+                raise KmsError(
+                    400,
+                    "MissingParameter",
+                    f"The input parameter {required} that is mandatory for processing this request is not supplied.",
+                )
         if params["SignatureMethod"] != "HMAC-SHA1" or params["SignatureVersion"] != "1.0":
-            raise KmsError(400, "InvalidParameter", "Only HMAC-SHA1 signature version 1.0 is served here.")
+            raise KmsError(
+                400, "InvalidParameter", "Only HMAC-SHA1 signature version 1.0 is served here."
+            )
         unsigned = {k: v for k, v in params.items() if k != "Signature"}
         canonical = "&".join(f"{rfc3986(k)}={rfc3986(v)}" for k, v in sorted(unsigned.items()))
         to_sign = f"{method}&{rfc3986('/')}&{rfc3986(canonical)}"
         identity = self._identity(params["AccessKeyId"], params.get("SecurityToken"))
         digest = hmac.new(f"{identity.secret}&".encode(), to_sign.encode(), hashlib.sha1).digest()
-        if not hmac.compare_digest(base64.b64encode(digest).decode(), params["Signature"]):
-            raise KmsError(400, "SignatureDoesNotMatch", f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}")
+        if not hmac.compare_digest(base64.b64encode(digest), params["Signature"].encode()):
+            raise KmsError(
+                400,
+                "SignatureDoesNotMatch",
+                f"Specified signature is not matched with our calculation. server string to sign is:{to_sign}",
+            )
         self._check_time_and_nonce(params["Timestamp"], params["SignatureNonce"])
         return identity, params["Action"], params["Version"]
 
@@ -777,11 +821,19 @@ class KmsEmulator:
 
     def _secret_for(self, policy: dict[str, Any], action: str, name: str) -> Secret:
         if not name:
-            raise KmsError(400, "MissingParameter", "The input parameter SecretName that is mandatory for processing this request is not supplied.")
+            raise KmsError(
+                400,
+                "MissingParameter",
+                "The input parameter SecretName that is mandatory for processing this request is not supplied.",
+            )
         if name.startswith("acs:kms:"):
             name = name.split(":secret/", 1)[-1]
         if not allowed(policy, f"kms:{action}", self.arn(name)):
-            raise KmsError(403, "Forbidden.NoPermission", f"This operation for {self.arn(name)} is forbidden by permission system.")
+            raise KmsError(
+                403,
+                "Forbidden.NoPermission",
+                f"This operation for {self.arn(name)} is forbidden by permission system.",
+            )
         secret = self.secrets.get(name)
         if secret is None:
             raise KmsError(404, "Forbidden.ResourceNotFound", "The resource is not found.")
@@ -798,7 +850,9 @@ class KmsEmulator:
         while window and now - window[0] >= 1.0:
             window.popleft()
         if len(window) >= self.qps:
-            raise KmsError(429, "Rejected.Throttling", "Request was denied due to request throttling.")
+            raise KmsError(
+                429, "Rejected.Throttling", "Request was denied due to request throttling."
+            )
         window.append(now)
 
     def _version(self, secret: Secret, version_id: str | None, stage: str | None) -> Version:
@@ -820,7 +874,12 @@ class KmsEmulator:
         if secret.key_id is not None:
             key_arn = f"acs:kms:{self.region}:{self.account_id}:key/{secret.key_id}"
             if not allowed(identity.policy, "kms:Decrypt", key_arn):
-                raise KmsError(403, "Forbidden.NoPermission", f"This operation (kms:Decrypt) for {key_arn} is forbidden by permission system.", KeyId=secret.key_id)
+                raise KmsError(
+                    403,
+                    "Forbidden.NoPermission",
+                    f"This operation (kms:Decrypt) for {key_arn} is forbidden by permission system.",
+                    KeyId=secret.key_id,
+                )
         v = self._version(secret, params.get("VersionId"), params.get("VersionStage"))
         return {
             "SecretName": secret.name, "VersionId": v.id, "SecretData": _secret_data(v),
@@ -850,11 +909,15 @@ class KmsEmulator:
                     if f["Key"] == "SecretName":
                         prefixes += f["Values"]
             except (ValueError, KeyError, TypeError):
-                raise KmsError(400, "InvalidParameter", "Specified parameter Filters is not valid.") from None
+                raise KmsError(
+                    400, "InvalidParameter", "Specified parameter Filters is not valid."
+                ) from None
         try:
             page, size = int(params.get("PageNumber", "1")), int(params.get("PageSize", "10"))
         except ValueError:
-            raise KmsError(400, "InvalidParameter", "PageNumber and PageSize must be integers.") from None
+            raise KmsError(
+                400, "InvalidParameter", "PageNumber and PageSize must be integers."
+            ) from None
         if not 1 <= size <= 100 or page < 1:
             raise KmsError(400, "InvalidParameter", "PageSize must be 1-100.")
         visible = [
@@ -866,7 +929,11 @@ class KmsEmulator:
             allowed(identity.policy, "kms:ListSecrets", self.arn(n)) for n in self.secrets
         )
         if not may_list:
-            raise KmsError(403, "Forbidden.NoPermission", "This operation for kms:ListSecrets is forbidden by permission system.")
+            raise KmsError(
+                403,
+                "Forbidden.NoPermission",
+                "This operation for kms:ListSecrets is forbidden by permission system.",
+            )
         chunk = visible[(page - 1) * size : page * size]
         return {
             "PageNumber": page, "PageSize": size, "TotalCount": len(visible),
@@ -897,7 +964,7 @@ class KmsEmulator:
             v = self._version(secret, version_id or None, stage or None)
         except KmsError as exc:
             return self._dkms_error(exc, request_id)
-        answer = [(1, secret.name), (2, secret.secret_type), (3, _secret_data(v)),
+        answer: list[tuple[int, str | int | list[str]]] = [(1, secret.name), (2, secret.secret_type), (3, _secret_data(v)),
                   (4, v.data_type), (5, sorted(v.stages)), (6, v.id),
                   (7, iso(v.created)), (8, request_id)]  # fmt: skip
         return web.Response(status=200, body=pb_encode(answer), content_type=PROTOBUF)
@@ -940,7 +1007,9 @@ class KmsEmulator:
         client_key = self.client_keys.get(key_id)
         if client_key is None:
             raise KmsError(
-                404, "Unauthorized", f"The AccessKey ID {key_id[:64]} does not exist in our records."
+                404,
+                "Unauthorized",
+                f"The AccessKey ID {key_id[:64]} does not exist in our records.",
             )
         to_sign = dkms_string_to_sign(request.method, headers)
         try:
@@ -965,9 +1034,19 @@ class KmsEmulator:
         role = self.roles.get(query.get("RoleArn", ""))
         token = self.oidc_tokens.get(query.get("OIDCToken", ""))
         if token is None:
-            raise KmsError(400, "AuthenticationFail.OIDCToken.Invalid", "The OIDC token is invalid.")
-        if role is None or token != (role.provider_arn, role.subject) or query.get("OIDCProviderArn") != role.provider_arn:
-            raise KmsError(403, "AuthenticationFail.NoPermission", "The role's trust policy does not allow this token.")
+            raise KmsError(
+                400, "AuthenticationFail.OIDCToken.Invalid", "The OIDC token is invalid."
+            )
+        if (
+            role is None
+            or token != (role.provider_arn, role.subject)
+            or query.get("OIDCProviderArn") != role.provider_arn
+        ):
+            raise KmsError(
+                403,
+                "AuthenticationFail.NoPermission",
+                "The role's trust policy does not allow this token.",
+            )
         duration = float(query.get("DurationSeconds", "3600"))
         ident = self._temporary(role.policy, role.principal, duration)
         return self._sts_reply(ident, role, request_id)
@@ -978,24 +1057,39 @@ class KmsEmulator:
             "SecurityToken": ident.security_token, "Expiration": iso(ident.expires or 0),
         }, "AssumedRoleUser": {"Arn": role.arn}})  # fmt: skip
 
-    def _assume_role(self, identity: Identity, params: dict[str, str], request_id: str) -> web.Response:
+    def _assume_role(
+        self, identity: Identity, params: dict[str, str], request_id: str
+    ) -> web.Response:
         """STS AssumeRole by a verified caller: trust, ExternalId, then the role's credentials."""
         self.sts_calls += 1
         self.calls.append((self.clock(), "AssumeRole", identity.access_key_id))
         name = params.get("RoleSessionName", "")
         if not 2 <= len(name) <= 64 or not all(c.isalnum() or c in "._@-" for c in name):
-            raise KmsError(400, "InvalidParameter.RoleSessionName", "The parameter RoleSessionName is wrongly formed.")
+            raise KmsError(
+                400,
+                "InvalidParameter.RoleSessionName",
+                "The parameter RoleSessionName is wrongly formed.",
+            )
         duration = params.get("DurationSeconds", "3600")
         if not duration.isdigit() or not 900 <= int(duration) <= 43200:
-            raise KmsError(400, "InvalidParameter.DurationSeconds", "The Min/Max value of DurationSeconds is 15min/12hr.")
+            raise KmsError(
+                400,
+                "InvalidParameter.DurationSeconds",
+                "The Min/Max value of DurationSeconds is 15min/12hr.",
+            )
         role = self.roles.get(params.get("RoleArn", ""))
         if role is None:
             raise KmsError(404, "EntityNotExist.Role", "The specified Role not exists .")
         given = params.get("ExternalId")
         if identity.principal not in role.trusted or (
-            role.external_id is not None and not (given and hmac.compare_digest(given, role.external_id))
+            role.external_id is not None
+            and not (given and hmac.compare_digest(given.encode(), role.external_id.encode()))
         ):
-            raise KmsError(403, "NoPermission", "You are not authorized to do this action. You should be authorized by RAM.")
+            raise KmsError(
+                403,
+                "NoPermission",
+                "You are not authorized to do this action. You should be authorized by RAM.",
+            )
         policy = role.policy
         if "Policy" in params:
             try:
@@ -1003,7 +1097,11 @@ class KmsEmulator:
             except ValueError:
                 session_policy = None
             if not isinstance(session_policy, dict):
-                raise KmsError(400, "InvalidParameter.PolicyGrammar", "The parameter Policy has not passed grammar check.")
+                raise KmsError(
+                    400,
+                    "InvalidParameter.PolicyGrammar",
+                    "The parameter Policy has not passed grammar check.",
+                )
             policy = {"AllOf": [role.policy, session_policy]}
         ident = self._temporary(policy, role.principal, float(duration))
         return self._sts_reply(ident, role, request_id)

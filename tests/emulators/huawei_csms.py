@@ -79,7 +79,13 @@ class Identity:
 
 
 class CsmsEmulator:
-    def __init__(self, *, project_id: str = "0123456789abcdef0123456789abcdef", qps: int = 50, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        project_id: str = "0123456789abcdef0123456789abcdef",
+        qps: int = 50,
+        clock: Any = time.time,
+    ) -> None:
         self.project_id, self.qps, self.clock = project_id, qps, clock
         self.keys: dict[str, Key] = {}
         self.secrets: dict[str, Secret] = {}
@@ -139,7 +145,9 @@ class CsmsEmulator:
         key = key or self.default_key()
         data = value.encode() if isinstance(value, str) else value
         now = int(self.clock() * 1000)
-        version = Version(f"v{uuid.uuid4().hex[:8]}", data, isinstance(value, bytes), {"SYSCURRENT"}, now)
+        version = Version(
+            f"v{uuid.uuid4().hex[:8]}", data, isinstance(value, bytes), {"SYSCURRENT"}, now
+        )
         self.secrets[name] = Secret(name, key.id, [version], now)
         return version
 
@@ -150,7 +158,13 @@ class CsmsEmulator:
             if "SYSCURRENT" in v.stages:
                 v.stages.discard("SYSCURRENT")
                 v.stages.add("SYSPREVIOUS")
-        version = Version(f"v{uuid.uuid4().hex[:8]}", value.encode(), False, {"SYSCURRENT"}, int(self.clock() * 1000))
+        version = Version(
+            f"v{uuid.uuid4().hex[:8]}",
+            value.encode(),
+            False,
+            {"SYSCURRENT"},
+            int(self.clock() * 1000),
+        )
         secret.versions.append(version)
         return version
 
@@ -172,7 +186,9 @@ class CsmsEmulator:
 
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read()
-        self.recorded.append((request.method, request.rel_url.raw_path_qs, list(request.headers.items()), body))
+        self.recorded.append(
+            (request.method, request.rel_url.raw_path_qs, list(request.headers.items()), body)
+        )
         if self.faults:
             fault = self.faults.popleft()
             if fault == "reset":
@@ -183,7 +199,9 @@ class CsmsEmulator:
                 return web.Response(text="<html>bad gateway</html>", content_type="text/html")
             if fault == "throttle":
                 return self._throttled()
-            return self._reply(int(fault), {"error_code": "CSMS.0001", "error_msg": "Internal server error."})
+            return self._reply(
+                int(fault), {"error_code": "CSMS.0001", "error_msg": "Internal server error."}
+            )
         try:
             identity = self._verify(request, body)
             if request.match_info["project"] != self.project_id:
@@ -202,7 +220,13 @@ class CsmsEmulator:
 
     def _throttled(self) -> web.Response:
         self.rejections.append("APIG.0308")
-        return self._reply(429, {"error_code": "APIG.0308", "error_msg": f"The throttling threshold has been reached: policy user over ratelimit,limit:{self.qps},time:1 second"})
+        return self._reply(
+            429,
+            {
+                "error_code": "APIG.0308",
+                "error_msg": f"The throttling threshold has been reached: policy user over ratelimit,limit:{self.qps},time:1 second",
+            },
+        )
 
     def _verify(self, request: web.Request, body: bytes) -> Identity:
         auth = request.headers.get("Authorization", "")
@@ -210,19 +234,31 @@ class CsmsEmulator:
         try:
             if not auth.startswith(prefix):
                 raise ValueError
-            parts = dict(p.strip().split("=", 1) for p in auth[len(prefix):].split(","))
+            parts = dict(p.strip().split("=", 1) for p in auth[len(prefix) :].split(","))
             ak, signed, given = parts["Access"], parts["SignedHeaders"], parts["Signature"]
         except (ValueError, KeyError):
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: Authorization header is malformed.") from None
+            raise CsmsError(
+                401,
+                "APIGW.0301",
+                "Incorrect IAM authentication information: Authorization header is malformed.",
+            ) from None
         names = signed.split(";")
         if "x-sdk-date" not in names or "host" not in names:
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: host and x-sdk-date must be signed.")
+            raise CsmsError(
+                401,
+                "APIGW.0301",
+                "Incorrect IAM authentication information: host and x-sdk-date must be signed.",
+            )
         date = request.headers.get("X-Sdk-Date", "")
         try:
             when = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
         except ValueError:
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: bad X-Sdk-Date.") from None
-        path = "/".join(quote(seg, safe="~") for seg in unquote(request.rel_url.raw_path).split("/"))
+            raise CsmsError(
+                401, "APIGW.0301", "Incorrect IAM authentication information: bad X-Sdk-Date."
+            ) from None
+        path = "/".join(
+            quote(seg, safe="~") for seg in unquote(request.rel_url.raw_path).split("/")
+        )
         path = path if path.endswith("/") else path + "/"
         query = sorted(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
         canonical_query = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in query)
@@ -232,23 +268,43 @@ class CsmsEmulator:
         to_sign = f"SDK-HMAC-SHA256\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         identity = self.identities.get(ak)
         if identity is None:
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: ak not found.")
+            raise CsmsError(
+                401, "APIGW.0301", "Incorrect IAM authentication information: ak not found."
+            )
         expected = hmac.new(identity.sk.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: verify aksk signature fail.")
+        if not hmac.compare_digest(expected.encode(), given.encode()):
+            raise CsmsError(
+                401,
+                "APIGW.0301",
+                "Incorrect IAM authentication information: verify aksk signature fail.",
+            )
         if abs(self.clock() - when) > TIME_WINDOW:
-            raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: the request has expired.")
+            raise CsmsError(
+                401,
+                "APIGW.0301",
+                "Incorrect IAM authentication information: the request has expired.",
+            )
         if identity.security_token is not None:
             token = request.headers.get("X-Security-Token", "")
-            if not hmac.compare_digest(token, identity.security_token):
-                raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: security token mismatch.")
+            if not hmac.compare_digest(token.encode(), identity.security_token.encode()):
+                raise CsmsError(
+                    401,
+                    "APIGW.0301",
+                    "Incorrect IAM authentication information: security token mismatch.",
+                )
             if identity.expires is not None and self.clock() >= identity.expires:
-                raise CsmsError(401, "APIGW.0301", "Incorrect IAM authentication information: the token has expired.")
+                raise CsmsError(
+                    401,
+                    "APIGW.0301",
+                    "Incorrect IAM authentication information: the token has expired.",
+                )
         return identity
 
     # ------------------------------------------------------------------ CSMS
 
-    def _secret(self, identity: Identity, name: str, action: str = "csms:secret:getVersion") -> Secret:
+    def _secret(
+        self, identity: Identity, name: str, action: str = "csms:secret:getVersion"
+    ) -> Secret:
         if not any(fnmatch.fnmatchcase(name, g) for g in identity.readable):
             raise CsmsError(403, "CSMS.0302", f"Policy doesn't allow {action} to be performed.")
         secret = self.secrets.get(name)
@@ -261,7 +317,11 @@ class CsmsEmulator:
     def _version_body(self, secret: Secret, version: Version) -> dict[str, Any]:
         key = self.keys[secret.key_id]
         if key.state != "enabled":
-            raise CsmsError(400, "CSMS.0401", "Can not get the protected secret value using the provided KMS key.")
+            raise CsmsError(
+                400,
+                "CSMS.0401",
+                "Can not get the protected secret value using the provided KMS key.",
+            )
         return {"version": {
             "version_metadata": {
                 "id": version.id, "create_time": version.created_ms, "expire_time": None,
@@ -299,7 +359,9 @@ class CsmsEmulator:
         def handle(identity: Identity, req: web.Request) -> dict[str, Any]:
             name = req.match_info["name"]
             if not any(fnmatch.fnmatchcase(name, g) for g in identity.readable):
-                raise CsmsError(403, "CSMS.0302", "Policy doesn't allow csms:secret:get to be performed.")
+                raise CsmsError(
+                    403, "CSMS.0302", "Policy doesn't allow csms:secret:get to be performed."
+                )
             secret = self.secrets.get(name)
             if secret is None:
                 raise CsmsError(400, "CSMS.0106", "The secret name not found int the db.")
@@ -312,7 +374,9 @@ class CsmsEmulator:
     async def _list(self, request: web.Request) -> web.StreamResponse:
         def handle(identity: Identity, req: web.Request) -> dict[str, Any]:
             if not identity.may_list:
-                raise CsmsError(403, "CSMS.0302", "Policy doesn't allow csms:secret:list to be performed.")
+                raise CsmsError(
+                    403, "CSMS.0302", "Policy doesn't allow csms:secret:list to be performed."
+                )
             limit = int(req.query.get("limit", "50"))
             names = sorted(self.secrets)
             marker = req.query.get("marker", "")
@@ -351,7 +415,9 @@ def main() -> None:  # pragma: no cover - for local development
     emulator = CsmsEmulator()
     ak, sk = emulator.add_identity(["*"])
     emulator.add_secret("db-password", "hunter2")
-    print(f"HUAWEICLOUD_SDK_AK={ak}\nHUAWEICLOUD_SDK_SK={sk}\nHUAWEICLOUD_SDK_PROJECT_ID={emulator.project_id}")
+    print(
+        f"HUAWEICLOUD_SDK_AK={ak}\nHUAWEICLOUD_SDK_SK={sk}\nHUAWEICLOUD_SDK_PROJECT_ID={emulator.project_id}"
+    )
     print(f'endpoint = "http://127.0.0.1:{args.port}"')
     web.run_app(emulator.app(), host="127.0.0.1", port=args.port)
 

@@ -49,19 +49,27 @@ async def test_sdk_request_with_security_token(csms, csms_url):
     """Temporary AK/SK with a security token: accepted, and refused with another token."""
     ident = csms.add_temporary(["*"], 3600)
     csms.add_secret("db-password", PLANTED)
-    resp = await asyncio.to_thread(sdk_read, csms_url, ident.ak, ident.sk, csms.project_id, "db-password", ident.security_token)
+    resp = await asyncio.to_thread(
+        sdk_read, csms_url, ident.ak, ident.sk, csms.project_id, "db-password", ident.security_token
+    )
     assert resp.version.secret_string == PLANTED
     from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 
     with pytest.raises(ClientRequestException) as info:
-        await asyncio.to_thread(sdk_read, csms_url, ident.ak, ident.sk, csms.project_id, "db-password", "gQwrong")
+        await asyncio.to_thread(
+            sdk_read, csms_url, ident.ak, ident.sk, csms.project_id, "db-password", "gQwrong"
+        )
     assert info.value.error_code == "APIGW.0301"
 
 
 async def replay(url, method, path_qs, headers, body):
     send = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
-    async with aiohttp.ClientSession(skip_auto_headers=["User-Agent", "Accept", "Accept-Encoding", "Content-Type"]) as s:
-        async with s.request(method, yarl.URL(url + path_qs, encoded=True), headers=send, data=body) as r:
+    async with aiohttp.ClientSession(
+        skip_auto_headers=["User-Agent", "Accept", "Accept-Encoding", "Content-Type"]
+    ) as s:
+        async with s.request(
+            method, yarl.URL(url + path_qs, encoded=True), headers=send, data=body
+        ) as r:
             return r.status, await r.json(content_type=None)
 
 
@@ -83,10 +91,13 @@ async def test_any_one_byte_change_is_refused(csms, csms_url):
     signed = dict(headers)["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
     cases = [
         ("header " + n, path_qs, [(k, flip(v) if k.lower() == n else v) for k, v in headers])
-        for n in signed if n != "host"
+        for n in signed
+        if n != "host"
     ]
     cases.append(("path", path_qs.replace("db-password", "db-passwore"), headers))
-    cases.append(("signature", path_qs, [(k, flip(v) if k == "Authorization" else v) for k, v in headers]))
+    cases.append(
+        ("signature", path_qs, [(k, flip(v) if k == "Authorization" else v) for k, v in headers])
+    )
     for label, qs, hdrs in cases:
         status, answer = await replay(csms_url, method, qs, hdrs, body)
         assert (status, answer["error_code"]) == (401, "APIGW.0301"), label
@@ -98,19 +109,34 @@ def sdk_signature(path, query, headers, ak, sk):
     from huaweicloudsdkcore.sdk_request import SdkRequest
     from huaweicloudsdkcore.signer.signer import Signer
 
-    request = SdkRequest(method="GET", schema="https", host=headers["Host"], resource_path=path,
-                         query_params=list(query.items()), header_params=dict(headers), body="")
+    request = SdkRequest(
+        method="GET",
+        schema="https",
+        host=headers["Host"],
+        resource_path=path,
+        query_params=list(query.items()),
+        header_params=dict(headers),
+        body="",
+    )
     return Signer(BasicCredentials(ak, sk)).sign(request).header_params["Authorization"]
 
 
 def test_agent_signer_matches_the_vector_and_the_sdk():
     """The agent's signer reproduces PROTOCOLS.md's vector, as does the SDK's."""
-    headers = {"Host": "kms.cn-north-4.myhuaweicloud.com", "Content-Type": "application/json",
-               "X-Sdk-Date": "20240101T000000Z", "X-Project-Id": "0123456789abcdef0123456789abcdef",
-               "X-Security-Token": "sts-token"}
+    headers = {
+        "Host": "kms.cn-north-4.myhuaweicloud.com",
+        "Content-Type": "application/json",
+        "X-Sdk-Date": "20240101T000000Z",
+        "X-Project-Id": "0123456789abcdef0123456789abcdef",
+        "X-Security-Token": "sts-token",
+    }
     path = "/v1/0123456789abcdef0123456789abcdef/secrets/my-secret/versions/latest"
-    ours = agent_signer.authorization(Request("GET", path, {}, headers), "AKTESTAKTEST", "SKTESTSKTESTSKTEST")
-    assert ours.endswith("Signature=6efd9d7883f86ae4abdc12e847cb275f56eff1407fb750271f8ab8d921e2d380")
+    ours = agent_signer.authorization(
+        Request("GET", path, {}, headers), "AKTESTAKTEST", "SKTESTSKTESTSKTEST"
+    )
+    assert ours.endswith(
+        "Signature=6efd9d7883f86ae4abdc12e847cb275f56eff1407fb750271f8ab8d921e2d380"
+    )
     assert ours == sdk_signature(path, {}, headers, "AKTESTAKTEST", "SKTESTSKTESTSKTEST")
 
 
@@ -127,7 +153,9 @@ def test_agent_signer_equals_sdk_signer_for_any_input(name, marker, token):
     path = f"/v1/p1/secrets/{name}/versions/latest"
     query = {"marker": marker} if marker else {}
     request = Request("GET", path, query, headers).to("127.0.0.1:8444")
-    sent = agent_signer.SdkHmac().sign(request, Credentials("AK", "SK", security_token=token), now=1795046400.0)
+    sent = agent_signer.SdkHmac().sign(
+        request, Credentials("AK", "SK", security_token=token), now=1795046400.0
+    )
     assert sent["X-Sdk-Date"] == "20261119T000000Z"
     assert sent.get("X-Security-Token") == token
     ours = sent.pop("Authorization")

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,8 @@ async def closed(reader: asyncio.StreamReader, timeout: float = DEADLINE) -> byt
 
 
 def only_connection(client) -> Connection:
-    (conn,) = client.listeners.connections.open
+    conns: Collection[Connection] = client.listeners.connections.open
+    (conn,) = conns
     return conn
 
 
@@ -302,7 +304,7 @@ async def test_refused_sockets_are_closed_at_once(dial, serve, provider, clock):
 # ------------------------------------------------------------- (d) log volume of refusals
 
 
-def access_lines(text: str) -> list[dict]:
+def access_lines(text: str) -> list[dict[str, Any]]:
     out = []
     for line in text.splitlines():
         with contextlib.suppress(ValueError):

@@ -54,7 +54,7 @@ def ak_env(kms) -> dict[str, str]:
     return {"ALIBABA_CLOUD_ACCESS_KEY_ID": ak, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": sk}
 
 
-async def get(agent: Agent, path: str, **headers: str) -> tuple[int, bytes, dict]:
+async def get(agent: Agent, path: str, **headers: str) -> tuple[int, bytes, dict[str, str]]:
     async with (
         aiohttp.ClientSession() as s,
         s.get(f"http://{agent.addresses[0]}{path}", headers={**H, **headers}) as r,
@@ -273,7 +273,7 @@ async def test_garbage_and_outage_serve_stale_or_fail_cleanly(tmp_path, kms, kms
         assert "Age" in headers
 
 
-async def scrape(agent: Agent) -> dict:
+async def scrape(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     async with (

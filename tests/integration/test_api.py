@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 from dataclasses import replace
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -49,12 +50,12 @@ async def _client(serve, state):
     return await serve(state)
 
 
-async def error_of(resp, status: int, code: str) -> dict:
+async def error_of(resp, status: int, code: str) -> dict[str, Any]:
     """Assert an error response's status, JSON shape and code; return the error object."""
     assert resp.status == status, await resp.text()
     assert resp.content_type == "application/json"
     body = await resp.json()
-    err = body["error"]
+    err: dict[str, Any] = body["error"]
     assert err["code"] == code
     assert err["message"]
     assert err["request_id"] == resp.headers["X-Request-Id"]
@@ -163,7 +164,7 @@ async def test_version_selectors_reach_the_provider(client, provider):
         seen.append((version_id, version_stage))
         return await get(name, version_id=version_id, version_stage=version_stage)
 
-    provider.get = recording  # type: ignore[method-assign]
+    provider.get = recording
     await client.get("/secrets/aigw!secret-abc?version_stage=ACSPrevious", headers=H)
     await client.get("/secrets/aigw!secret-abc?version_id=abc-123", headers=H)
     await client.get(

@@ -48,10 +48,10 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-import boto3  # type: ignore[import-untyped]
+import boto3
 import pytest
 import yarl
-from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError
 
 from kms_agent.agent import Agent
 from kms_agent.store import LocalStore

@@ -16,18 +16,28 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import boto3
 import pytest
 from aiohttp import web
 
-from kms_agent.credentials import FAILED_RETRY_BASE, Refreshing
+from kms_agent.credentials import FAILED_RETRY_BASE, Fetch, Refreshing
 from kms_agent.credentials import aws as aws_credentials
 from kms_agent.credentials.aws import FILE_RECHECK, resolve
 from kms_agent.errors import BadCredentials, ConfigError, Unavailable, UpstreamTimeout
 from kms_agent.upstream import new_session
-from tests.conftest import PLANTED, TOKEN, FakeClock, _bin, _free_port, _start_until, running_agent
+from tests.conftest import (
+    PLANTED,
+    TOKEN,
+    FakeClock,
+    _bin,
+    _free_port,
+    _start_until,
+    no_session,
+    running_agent,
+)
 
 WHERE = "sources.aws.credentials"
 HOUR = 3600.0
@@ -57,9 +67,18 @@ async def _session():
 
 
 def build(
-    table: Mapping[str, object], environ: Mapping[str, str], session: aiohttp.ClientSession
-) -> tuple[str, Callable]:
-    return resolve(table, environ, region="us-east-1", session=lambda: session, where=WHERE)
+    table: Mapping[str, object],
+    environ: Mapping[str, str],
+    session: aiohttp.ClientSession | None,
+) -> tuple[str, Fetch]:
+    """resolve() in us-east-1; ``session`` None: only the path is chosen, no session opened."""
+    return resolve(
+        table,
+        environ,
+        region="us-east-1",
+        session=no_session if session is None else lambda: session,
+        where=WHERE,
+    )
 
 
 # --------------------------------------------------------------------------- shared file
@@ -295,6 +314,7 @@ async def test_pod_identity_credentials_are_refreshed_before_they_expire(pod_ide
     first = await creds.get()
     clock.advance(6 * HOUR - 14 * 60)
     assert await creds.get() is first
+    assert creds._background is not None
     await creds._background
     second = await creds.get()
     assert second.access_key_id == pod_identity.issued[1]["AccessKeyId"] != first.access_key_id
@@ -799,7 +819,7 @@ def _moto_sts():
     proc.stdout.close()
 
 
-def from_sts(creds: dict, expires: float) -> dict[str, str]:
+def from_sts(creds: dict[str, Any], expires: float) -> dict[str, str]:
     return {
         "AccessKeyId": creds["AccessKeyId"],
         "SecretAccessKey": creds["SecretAccessKey"],

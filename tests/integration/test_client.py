@@ -31,7 +31,8 @@ def client(agent, token: str = TOKEN) -> Client:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def test_values_versions_fields_and_binary(tmp_path):

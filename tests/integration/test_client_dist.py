@@ -35,7 +35,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(name="venv_python", scope="module")
-def _venv_python(tmp_path_factory) -> Path:
+def _venv_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The python of a fresh venv into which only ``pip install <copy of client/>`` went."""
     root = tmp_path_factory.mktemp("client-dist")
     source = root / "client"  # a copy: the build leaves nothing in the checkout

@@ -34,7 +34,7 @@ from kms_agent.grammar import Dialect, Kind
 from kms_agent.state import AgentState
 from tests.conftest import PLANTED, TOKEN, FakeClock, ScriptedProvider
 from tests.integration.test_api import make_state
-from tests.integration.test_protocol import read_one
+from tests.integration.test_protocol import Response, read_one
 
 VALUES = {
     "a": PLANTED + "-a",
@@ -91,7 +91,7 @@ MALFORMED = [
 
 
 @st.composite
-def targets(draw) -> bytes:
+def targets(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from(["native", "native", "aws-get", "aws-v1", "other"]))
     if kind == "native":
         query = draw(st.sampled_from(NATIVE_QUERIES))
@@ -117,7 +117,7 @@ def targets(draw) -> bytes:
 
 
 @st.composite
-def requests(draw) -> tuple[bytes, bytes, dict[bytes, bytes], bytes]:
+def requests(draw: st.DrawFn) -> tuple[bytes, bytes, dict[bytes, bytes], bytes]:
     """A well-formed request: (method, target, interesting headers, its bytes)."""
     method = draw(st.sampled_from([b"GET"] * 6 + [b"POST", b"DELETE", b"PUT"]))
     target = draw(targets())
@@ -220,7 +220,7 @@ async def test_every_stream_gets_the_grammars_answers(listener, good, bad, after
             await writer.drain()
         if bad is None:
             writer.write_eof()
-        got = []
+        got: list[Response] = []
         for _ in expected:
             resp = await read_one(reader)
             assert resp is not None, f"closed after {len(got)} answers; expected {expected}"

@@ -274,7 +274,10 @@ async def test_connections_over_the_limit_get_503(tmp_path, provider):
         for _, w in held:
             w.close()
         registry = agent.state.metrics.registry
-        assert registry.get_sample_value("kms_agent_connections_closed_total", {"reason": "limit"}) == 1
+        assert (
+            registry.get_sample_value("kms_agent_connections_closed_total", {"reason": "limit"})
+            == 1
+        )
 
 
 async def test_at_the_limit_an_unauthenticated_connection_makes_room(tmp_path, provider):
@@ -300,7 +303,10 @@ async def test_at_the_limit_an_unauthenticated_connection_makes_room(tmp_path, p
         # the oldest unauthenticated connection was closed to make room
         assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
         registry = agent.state.metrics.registry
-        assert registry.get_sample_value("kms_agent_connections_closed_total", {"reason": "evicted"}) == 1
+        assert (
+            registry.get_sample_value("kms_agent_connections_closed_total", {"reason": "evicted"})
+            == 1
+        )
         # the authenticated one is untouched
         good_w.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(good_r))[2] == b"healthy"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -71,7 +72,7 @@ token_files = ["{tokens}"]
 """
 
 
-async def get(agent, path: str, **headers: str) -> tuple[int, dict]:
+async def get(agent, path: str, **headers: str) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://{agent.addresses[0]}{path}", headers=headers) as resp,
@@ -382,7 +383,10 @@ async def test_a_watched_policy_file_reloads_without_dropping_a_request(tmp_path
 
         def shop_allowed() -> bool:
             policies = agent.state.config.policies
-            return policies.decide(("token:alpha",), "kms:GetSecretValue", "shop/db").allowed
+            allowed: bool = policies.decide(
+                ("token:alpha",), "kms:GetSecretValue", "shop/db"
+            ).allowed
+            return allowed
 
         async with agent.reloaded:
             policy_file.write_text(widened)

@@ -147,7 +147,7 @@ def fill(total: int) -> list[bytes]:
     """Header lines that make ``get("a", ...)``'s head ``total`` bytes long, each line
     under the field limit."""
     room = total - len(get("a"))
-    lines = []
+    lines: list[bytes] = []
     while room > 0:
         size = min(room, 4000)
         line = b"X-Fill-%02d: " % len(lines)

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import secrets as pysecrets
+from typing import Any
 
 import aiohttp
 import boto3
@@ -34,12 +35,12 @@ async def get(agent: Agent, path: str) -> tuple[int, bytes]:
         return r.status, await r.read()
 
 
-def aws_source(moto: dict, extra: str = "") -> str:
+def aws_source(moto: dict[str, Any], extra: str = "") -> str:
     """An aws source over moto for the names under ``aws/``."""
     return moto_source(moto, match="aws/*", extra=extra)
 
 
-def sm(moto: dict):
+def sm(moto: dict[str, Any]):
     return boto3.client(
         "secretsmanager",
         endpoint_url=moto["url"],
@@ -183,7 +184,9 @@ def test_sigv4_matches_botocore():
     canonical = auth.canonical_request(request)
     botocore_signature = auth.signature(auth.string_to_sign(request, canonical), request)
     ours = sigv4.authorization(
-        Request("POST", "/", {}, {**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"}, body),
+        Request(
+            "POST", "/", {}, {**headers, "Host": "secretsmanager.us-east-1.amazonaws.com"}, body
+        ),
         "AKIDEXAMPLE",
         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
         region="us-east-1",
@@ -204,7 +207,9 @@ def test_sigv4_matches_botocore():
 # --------------------------------------------------------------------------- Vault / OpenBao
 
 
-async def bao_call(bao: str, method: str, path: str, payload: dict | None = None) -> dict:
+async def bao_call(
+    bao: str, method: str, path: str, payload: dict[str, Any] | None = None
+) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as s,
         s.request(method, f"{bao}{path}", json=payload, headers={"X-Vault-Token": "root"}) as r,

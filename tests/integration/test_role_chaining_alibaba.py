@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from kms_agent.credentials import Refreshing
 from kms_agent.credentials.alibaba import resolve
 from kms_agent.errors import BadCredentials, ConfigError
-from tests.conftest import PLANTED, TOKEN, running_agent
+from tests.conftest import PLANTED, TOKEN, no_session, running_agent
 
 ACCOUNT = "1234567890123456"
 READER = f"acs:ram::{ACCOUNT}:role/secret-reader"
@@ -26,11 +27,11 @@ READ_SHARED = {
         {"Effect": "Allow", "Action": ["kms:GetSecretValue"], "Resource": ["secret/shared-*"]}
     ]
 }
-NOTHING: dict = {"Statement": []}
+NOTHING: dict[str, Any] = {"Statement": []}
 WHERE = "sources.alibaba.credentials"
 
 
-def chained(kms_url: str, base: dict, **role: object) -> dict:
+def chained(kms_url: str, base: dict[str, Any], **role: object) -> dict[str, Any]:
     return {
         "type": "ram_role_arn",
         "role_arn": READER,
@@ -40,7 +41,9 @@ def chained(kms_url: str, base: dict, **role: object) -> dict:
     }
 
 
-def pick(table: dict, session: aiohttp.ClientSession, environ: dict | None = None):
+def pick(
+    table: dict[str, Any], session: aiohttp.ClientSession, environ: dict[str, str] | None = None
+):
     return resolve(
         table, environ or {}, region="cn-hangzhou", network="public",
         session=lambda: session, where=WHERE,
@@ -286,6 +289,4 @@ def test_bad_ram_role_arn_tables_fail_config_naming_the_key(table, message):
     """Wrong RamRoleArn settings, and chain-only keys on another type, fail at config time
     with the dotted key named (the base table's own errors under ``.base``)."""
     with pytest.raises(ConfigError, match=message):
-        resolve(
-            table, {}, region="cn-hangzhou", network="public", session=lambda: None, where=WHERE
-        )
+        resolve(table, {}, region="cn-hangzhou", network="public", session=no_session, where=WHERE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 import boto3
@@ -19,7 +20,7 @@ import pytest
 
 from kms_agent.credentials.aws import resolve
 from kms_agent.errors import BadCredentials, ConfigError
-from tests.conftest import PLANTED, TOKEN, _bin, _free_port, _start_until, running_agent
+from tests.conftest import PLANTED, TOKEN, _bin, _free_port, _start_until, no_session, running_agent
 
 ACCOUNT_A = "123456789012"  # moto's default account: the agent's own keys live here
 ACCOUNT_B = "210987654321"
@@ -82,7 +83,7 @@ def _accounts():
     proc.stdout.close()
 
 
-def source(accounts: dict, credentials: str) -> str:
+def source(accounts: dict[str, Any], credentials: str) -> str:
     return f"""
 [[sources]]
 name = "aws"
@@ -96,7 +97,7 @@ timeout_seconds = 5
 """
 
 
-def assumed(accounts: dict, sk: str | None = None) -> str:
+def assumed(accounts: dict[str, Any], sk: str | None = None) -> str:
     return f"""type = "assume_role"
 role_arn = "{ROLE_B}"
 external_id = "partner-4711"
@@ -217,7 +218,7 @@ def test_bad_assume_role_tables_fail_config_naming_the_key(table, message):
     """Wrong assume_role settings, and chain-only keys on another type, fail at config time
     with the dotted key named."""
     with pytest.raises(ConfigError, match=message):
-        resolve(table, {}, region="us-east-1", session=lambda: None, where=WHERE)
+        resolve(table, {}, region="us-east-1", session=no_session, where=WHERE)
 
 
 async def test_a_per_request_role_arn_reads_only_if_allowed_and_never_crosses(tmp_path, accounts):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import hvac  # type: ignore[import-untyped]
-import hvac.exceptions  # type: ignore[import-untyped]
+import hvac
+import hvac.exceptions
 import pytest
 
 from kms_agent.agent import Agent

@@ -19,6 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -80,7 +81,7 @@ class KubeApiServer:
 
     def __init__(self) -> None:
         self.issued: dict[str, ServiceAccount] = {}
-        self.reviews: list[tuple[str | None, dict]] = []
+        self.reviews: list[tuple[str | None, dict[str, Any]]] = []
 
     def issue(self, sa: ServiceAccount) -> str:
         token = mint(sa)
@@ -109,7 +110,7 @@ class KubeApiServer:
         spec = body["spec"]
         sa = self.issued.get(spec["token"])
         if sa is None:
-            verdict: dict = {
+            verdict: dict[str, Any] = {
                 "user": {},
                 "error": "[invalid bearer token, service account token has been invalidated]",
             }

@@ -24,7 +24,8 @@ async def test_a_rotated_token_file_is_picked_up_with_no_failed_request(tmp_path
 
     async def new_token() -> str:
         body = await bao_call(bao, "POST", "/v1/auth/token/create", {"policies": [name]})
-        return body["auth"]["client_token"]
+        token: str = body["auth"]["client_token"]
+        return token
 
     token_file = tmp_path / "vault-token"
     first = await new_token()

@@ -66,7 +66,7 @@ class Vendor:
 
 def _alibaba_secret(request: web.Request, body: bytes) -> str | None:
     form = parse_qs(body.decode("latin-1")) if body else {}
-    return request.query.get("SecretName") or (form.get("SecretName") or [None])[0]
+    return request.query.get("SecretName") or next(iter(form.get("SecretName", [])), None)
 
 
 def _aws_secret(request: web.Request, body: bytes) -> str | None:
@@ -132,7 +132,7 @@ class FaultProxy:
     _flip: int = 0
     _answers: dict[str, tuple[int, bytes, dict[str, str]]] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _transports: set[asyncio.BaseTransport] = field(default_factory=set)
+    _transports: set[asyncio.Transport] = field(default_factory=set)
     _runner: web.AppRunner | None = None
     _site: web.TCPSite | None = None
     _session: aiohttp.ClientSession | None = None
@@ -209,7 +209,7 @@ class FaultProxy:
                 status=200, body=b"<html>upstream proxy error", content_type="text/html"
             )
         if fault in (Fault.THROTTLE, Fault.DENIED, Fault.BAD_CREDENTIALS):
-            status, payload = {
+            refusal_status, refusal = {
                 Fault.THROTTLE: self.vendor.throttle,
                 Fault.DENIED: self.vendor.denied,
                 Fault.BAD_CREDENTIALS: self.vendor.bad_credentials,
@@ -218,7 +218,7 @@ class FaultProxy:
                 "application/x-amz-json-1.1" if self.vendor.name == "aws" else "application/json"
             )
             return web.Response(
-                status=status, body=json.dumps(payload).encode(), content_type=ctype
+                status=refusal_status, body=json.dumps(refusal).encode(), content_type=ctype
             )
         if fault in (Fault.SLOW, Fault.LATENCY):
             await asyncio.sleep(0.2 if fault is Fault.SLOW else self.latency)
@@ -257,7 +257,7 @@ class FaultProxy:
             return resp.status, payload, out
 
 
-def _reset(transport: asyncio.BaseTransport) -> None:
+def _reset(transport: asyncio.Transport) -> None:
     """Close with a TCP RST (SO_LINGER 0), not a FIN."""
     sock = transport.get_extra_info("socket")
     if sock is not None:

@@ -36,12 +36,15 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
 
 from kms_agent.cache import BREAKER_MAX_WAIT
 from tests.conftest import PLANTED, TOKEN, running_agent
+from tests.emulators.alibaba_kms import KmsEmulator
+from tests.emulators.huawei_csms import CsmsEmulator
 from tests.reliability.conftest import TABLE, Row
 from tests.reliability.faults import PERMANENT, VENDORS, Fault, FaultProxy
 
@@ -99,12 +102,12 @@ class Answer:
 class Upstreams:
     """Writes new versions straight to each store (past the proxies)."""
 
-    kms: object
-    csms: object
-    moto: dict
+    kms: KmsEmulator
+    csms: CsmsEmulator
+    moto: dict[str, Any]
     bao: str
     session: aiohttp.ClientSession
-    _boto: object = None
+    _boto: Any = None  # a boto3 client (boto3 has no type hints)
 
     def aws(self):
         if self._boto is None:

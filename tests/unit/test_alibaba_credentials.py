@@ -7,17 +7,29 @@ import pytest
 from kms_agent.credentials import Credentials
 from kms_agent.credentials.alibaba import resolve
 from kms_agent.errors import BadCredentials, ConfigError
+from tests.conftest import no_session
 
 
 def pick(table, environ):
-    return resolve(table, environ, region="cn-hangzhou", network="public", session=lambda: None, where="sources.a.credentials")
+    return resolve(
+        table,
+        environ,
+        region="cn-hangzhou",
+        network="public",
+        session=no_session,
+        where="sources.a.credentials",
+    )
 
 
 async def test_auto_prefers_env_access_key_then_rrsa_then_ecs():
     """auto: AccessKey env first, RRSA env next, the instance role last."""
-    both = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAIx", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "s",
-            "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r", "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "p",
-            "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/t"}
+    both = {
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAIx",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "s",
+        "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r",
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "p",
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/t",
+    }
     kind, fetch = pick({}, both)
     assert kind == "access_key"
     creds = await fetch()
@@ -29,7 +41,9 @@ async def test_auto_prefers_env_access_key_then_rrsa_then_ecs():
 async def test_credentials_file_profile(tmp_path):
     """An Alibaba CLI-style INI credentials file, by profile."""
     path = tmp_path / "credentials"
-    path.write_text("[default]\naccess_key_id = LTAIa\naccess_key_secret = sa\n[prod]\naccess_key_id = LTAIp\naccess_key_secret = sp\n")
+    path.write_text(
+        "[default]\naccess_key_id = LTAIa\naccess_key_secret = sa\n[prod]\naccess_key_id = LTAIp\naccess_key_secret = sp\n"
+    )
     kind, fetch = pick({"credentials_file": str(path), "profile": "prod"}, {})
     assert kind == "access_key"
     assert (await fetch()).access_key_id == "LTAIp"
@@ -43,10 +57,28 @@ async def test_credentials_file_profile(tmp_path):
     [
         ({"type": "access_key"}, "need access_key_id and access_key_secret"),
         ({"type": "rrsa"}, "RRSA needs role_arn"),
-        ({"type": "rrsa", "role_arn": "r", "oidc_provider_arn": "p", "oidc_token_file": "/t", "duration_seconds": 60}, "900-43200"),
+        (
+            {
+                "type": "rrsa",
+                "role_arn": "r",
+                "oidc_provider_arn": "p",
+                "oidc_token_file": "/t",
+                "duration_seconds": 60,
+            },
+            "900-43200",
+        ),
         ({"type": "vault"}, "is not one of"),
         ({"acces_key_id": "typo"}, r"credentials.acces_key_id: unknown setting"),
-        ({"type": "rrsa", "role_arn": "r", "oidc_provider_arn": "p", "oidc_token_file": "/t", "sts_endpoint": "http://sts.example.com"}, "plain http is allowed only to a loopback host"),
+        (
+            {
+                "type": "rrsa",
+                "role_arn": "r",
+                "oidc_provider_arn": "p",
+                "oidc_token_file": "/t",
+                "sts_endpoint": "http://sts.example.com",
+            },
+            "plain http is allowed only to a loopback host",
+        ),
     ],
 )
 def test_incomplete_credentials_fail_config_naming_the_key(table, message):

@@ -77,9 +77,11 @@ async def test_jitter_spreads_expiry_within_ten_percent(provider, clock):
     """TTL jitter stays within +/-10 % at the extremes of the random source."""
     provider.values["db"] = "v"
     for rnd, expected in ((0.0, 270.0), (1.0, 330.0)):
-        cache = Cache(
-            provider.fetch, CacheConfig(ttl=300, jitter=0.1), clock=clock, rng=lambda r=rnd: r
-        )
+
+        def draw(r: float = rnd) -> float:
+            return r
+
+        cache = Cache(provider.fetch, CacheConfig(ttl=300, jitter=0.1), clock=clock, rng=draw)
         entry, _ = await cache.get(key("db"))
         assert entry.expires_at - entry.fetched_at == pytest.approx(expected)
 
@@ -364,7 +366,7 @@ async def test_invalidate_drops_named_entries_and_ignores_inflight_results(provi
 
 async def test_provider_bug_becomes_an_upstream_error(provider, clock):
     """A provider raising a non-AgentError is reported as a 502, and the agent lives."""
-    provider.failures["db"] = RuntimeError("boom")  # type: ignore[assignment]
+    provider.failures["db"] = RuntimeError("boom")
     cache = make_cache(provider, clock)
     with pytest.raises(Exception) as info:
         await cache.get(key("db"))

@@ -114,7 +114,9 @@ def test_env_lists_and_booleans():
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
 def test_invalid_config_files_fail_check_config_naming_the_key(path, capsys):
     """Each invalid fixture fails `check-config` with exit 2 and the expected message."""
-    expect = re.match(r"# expect: (.*)", path.read_text()).group(1)
+    expected = re.match(r"# expect: (.*)", path.read_text())
+    assert expected, f"{path.name} has no '# expect:' first line"
+    expect = expected.group(1)
     code = cli.main(["--config", str(path), "check-config"], environ={})
     err = capsys.readouterr().err
     assert code == 2

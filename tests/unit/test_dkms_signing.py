@@ -26,9 +26,10 @@ from unittest import mock
 
 import aiohttp
 import pytest
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,10 +69,25 @@ VECTOR = json.loads(
 KEY_ID = VECTOR["test_key"]["KeyId"]
 PASSWORD = VECTOR["test_key"]["password"]
 PRIVATE_KEY_DATA = json.loads(VECTOR["test_key"]["client_key_json"])["PrivateKeyData"]
-#: The vector's key, opened straight from its PKCS#12 with cryptography (not our loader).
-VECTOR_KEY, VECTOR_CERT, _ = pkcs12.load_key_and_certificates(
-    base64.b64decode(PRIVATE_KEY_DATA), PASSWORD.encode()
-)
+
+
+def _vector_key() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """The vector's key, opened straight from its PKCS#12 with cryptography (not our loader)."""
+    key, cert, _ = pkcs12.load_key_and_certificates(
+        base64.b64decode(PRIVATE_KEY_DATA), PASSWORD.encode()
+    )
+    assert isinstance(key, rsa.RSAPrivateKey)
+    assert cert is not None
+    return key, cert
+
+
+def _rsa_public(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    public = cert.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    return public
+
+
+VECTOR_KEY, VECTOR_CERT = _vector_key()
 ENDPOINT = VECTOR["endpoint_config"]
 DATE = VECTOR["fixed_date"]
 
@@ -117,6 +133,12 @@ needs_sdk = pytest.mark.skipif(
 )
 
 
+def the_sdk() -> types.SimpleNamespace:
+    """The SDK's modules, in a test marked ``needs_sdk`` (which skips without them)."""
+    assert SDK is not None
+    return SDK
+
+
 def _pkcs1_body(key) -> str:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -128,7 +150,8 @@ def _pkcs1_body(key) -> str:
 
 class _Answer:
     def __init__(self, status: int, body: bytes) -> None:
-        self.status_code, self.content, self.reason, self.headers = status, body, "", {}
+        self.status_code, self.content, self.reason = status, body, ""
+        self.headers: dict[str, str] = {}
 
 
 class RecordingSession:
@@ -232,7 +255,7 @@ def test_signature_verifies_and_any_signed_byte_changed_fails():
     headers = dkms.request_headers(
         body=body, date=DATE, key_id=KEY_ID, api_name="GetSecretValue", private_key=VECTOR_KEY
     )
-    public = VECTOR_CERT.public_key()
+    public = _rsa_public(VECTOR_CERT)
     assert verifies(headers)
     assert dkms.verify("POST", headers, body, public)
 
@@ -277,7 +300,7 @@ def test_verify_refuses_what_is_not_a_bearer_signature():
         assert not dkms.verify("POST", bad, body, public)
 
 
-_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
 
 
 @needs_sdk
@@ -293,7 +316,7 @@ _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_si
 def test_our_request_equals_the_sdks(name, stage, version, extended):
     """For any GetSecretValue, the SDK's own client (clock fixed, transport recorded) sends
     exactly our body and our headers: same names, values and signature."""
-    sdk = SDK
+    sdk = the_sdk()
     session = RecordingSession((200, b""))
     with sdk_transport(sdk, session):
         sdk_client(sdk).get_secret_value(
@@ -324,14 +347,14 @@ def test_our_request_equals_the_sdks(name, stage, version, extended):
                 ["date", "content-type", "content-sha256", "accept", "host", "x-acs-a"]
             ),
         ),
-        st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
         max_size=8,
     ),
 )
 def test_string_to_sign_equals_the_sdks(headers):
     """For any set of lower-case headers, our string to sign is the SDK's
     ``get_string_to_sign``: x-kms-* only, names sorted, values trimmed, resource ``/``."""
-    assert dkms.string_to_sign("POST", headers) == SDK.util.get_string_to_sign(
+    assert dkms.string_to_sign("POST", headers) == the_sdk().util.get_string_to_sign(
         "POST", "/", headers, {}
     )
 
@@ -339,7 +362,7 @@ def test_string_to_sign_equals_the_sdks(headers):
 # ---------------------------------------------------------------------------- protobuf
 
 MESSAGES = [GetSecretValueRequest, GetSecretValueResponse, Error]
-_STRING = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_STRING = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
 _VALUES = {
     "string": _STRING,
     "bool": st.booleans(),
@@ -349,7 +372,7 @@ _VALUES = {
 
 
 def _pb_class(cls):
-    return getattr(SDK.pb, cls.__name__)
+    return getattr(the_sdk().pb, cls.__name__)
 
 
 def _theirs_as_ours(cls, theirs) -> dict[str, Any]:
@@ -384,7 +407,7 @@ def _key(number: int, wire: int) -> bytes:
 
 
 @st.composite
-def unknown_field(draw, known: frozenset[int], depth: int = 0) -> bytes:
+def unknown_field(draw: st.DrawFn, known: frozenset[int], depth: int = 0) -> bytes:
     number = draw(st.integers(1, 2**29 - 1).filter(lambda n: n not in known))
     wire = draw(st.sampled_from([0, 1, 2, 5] + ([3] if depth < 2 else [])))
     if wire == 0:
@@ -524,13 +547,15 @@ def test_sdk_reads_our_response_as_the_vector_recorded():
     it into exactly the response the vector recorded."""
     parsed = {k: v for k, v in VECTOR["parsed_response"].items() if k != "responseHeaders"}
     names = {name: attr for _, name, attr, _ in GetSecretValueResponse.FIELDS}
-    ours = GetSecretValueResponse(
-        **{names[k]: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()}
-    )
+    fields: dict[str, Any] = {
+        names[k]: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()
+    }
+    ours = GetSecretValueResponse(**fields)
     session = RecordingSession((200, ours.encode()))
-    with sdk_transport(SDK, session):
-        answer = sdk_client(SDK).get_secret_value(
-            SDK.models.GetSecretValueRequest(secret_name="db-password", version_stage="ACSCurrent")
+    sdk = the_sdk()
+    with sdk_transport(sdk, session):
+        answer = sdk_client(sdk).get_secret_value(
+            sdk.models.GetSecretValueRequest(secret_name="db-password", version_stage="ACSCurrent")
         )
     assert {k: v for k, v in answer.to_map().items() if k != "responseHeaders"} == parsed
     assert session.sent[0].body.hex() == VECTOR["body_hex"]
@@ -613,6 +638,8 @@ def test_long_upstream_text_is_cut():
         Error(error_code="C" * 500, error_message="m" * 5000, request_id="r" * 500),
         endpoint="e",
     )
+    assert error.upstream_code is not None
+    assert error.upstream_message is not None
     assert len(error.upstream_code) == 100
     assert len(error.upstream_message) == 300
     assert len(error.message) < 600
@@ -628,9 +655,10 @@ def test_sdk_reads_our_error_body_as_we_do():
         request_id=recorded["data"]["requestId"],
     ).encode()  # fmt: skip
     session = RecordingSession((404, body))
-    with sdk_transport(SDK, session), pytest.raises(SDK.TeaException) as caught:
-        sdk_client(SDK).get_secret_value(
-            SDK.models.GetSecretValueRequest(secret_name="db-password")
+    sdk = the_sdk()
+    with sdk_transport(sdk, session), pytest.raises(sdk.TeaException) as caught:
+        sdk_client(sdk).get_secret_value(
+            sdk.models.GetSecretValueRequest(secret_name="db-password")
         )
     raised = caught.value
     assert (raised.code, raised.message, raised.data) == (
@@ -691,8 +719,9 @@ def test_retry_rule_is_the_sdks(what, transport, agent_error):
         "timeout": requests.ReadTimeout("slow"),
     }
     session = RecordingSession(failure.get(transport, transport))
-    with sdk_transport(SDK, session) as sleeps, pytest.raises(SDK.TeaException):
-        sdk_client(SDK).get_secret_value(SDK.models.GetSecretValueRequest(secret_name="a"))
+    sdk = the_sdk()
+    with sdk_transport(sdk, session) as sleeps, pytest.raises(sdk.TeaException):
+        sdk_client(sdk).get_secret_value(sdk.models.GetSecretValueRequest(secret_name="a"))
     sdk_retried = len(session.sent) > 1
     assert SDK_RETRY.retryable(agent_error()) is sdk_retried
     if sdk_retried:
@@ -732,7 +761,6 @@ def _pkcs12(key, cert=None, password: str = PLANTED_PASSWORD) -> str:
 def _self_signed(key):
     from datetime import UTC, datetime, timedelta
 
-    from cryptography import x509
     from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
@@ -764,10 +792,11 @@ def test_client_key_loads_from_a_password_file_or_env(key_dir):
         key_dir / "clientkey.json", password_env="CK_PASSWORD", environ={"CK_PASSWORD": PASSWORD}
     )
     pem = serialization.load_pem_private_key(VECTOR["test_key"]["private_key_pem"].encode(), None)
+    assert isinstance(pem, rsa.RSAPrivateKey)
     for key in (by_file, by_env):
         assert key.key_id == KEY_ID
         assert key.private_key.private_numbers() == pem.private_numbers()
-        assert key.public_key().public_numbers() == VECTOR_CERT.public_key().public_numbers()
+        assert key.public_key().public_numbers() == _rsa_public(VECTOR_CERT).public_numbers()
         assert key.not_after == VECTOR_CERT.not_valid_after_utc
         for shown in (repr(key), str(key)):
             assert KEY_ID in shown

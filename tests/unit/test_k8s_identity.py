@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import json
 import ssl
+from typing import Any
 
 import jwt
 import pytest
@@ -51,7 +52,7 @@ RSA_B = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_A = ec.generate_private_key(ec.SECP256R1())
 
 
-def jwk_of(private_key, kid: str) -> dict:
+def jwk_of(private_key, kid: str) -> dict[str, Any]:
     """The public JWK kube-apiserver would publish for ``private_key``."""
     public = private_key.public_key()
     if isinstance(private_key, rsa.RSAPrivateKey):
@@ -63,11 +64,12 @@ def jwk_of(private_key, kid: str) -> dict:
     return {**entry, "kid": kid, "use": "sig", "alg": alg}
 
 
-def jwks(*entries: dict) -> bytes:
+def jwks(*entries: object) -> bytes:
+    """A JWKS document of ``entries`` (not all need be keys, or even objects)."""
     return json.dumps({"keys": list(entries)}).encode()
 
 
-def sa_claims(now: float, *, ns: str = "payments", sa: str = "api", **over) -> dict:
+def sa_claims(now: float, *, ns: str = "payments", sa: str = "api", **over) -> dict[str, Any]:
     """Claims exactly as kube-apiserver issues a pod-bound projected token."""
     claims = {
         "aud": [AUDIENCE],
@@ -88,7 +90,7 @@ def sa_claims(now: float, *, ns: str = "payments", sa: str = "api", **over) -> d
     return claims
 
 
-def mint(claims: dict, key=RSA_A, kid: str = "rsa-a", alg: str = "RS256") -> bytes:
+def mint(claims: dict[str, Any], key=RSA_A, kid: str = "rsa-a", alg: str = "RS256") -> bytes:
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid}).encode()
 
 
@@ -96,7 +98,7 @@ def b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-def forged(header: dict, claims: dict, secret: bytes | None) -> bytes:
+def forged(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> bytes:
     """A token assembled by hand, as an attacker would (HS256 with ``secret``, or no
     signature at all)."""
     signing_input = b64(json.dumps(header).encode()) + b"." + b64(json.dumps(claims).encode())
@@ -287,7 +289,9 @@ async def test_hs256_signed_with_the_rsa_public_key_is_refused(verifier, clock, 
         ISSUER, (AUDIENCE,), JwksSource.from_file(path, clock=clock), clock=clock
     )
     await with_oct.ensure_loaded()
-    assert sorted(with_oct.jwks.current().keys) == ["rsa-a"]
+    loaded = with_oct.jwks.current()
+    assert loaded is not None
+    assert sorted(loaded.keys) == ["rsa-a"]
     refusal(with_oct, forged({"alg": "HS256", "kid": "hmac"}, claims, b"s" * 32))
 
 

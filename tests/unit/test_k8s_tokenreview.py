@@ -8,6 +8,7 @@ echoed back, ``status.user.extra`` with the pod and node), counting reviews.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -42,7 +43,7 @@ class FakeReviews:
 
     def __init__(self) -> None:
         self.valid: dict[str, str] = {}  # token -> namespace:serviceaccount
-        self.reviews: list[dict] = []
+        self.reviews: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
         self.status = 201
         self.audiences: list[str] | None = None  # None: the audiences asked for
@@ -64,7 +65,7 @@ class FakeReviews:
         if self.status != 201:
             return web.json_response({"kind": "Status", "code": self.status}, status=self.status)
         spec = body["spec"]
-        status: dict = {"user": {}}
+        status: dict[str, Any] = {"user": {}}
         who = self.valid.get(spec["token"])
         if who is None:
             status["error"] = "[invalid bearer token, service account token has been invalidated]"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
 
 from kms_agent.config import Config, source_config
-from kms_agent.providers.local import Provider
+from kms_agent.providers.local import Provider, _NamesIn
 from kms_agent.store import LocalStore
 
 WAIT = 10.0
@@ -24,6 +25,7 @@ async def test_changes_are_seen_under_a_dot_directory(tmp_path: Path, parent: st
     provider = Provider(source_config("local", "local"), Config(data_dir=str(data_dir)))
     await provider.open()
     changes = provider.changes()
+    assert isinstance(changes, AsyncGenerator)  # closed at the end
     first = asyncio.ensure_future(anext(changes))
     writer = LocalStore(data_dir)
     try:
@@ -53,6 +55,7 @@ async def test_dot_files_in_the_store_are_not_changes(tmp_path: Path):
     provider = Provider(source_config("local", "local"), Config(data_dir=str(data_dir)))
     await provider.open()
     changes = provider.changes()
+    assert isinstance(changes, AsyncGenerator)  # closed at the end
     first = asyncio.ensure_future(anext(changes))
     secrets_dir = provider.store.secrets_dir
     try:
@@ -64,7 +67,9 @@ async def test_dot_files_in_the_store_are_not_changes(tmp_path: Path):
             if done:
                 break
         assert first.done(), "no change reported for a store file"
-        assert first.result().stems == frozenset({"abc"})
+        changed = first.result()
+        assert isinstance(changed, _NamesIn)
+        assert changed.stems == frozenset({"abc"})
     finally:
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):

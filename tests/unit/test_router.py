@@ -52,7 +52,9 @@ def test_a_crossed_answer_is_never_taken_for_the_secret_asked():
     aws = replace(rec, extra={"arn": arn})
     assert answers(("s", arn, None, None), aws)
     assert answers(("s", arn[:-7], None, None), aws)  # partial ARN
-    assert not answers(("s", "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/dbx", None, None), aws)
+    assert not answers(
+        ("s", "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/dbx", None, None), aws
+    )
     assert answers(("s", "acs:kms:cn-hangzhou:1234:secret/prod/db", None, None), rec)
     assert not answers(("s", "acs:kms:cn-hangzhou:1234:secret/prod/dbx", None, None), rec)
 
@@ -78,7 +80,9 @@ async def test_a_crossed_answer_is_an_upstream_error_and_the_good_value_stays(cl
         return await real_get(asked, version_id=version_id, version_stage=version_stage)
 
     provider.get = get  # type: ignore[method-assign]
-    cache = Cache(Fetcher(Router([(("*",), provider)]), Metrics()), CacheConfig(jitter=0, ttl=10), clock=clock)
+    cache = Cache(
+        Fetcher(Router([(("*",), provider)]), Metrics()), CacheConfig(jitter=0, ttl=10), clock=clock
+    )
     entry, _ = await cache.load(("scripted", "a", None, None))
     assert entry.record.value.reveal() == b"value-a"
     crossed["on"] = True

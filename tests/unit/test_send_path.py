@@ -64,13 +64,16 @@ def provider(kind: str, **extra: Any) -> CloudProvider:
     given = {"name": kind, "provider": kind, **SOURCES[kind], **extra}
     table = {k: v for k, v in given.items() if v is not None}
     cfg = config_module.load(environ={}, overrides={"sources": [table]})
+    # object: mypy holds CloudProvider incompatible with the Provider protocol (its
+    # credentials are never None), so narrowing create()'s Provider to it would be refused.
     made: object = create(cfg.sources[0], cfg, environ={})
     assert isinstance(made, CloudProvider)
     return made
 
 
 def held(source: CloudProvider) -> Credentials | None:
-    """The credentials the source holds now (read afresh: not narrowed by earlier asserts)."""
+    """The credentials the source holds now (read through a call, so that mypy does not
+    carry one assert's narrowing past the call that changes them)."""
     return source.credentials.current
 
 

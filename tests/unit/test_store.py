@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,11 +102,12 @@ def test_invalid_names_are_refused(store, name):
         store.put(name, b"x")
 
 
-def _doc(store: LocalStore, name: str) -> dict:
-    return json.loads(store.path_for(name).read_text())
+def _doc(store: LocalStore, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(store.path_for(name).read_text())
+    return doc
 
 
-def _write(store: LocalStore, name: str, doc: dict) -> None:
+def _write(store: LocalStore, name: str, doc: dict[str, Any]) -> None:
     store.path_for(name).write_text(json.dumps(doc))
 
 

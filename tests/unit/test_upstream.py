@@ -298,7 +298,7 @@ class Script:
 @pytest.fixture(name="widest_jitter")
 def _widest_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Full jitter drawn at its upper bound, so backoff delays are exact."""
-    monkeypatch.setattr(upstream.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr("kms_agent.upstream.random.uniform", lambda low, high: high)
 
 
 async def test_a_success_is_returned_with_the_remaining_time_given_to_the_call(vtime):
