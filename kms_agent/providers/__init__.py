@@ -40,10 +40,15 @@ class Provider(Protocol):
     assume_roles: frozenset[str]
     #: Counters the metrics collector reads at scrape time.
     stats: UpstreamStats
-    #: The credentials the source holds (None: it needs none, like the local store).
-    credentials: Refreshing | None
-    #: Files whose mode is checked at start and reload: (kind, path, the most allowed).
-    sensitive_files: Sequence[tuple[str, Path, int]]
+
+    @property
+    def credentials(self) -> Refreshing | None:
+        """The credentials the source holds (None: it needs none, like the local store).
+        Read-only here, so a cloud source may declare them never None."""
+
+    @property
+    def sensitive_files(self) -> Sequence[tuple[str, Path, int]]:
+        """Files whose mode is checked at start and reload: (kind, path, the most allowed)."""
 
     def credentials_expiry(self) -> float | None:
         """When the current temporary credentials expire (epoch seconds), if they do."""
