@@ -7,6 +7,7 @@ every error names the key's dotted path, the bad value and what is allowed.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -318,8 +319,15 @@ def _where(key: str, value: Any) -> str:
 _KINDS = {str: "a string", int: "a whole number", float: "a number", bool: "a boolean"}
 
 
+def _shown(value: Any, meta: Mapping[str, Any]) -> str:
+    """``value`` as an error message may show it: a setting that holds a secret (its field
+    is out of the repr) is never echoed, whatever was put there."""
+    return "the value given" if meta.get("secret") else repr(value)
+
+
 def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     where = _where(key, value)
+    shown = _shown(value, meta)
     env = isinstance(value, _EnvText)
     origin = get_origin(tp)
     if origin is Union or origin is types.UnionType:
@@ -332,7 +340,7 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         choices = get_args(tp)
         if value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
-            raise ConfigError(f"{where}: {value!r} is not allowed; use one of {allowed}")
+            raise ConfigError(f"{where}: {shown} is not allowed; use one of {allowed}")
         return str(value)
     if tp is bool:
         if env:
@@ -343,18 +351,18 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
                 return False
         elif isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: {value!r} is not a boolean; use true or false")
+        raise ConfigError(f"{where}: {shown} is not a boolean; use true or false")
     if tp is int:
         if env and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {value!r} is not a whole number")
+            raise ConfigError(f"{where}: {shown} is not a whole number")
         return _bounded(value, value, where, meta)
     if tp is float:
         return _bounded(_number(value, where, meta), value, where, meta)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {value!r} is not a string")
+            raise ConfigError(f"{where}: {shown} is not a string")
         return str(value)
     if origin is tuple:
         if env:
@@ -362,7 +370,7 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         elif isinstance(value, str) and meta.get("one_or_many"):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {value!r} is not a list of strings")
+            raise ConfigError(f"{where}: {shown} is not a list of strings")
         return tuple(value)
     raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
 
@@ -380,12 +388,14 @@ def _convert_union(members: tuple[Any, ...], value: Any, key: str, meta: Mapping
         except ConfigError:
             continue
     kinds = " or ".join(_KINDS.get(m, repr(m)) for m in given)
-    raise ConfigError(f"{_where(key, value)}: {value!r} is not {kinds}")
+    raise ConfigError(f"{_where(key, value)}: {_shown(value, meta)} is not {kinds}")
 
 
 def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not a number")
+        raise ConfigError(f"{where}: {_shown(value, meta)} is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
@@ -397,14 +407,14 @@ def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
         if meta.get("duration")
         else "a number"
     )
-    raise ConfigError(f"{where}: {value!r} is not {kind}")
+    raise ConfigError(f"{where}: {_shown(value, meta)} is not {kind}")
 
 
 def _bounded(value: float, given: Any, where: str, meta: Mapping[str, Any]) -> Any:
     lo, hi = meta.get("lo"), meta.get("hi")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{where}: {given!r} is out of range; use a value {bounds}")
+        raise ConfigError(f"{where}: {_shown(given, meta)} is out of range; use a value {bounds}")
     return value
 
 
@@ -436,7 +446,8 @@ def _build(
         if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
             kwargs[name] = _build(tp, table[name], f"{prefix}{name}.")
         else:
-            kwargs[name] = _convert(tp, table[name], f"{prefix}{name}", fld.metadata)
+            meta = {**fld.metadata, "secret": not fld.repr}
+            kwargs[name] = _convert(tp, table[name], f"{prefix}{name}", meta)
     return cls(**kwargs)
 
 

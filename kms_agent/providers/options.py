@@ -53,8 +53,10 @@ class CloudOptions(SourceOptions):
 
     #: None: the provider's default (:meth:`default_qps`).
     rate_limit_qps: float | None = None
-    timeout_seconds: float = 10.0
-    max_attempts: int = 4
+    #: One call's deadline, retries included (a tenth of a second at least).
+    timeout_seconds: float = field(default=10.0, metadata={"lo": 0.1})
+    #: Attempts of one call within that deadline (1: no retries).
+    max_attempts: int = field(default=4, metadata={"lo": 1, "hi": 20})
     #: Tried in this order (failover); instead of the provider's single endpoint setting.
     endpoints: tuple[str, ...] | None = None
     #: ``[sources.credentials]``, as given; the provider's credential resolver checks it.
