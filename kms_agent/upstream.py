@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import ipaddress
 import json
+import math
 import random
 import ssl
 import time
@@ -255,8 +256,11 @@ async def send(
             request.method,
             url,
             headers=headers,
-            data=request.body,
-            timeout=aiohttp.ClientTimeout(total=timeout) if timeout else session.timeout,
+            data=request.body or None,  # no body: no Content-Length or Content-Type either
+            timeout=_within(session.timeout, timeout),
+            # A redirect is answered, not followed: following it would send the signed
+            # request, tokens included, to a host nobody configured, outside the limiter.
+            allow_redirects=False,
         ) as resp:
             if (resp.content_length or 0) > MAX_ANSWER_BYTES:
                 raise _too_big(what)
@@ -268,6 +272,34 @@ async def send(
     return Answer(resp.status, resp.headers, bytes(body))
 
 
+async def send_to(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    headers: Mapping[str, str] | None = None,
+) -> Answer:
+    """:func:`send` of an unsigned request to a whole ``url`` (a metadata service's)."""
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    request = Request(method, path, headers=dict(headers or {}))
+    return await send(session, f"{parts.scheme}://{parts.netloc}", request, what=what)
+
+
+def _within(session: aiohttp.ClientTimeout, total: float | None) -> aiohttp.ClientTimeout:
+    """The session's timeouts (its short connect timeout: a blackholed endpoint fails fast
+    and the retry goes to the next) with the call's remaining deadline as the total."""
+    if total is None:
+        return session
+    return aiohttp.ClientTimeout(
+        total=total,
+        connect=session.connect,
+        sock_connect=session.sock_connect,
+        sock_read=session.sock_read,
+    )
+
+
 def _too_big(what: str) -> Unavailable:
     return Unavailable(f"{what} answered more than {MAX_ANSWER_BYTES // 1024 // 1024} MiB")
 
@@ -276,23 +308,24 @@ def json_object(body: bytes, what: str, *, empty_ok: bool = False) -> dict[str, 
     """A JSON object answer; anything else is the upstream's failure (Unavailable)."""
     if empty_ok and not body.strip():
         return {}
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise Unavailable(f"{what} answered with a non-JSON body") from None
-    if not isinstance(parsed, dict):
-        raise Unavailable(f"{what} answered with a non-object")
+    parsed = _json(body)
+    if parsed is None:
+        raise Unavailable(f"{what} answered with a body that is not a JSON object")
     return parsed
 
 
-def error_object(body: bytes) -> dict[str, Any]:
-    """The JSON object of a refusal, or an empty one: an error answer may be a proxy's
-    HTML page, empty, or not JSON at all, and is then judged by its status alone."""
+def object_or_none(body: bytes) -> dict[str, Any] | None:
+    """The JSON object in ``body``, or None: a refusal may be a proxy's HTML page, empty,
+    or not JSON at all (then it is not the store's own), a metadata answer anything."""
+    return _json(body)
+
+
+def _json(body: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def answer_time(value: Any) -> float:
@@ -301,12 +334,14 @@ def answer_time(value: Any) -> float:
     time is shown, never acted on)."""
     if value is None or value == "" or isinstance(value, bool):
         return 0.0
-    if isinstance(value, int | float):
-        return value / 1000 if value > 1e11 else float(value)
     try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
+        if isinstance(value, int | float):
+            seconds = value / 1000 if value > 1e11 else float(value)
+        else:
+            seconds = datetime.fromisoformat(str(value)).timestamp()
+    except (ValueError, ArithmeticError):
         return 0.0
+    return seconds if math.isfinite(seconds) else 0.0
 
 
 def check_endpoint(url: str, key: str) -> str:

@@ -96,7 +96,7 @@ class CloudProvider(ProviderBase):
             yield
         except KeyError as exc:
             raise Unavailable(f"{self.service} answered without {exc!s:.40}") from None
-        except (TypeError, AttributeError, ValueError) as exc:
+        except (TypeError, AttributeError, ValueError, ArithmeticError) as exc:
             raise Unavailable(
                 f"{self.service} answered a field it cannot have ({type(exc).__name__})"
             ) from None
@@ -165,22 +165,59 @@ class CloudProvider(ProviderBase):
         return self._session
 
     async def _send(
-        self, request: Request, *, name: str = "", held: Refreshing | None = None
-    ) -> bytes:
-        """The body of a 200 answer to ``request``, signed with ``held`` (a role's
-        credentials), else the source's; under the limiter, retried within the deadline.
-        ``name`` is the secret the call is about (for the errors' words)."""
+        self,
+        request: Request,
+        parse: Callable[[bytes], _T],
+        *,
+        name: str = "",
+        held: Refreshing | None = None,
+    ) -> _T:
+        """``parse`` of the body of a 200 answer to ``request``, signed with ``held`` (a
+        role's credentials), else the source's; under the limiter, retried within the
+        deadline. An answer ``parse`` cannot read fails its attempt (it is retried and
+        its endpoint failed over, like any broken answer). ``name`` is the secret the call
+        is about (for the errors' words)."""
         credentials = held or self.credentials
 
-        async def attempt(remaining: float) -> bytes:
+        async def attempt(remaining: float) -> _T:
             creds = await credentials.get()
             answer = await self._exchange(request, creds, remaining)
-            if answer.status == 200:
-                return answer.body
-            error = self.classify(answer.status, answer.headers, answer.body, name, creds)
-            raise self._refused(error, creds, credentials)
+            try:
+                if answer.status == 200 and not self._refuses(answer.body):
+                    return parse(answer.body)
+                raise self._refusal(answer, name, creds)
+            except AgentError as error:
+                raise self._refused(error, creds, credentials) from None
 
         return await self._limited(attempt)
+
+    def _refuses(self, body: bytes) -> bool:
+        """Whether a 200 answer is a refusal all the same (a store that says so in it)."""
+        return False
+
+    def _refusal(self, answer: Answer, name: str, creds: Credentials) -> AgentError:
+        """The error of an answer that is not a success: a redirect (never followed), else
+        what the provider's :meth:`classify` says."""
+        if 300 <= answer.status < 400:
+            return Unavailable(
+                f"{self.service} at {self._base().host} answered a redirect "
+                f"(HTTP {answer.status}), which the agent does not follow",
+                hint="set the source's endpoint to the URL the store really answers at",
+            )
+        return self.classify(answer.status, answer.headers, answer.body, name, creds)
+
+    def _foreign(self, status: int) -> AgentError:
+        """A refusal whose body is not the store's own (not its JSON: a proxy's or load
+        balancer's page): it says nothing about the secret, so it is never a not-found or
+        a denial (which would drop cached values), only throttling or unavailability."""
+        if status == 429:
+            return Throttled(f"{self.service}: throttled (HTTP 429)")
+        return Unavailable(
+            f"{self.service} at {self._base().host} answered HTTP {status} with a page that "
+            "is not its own",
+            hint="a proxy or load balancer between the agent and the store answered; check "
+            "the endpoint and what sits in front of it",
+        )
 
     async def _exchange(
         self, request: Request, creds: Credentials | None, timeout: float

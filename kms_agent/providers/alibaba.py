@@ -55,7 +55,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import SHARED_GATEWAY_QPS, AlibabaOptions
 from kms_agent.signing import Signer, dkms
 from kms_agent.signing import alibaba as acs3
-from kms_agent.upstream import answer_time, error_object, json_object
+from kms_agent.upstream import answer_time, json_object, object_or_none
 
 API_VERSION = "2016-01-20"
 #: What a ClientKey source's readiness check reads (a not-found answer is the pass).
@@ -144,16 +144,33 @@ class Provider(CloudProvider):
     # ------------------------------------------------------------------ calls
 
     async def _call(self, action: str, params: dict[str, str], name: str = "") -> dict[str, Any]:
-        body = await self._send(acs3.rpc(action, API_VERSION, params), name=name)
+        return await self._send(acs3.rpc(action, API_VERSION, params), self._json, name=name)
+
+    def _json(self, body: bytes) -> dict[str, Any]:
         return json_object(body, self.service)
+
+    def _refuses(self, body: bytes) -> bool:
+        """The OpenAPI can say ``Code`` in a 200 (older gateways did); that is a refusal."""
+        if self.client_key is not None:
+            return False
+        answer = object_or_none(body)
+        return answer is not None and "Code" in answer
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
         if self.client_key is not None:
             return dkms_gcs.classify(status, body, endpoint=self._base().host, name=name)
-        answer = error_object(body)
+        answer = object_or_none(body)
+        if answer is None:
+            return self._foreign(status)
         return self._error(status, answer, name, creds)
+
+    def _decoded(self, body: bytes) -> dkms_gcs.GetSecretValueResponse:
+        try:
+            return dkms_gcs.GetSecretValueResponse.decode(body)
+        except dkms_gcs.MalformedMessage as exc:
+            raise Unavailable(f"the KMS instance at {self._base().host} answered {exc}") from None
 
     def _error(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -249,11 +266,9 @@ class Provider(CloudProvider):
         request = dkms_gcs.GetSecretValueRequest(
             secret_name=name, version_stage=stage, version_id=version_id or ""
         )
-        answer = await self._send(dkms.request("GetSecretValue", request.encode()), name=name)
-        try:
-            got = dkms_gcs.GetSecretValueResponse.decode(answer)
-        except dkms_gcs.MalformedMessage as exc:
-            raise Unavailable(f"the KMS instance at {self._base().host} answered {exc}") from None
+        got = await self._send(
+            dkms.request("GetSecretValue", request.encode()), self._decoded, name=name
+        )
         with self._reading():
             return self._record(
                 got.secret_name or name,

@@ -35,7 +35,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import AwsOptions
 from kms_agent.signing import Request
 from kms_agent.signing.aws import SigV4
-from kms_agent.upstream import json_object
+from kms_agent.upstream import answer_time, json_object, object_or_none
 
 SERVICE = "secretsmanager"
 TARGET = "secretsmanager"
@@ -97,15 +97,19 @@ class Provider(CloudProvider):
         request = Request(
             "POST", "/", headers={**_HEADERS, "X-Amz-Target": f"{TARGET}.{action}"}, body=body
         )
-        answer = await self._send(request, name=name, held=held)
-        return json_object(answer, self.service)
+        return await self._send(request, self._json, name=name, held=held)
+
+    def _json(self, body: bytes) -> dict[str, Any]:
+        return json_object(body, self.service)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
         """The error for Secrets Manager's answer, remembering its status and type (the AWS
         agent's dialect passes them through)."""
-        said = _error_body(body.decode("utf-8", "replace"))
+        said = _error_body(body, headers)
+        if said is None:
+            return self._foreign(status)
         err = self._classify(status, said, name, creds)
         code = said.get("code", "").split(":", 1)[0]
         if code:
@@ -224,7 +228,7 @@ class Provider(CloudProvider):
         return SecretMetadata(
             name=name,
             source=self.name,
-            created=float(body.get("CreatedDate", 0)),
+            created=answer_time(body.get("CreatedDate")),
             versions=versions,
             extra=extra,
         )
@@ -255,20 +259,20 @@ class Provider(CloudProvider):
             return
 
 
-def _error_body(text: str) -> dict[str, str]:
-    """JSON 1.1 errors (``__type``), or the XML moto and gateways send for auth failures."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        code = re.search(r"<Code>([^<]*)</Code>", text)
-        message = re.search(r"<Message>([^<]*)</Message>", text)
+def _error_body(body: bytes, headers: Mapping[str, str]) -> dict[str, str] | None:
+    """JSON 1.1 errors (``__type``, else the ``x-amzn-ErrorType`` header, as botocore
+    reads them), or the XML moto and gateways send for auth failures; None when the body
+    is neither (not Secrets Manager's own refusal)."""
+    answer = object_or_none(body)
+    if answer is not None:
+        kind = str(answer.get("__type") or headers.get("x-amzn-ErrorType", ""))
         return {
-            "code": code.group(1) if code else "",
-            "message": message.group(1) if message else "",
+            "code": kind.rsplit("#", 1)[-1],
+            "message": str(answer.get("message") or answer.get("Message") or ""),
         }
-    if not isinstance(body, dict):
-        return {}
-    return {
-        "code": str(body.get("__type", "")).rsplit("#", 1)[-1],
-        "message": str(body.get("message") or body.get("Message") or ""),
-    }
+    text = body.decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    if code is None:
+        return None
+    message = re.search(r"<Message>([^<]*)</Message>", text)
+    return {"code": code.group(1), "message": message.group(1) if message else ""}

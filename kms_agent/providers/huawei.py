@@ -39,7 +39,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import HuaweiOptions
 from kms_agent.signing import Request
 from kms_agent.signing.huawei import SdkHmac
-from kms_agent.upstream import answer_time, error_object, json_object
+from kms_agent.upstream import answer_time, json_object, object_or_none
 
 _NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
 _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
@@ -82,13 +82,17 @@ class Provider(CloudProvider):
         self, path: str, query: dict[str, str] | None = None, name: str = ""
     ) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "X-Project-Id": str(self.project_id)}
-        body = await self._send(Request("GET", path, query or {}, headers), name=name)
+        return await self._send(Request("GET", path, query or {}, headers), self._json, name=name)
+
+    def _json(self, body: bytes) -> dict[str, Any]:
         return json_object(body, self.service)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
-        answer = error_object(body)
+        answer = object_or_none(body)
+        if answer is None:
+            return self._foreign(status)
         inner = answer.get("error")
         nested: dict[str, Any] = inner if isinstance(inner, dict) else answer
         code = str(nested.get("error_code") or nested.get("code") or f"HTTP{status}")
@@ -150,7 +154,8 @@ class Provider(CloudProvider):
             stage = canonical_stage(version_stage, self.stages)
             if stage:
                 body = await self._call(f"{base}/stages/{quote(stage, safe='')}", name=name)
-                version_id = str(body["stage"]["version_id"])
+                with self._reading():
+                    version_id = str(body["stage"]["version_id"])
         version = version_id or "latest"
         body = await self._call(f"{base}/versions/{quote(version, safe='')}", name=name)
         with self._reading():

@@ -37,13 +37,12 @@ from kms_agent.model import (
     VAULT_NAMES,
     SecretMetadata,
     SecretRecord,
-    SecretValue,
     canonical_stage,
 )
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import VaultOptions
 from kms_agent.signing import Request
-from kms_agent.upstream import answer_time, error_object, json_object
+from kms_agent.upstream import answer_time, json_object, object_or_none
 
 log = structlog.get_logger("kms_agent.providers.vault")
 
@@ -182,13 +181,17 @@ class Provider(CloudProvider):
     async def _call(
         self, path: str, name: str = "", query: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        body = await self._send(self._request("GET", path, query), name=name)
+        return await self._send(self._request("GET", path, query), self._json, name=name)
+
+    def _json(self, body: bytes) -> dict[str, Any]:
         return _answer(body, self.service)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
-        answer = error_object(body)
+        answer = object_or_none(body)
+        if answer is None:
+            return self._foreign(status)
         errors = "; ".join(str(e) for e in answer.get("errors", []))[:200]
         said = f"Vault: HTTP {status}"
         if status == 404:
@@ -253,7 +256,8 @@ class Provider(CloudProvider):
             raise InvalidUpstreamRequest(f"Vault KV versions are numbers, not {version!r}")
         if version is None and stage == self.stages.previous:
             meta = await self._call(f"/v1/{self.mount}/metadata/{path}", name)
-            current = int(meta["data"]["current_version"])
+            with self._reading():
+                current = int(meta["data"]["current_version"])
             if current < 2:
                 raise SecretNotFound(f"{name!r} has no previous version")
             version = str(current - 1)
@@ -267,23 +271,19 @@ class Provider(CloudProvider):
             )
         else:
             body, listing = await read, None
-        try:
+        with self._reading():
             data = body["data"]["data"]
             meta = body["data"]["metadata"]
             if listing is not None:
                 self._check_answer(name, version, meta, listing["data"])
-            stages = (self.stages.current,) if version is None else ()
-            return SecretRecord(
-                name=name,
-                value=SecretValue(json.dumps(data, separators=(",", ":")).encode()),
-                data_type="text",
-                version_id=str(meta["version"]),
-                version_stages=stages,
-                created=answer_time(meta.get("created_time")),
-                source=self.name,
+            return self._record(
+                name,
+                json.dumps(data, separators=(",", ":")),
+                binary=False,
+                version_id=meta["version"],
+                stages=(self.stages.current,) if version is None else (),
+                created=meta.get("created_time"),
             )
-        except (KeyError, TypeError) as exc:
-            raise Unavailable(f"Vault answered without {exc!s:.40}") from None
 
     @staticmethod
     def _check_answer(

@@ -38,8 +38,10 @@ class Request:
 
     method: str
     path: str = "/"
-    query: Mapping[str, str] = field(default_factory=dict)
-    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Out of the repr, like headers and body: a query may carry a token (RRSA's
+    #: OIDCToken), an ExternalId or a session policy.
+    query: Mapping[str, str] = field(default_factory=dict, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     body: bytes = field(default=b"", repr=False)
 
     @property
