@@ -93,6 +93,15 @@ _STS_CREDENTIALS = blocks.Document("AccessKeyId", "SecretAccessKey", "SessionTok
 _METADATA = blocks.Document(
     "AccessKeyId", "SecretAccessKey", "Token", "Expiration", token_optional=True
 )
+#: IMDS says whether the document is good (``Code: Success``, as botocore checks).
+_IMDS_DOCUMENT = blocks.Document(
+    "AccessKeyId",
+    "SecretAccessKey",
+    "Token",
+    "Expiration",
+    token_optional=True,
+    success=("Code", "Success"),
+)
 _IMDS_TOKEN = blocks.SessionToken(
     "/latest/api/token",
     "X-aws-ec2-metadata-token-ttl-seconds",
@@ -319,7 +328,7 @@ def _container(
     if inline is not None and ("\r" in inline or "\n" in inline):
         raise ConfigError(f"{where}: ${ENV_TOKEN} holds a line break; it is not a header value")
 
-    async def authorization(http: aiohttp.ClientSession) -> dict[str, str]:
+    async def authorization(_service: blocks.Service) -> dict[str, str]:
         if inline is not None:
             return {"Authorization": inline}
         if not token_file:
@@ -353,7 +362,7 @@ def _imds(
             lambda _status: BadCredentials("no IAM role is attached to this instance"),
             lambda role: f"IMDS refused the credentials of role {role!r}",
         ),
-        _METADATA,
+        _IMDS_DOCUMENT,
         "imds",
     )
 

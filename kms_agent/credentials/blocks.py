@@ -29,16 +29,16 @@ from kms_agent.credentials import (
     read_secret_file,
 )
 from kms_agent.errors import BadCredentials, ConfigError
-from kms_agent.upstream import mapped_errors
+from kms_agent.upstream import Answer, mapped_errors, object_or_none, send_to
 
 #: Lifetime asked of a metadata session token (seconds; the SDKs of all three ask 6 hours).
 METADATA_TOKEN_TTL = 21600
 
 Session = Callable[[], aiohttp.ClientSession]
 #: The headers a metadata request carries (a session token, an authorization token).
-Headers = Callable[[aiohttp.ClientSession], Awaitable[dict[str, str]]]
+Headers = Callable[["Service"], Awaitable[dict[str, str]]]
 #: Where the credential document is, given the headers: (URL, what a refusal is called).
-Locate = Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[tuple[str, str]]]
+Locate = Callable[["Service", dict[str, str]], Awaitable[tuple[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +224,18 @@ def endpoint_setting(table: Mapping[str, Any], key: str, default: str, where: st
 
 
 @dataclass(frozen=True, slots=True)
+class Service:
+    """A metadata service's calls: on the source's session, through the one send path
+    (bounded answers, no redirects followed), named ``what`` in transport errors."""
+
+    http: aiohttp.ClientSession
+    what: str
+
+    async def call(self, method: str, url: str, headers: Mapping[str, str] | None = None) -> Answer:
+        return await send_to(self.http, method, url, what=self.what, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
 class SessionToken:
     """An IMDSv2-style session token: PUT to ``path`` with the TTL in ``ttl_header``, then
     sent in ``header``; ``what`` names the service in a refusal."""
@@ -237,12 +249,12 @@ class SessionToken:
 def session_token(endpoint: str, spec: SessionToken) -> Headers:
     """The headers carrying a fresh session token of the metadata service at ``endpoint``."""
 
-    async def headers(http: aiohttp.ClientSession) -> dict[str, str]:
+    async def headers(service: Service) -> dict[str, str]:
         ttl = {spec.ttl_header: str(METADATA_TOKEN_TTL)}
-        async with http.put(f"{endpoint}{spec.path}", headers=ttl) as resp:
-            if resp.status != 200:
-                raise BadCredentials(f"{spec.what} token request failed: HTTP {resp.status}")
-            return {spec.header: (await resp.text()).strip()}
+        answer = await service.call("PUT", f"{endpoint}{spec.path}", ttl)
+        if answer.status != 200:
+            raise BadCredentials(f"{spec.what} token request failed: HTTP {answer.status}")
+        return {spec.header: answer.body.decode("utf-8", "replace").strip()}
 
     return headers
 
@@ -250,7 +262,7 @@ def session_token(endpoint: str, spec: SessionToken) -> Headers:
 def at(url: str, refused: str) -> Locate:
     """A credential document at a fixed URL."""
 
-    async def locate(_http: aiohttp.ClientSession, _headers: dict[str, str]) -> tuple[str, str]:
+    async def locate(_service: Service, _headers: dict[str, str]) -> tuple[str, str]:
         return url, refused
 
     return locate
@@ -266,13 +278,14 @@ def instance_role(
     ``role``, else the first the service lists at ``base`` (none listed: ``no_role`` of
     the HTTP status is raised)."""
 
-    async def locate(http: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[str, str]:
+    async def locate(service: Service, headers: dict[str, str]) -> tuple[str, str]:
         name = role
         if not name:
-            async with http.get(base, headers=headers) as resp:
-                listed = (await resp.text()).strip() if resp.status == 200 else ""
+            answer = await service.call("GET", base, headers)
+            ok = answer.status == 200
+            listed = answer.body.decode("utf-8", "replace").strip() if ok else ""
             if not listed:
-                raise no_role(resp.status)
+                raise no_role(answer.status)
             name = listed.splitlines()[0]
         return base + name, refused(name)
 
@@ -295,13 +308,13 @@ def metadata(
     answer without credentials is BadCredentials "<refused> (HTTP <status>)"."""
 
     async def fetch() -> Credentials:
-        http = session()
+        calls = Service(session(), service)
         with mapped_errors(service):
-            sent = await headers(http)
-            url, refused = await locate(http, sent)
-            async with http.get(url, headers=sent) as resp:
-                status = resp.status
-                body = await resp.json(content_type=None) if status == 200 else None
+            sent = await headers(calls)
+            url, refused = await locate(calls, sent)
+            answer = await calls.call("GET", url, sent)
+        status = answer.status
+        body = object_or_none(answer.body) if status == 200 else None
         found = document.credentials(body, origin)
         if found is None:
             raise BadCredentials(f"{refused} (HTTP {status})", hint=hint)

@@ -330,7 +330,7 @@ async def test_a_fixed_document_url_without_headers(service, endpoint, http):
     """``at`` reads a document at a fixed URL; without the session token the fake refuses,
     which proves no token was sent."""
 
-    async def no_headers(_http: aiohttp.ClientSession) -> dict[str, str]:
+    async def no_headers(_service: blocks.Service) -> dict[str, str]:
         return {}
 
     fetch = blocks.metadata(
