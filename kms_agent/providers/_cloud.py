@@ -44,7 +44,9 @@ from kms_agent.upstream import (
     UpstreamStats,
     answer_time,
     check_endpoint,
+    json_object,
     new_session,
+    object_or_none,
     send,
     with_retries,
 )
@@ -229,10 +231,28 @@ class CloudProvider(ProviderBase):
             timeout=timeout, signer=self.signer, credentials=creds,
         )  # fmt: skip
 
+    #: Whether an empty 200 is an empty answer (Vault's 204-like replies) or a broken one.
+    EMPTY_ANSWER_OK: ClassVar[bool] = False
+
+    def _json(self, body: bytes) -> dict[str, Any]:
+        """A 200's JSON object (the answer of every store but a KMS instance's dkms-gcs)."""
+        return json_object(body, self.service, empty_ok=self.EMPTY_ANSWER_OK)
+
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
-        """The error a refusal means (pure: no counting, no invalidating)."""
+        """The error a refusal means (pure: no counting, no invalidating). For a store that
+        refuses in JSON: its :meth:`_judge` of the object, or :meth:`_foreign` when the
+        body is not one."""
+        answer = object_or_none(body)
+        if answer is None:
+            return self._foreign(status)
+        return self._judge(status, answer, name, creds)
+
+    def _judge(
+        self, status: int, answer: dict[str, Any], name: str, creds: Credentials
+    ) -> AgentError:
+        """The error of a refusal the store said in JSON ``answer`` (pure)."""
         raise NotImplementedError
 
     def _refused(self, error: AgentError, creds: Credentials, held: Refreshing) -> AgentError:

@@ -55,7 +55,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import SHARED_GATEWAY_QPS, AlibabaOptions
 from kms_agent.signing import Signer, dkms
 from kms_agent.signing import alibaba as acs3
-from kms_agent.upstream import answer_time, json_object, object_or_none
+from kms_agent.upstream import answer_time, object_or_none
 
 API_VERSION = "2016-01-20"
 #: What a ClientKey source's readiness check reads (a not-found answer is the pass).
@@ -146,9 +146,6 @@ class Provider(CloudProvider):
     async def _call(self, action: str, params: dict[str, str], name: str = "") -> dict[str, Any]:
         return await self._send(acs3.rpc(action, API_VERSION, params), self._json, name=name)
 
-    def _json(self, body: bytes) -> dict[str, Any]:
-        return json_object(body, self.service)
-
     def _refuses(self, body: bytes) -> bool:
         """The OpenAPI can say ``Code`` in a 200 (older gateways did); that is a refusal."""
         if self.client_key is not None:
@@ -161,10 +158,7 @@ class Provider(CloudProvider):
     ) -> AgentError:
         if self.client_key is not None:
             return dkms_gcs.classify(status, body, endpoint=self._base().host, name=name)
-        answer = object_or_none(body)
-        if answer is None:
-            return self._foreign(status)
-        return self._error(status, answer, name, creds)
+        return super().classify(status, headers, body, name, creds)
 
     def _decoded(self, body: bytes) -> dkms_gcs.GetSecretValueResponse:
         try:
@@ -172,7 +166,7 @@ class Provider(CloudProvider):
         except dkms_gcs.MalformedMessage as exc:
             raise Unavailable(f"the KMS instance at {self._base().host} answered {exc}") from None
 
-    def _error(
+    def _judge(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
     ) -> AgentError:
         code = str(body.get("Code", f"HTTP{status}"))

@@ -35,7 +35,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import AwsOptions
 from kms_agent.signing import Request
 from kms_agent.signing.aws import SigV4
-from kms_agent.upstream import answer_time, json_object, object_or_none
+from kms_agent.upstream import answer_time, object_or_none
 
 SERVICE = "secretsmanager"
 TARGET = "secretsmanager"
@@ -98,9 +98,6 @@ class Provider(CloudProvider):
             "POST", "/", headers={**_HEADERS, "X-Amz-Target": f"{TARGET}.{action}"}, body=body
         )
         return await self._send(request, self._json, name=name, held=held)
-
-    def _json(self, body: bytes) -> dict[str, Any]:
-        return json_object(body, self.service)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials

@@ -39,7 +39,7 @@ from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import HuaweiOptions
 from kms_agent.signing import Request
 from kms_agent.signing.huawei import SdkHmac
-from kms_agent.upstream import answer_time, json_object, object_or_none
+from kms_agent.upstream import answer_time
 
 _NOT_FOUND = frozenset({"CSMS.0005", "CSMS.0106"})
 _PENDING_DELETION = frozenset({"CSMS.0103", "CSMS.0107"})
@@ -84,15 +84,9 @@ class Provider(CloudProvider):
         headers = {"Content-Type": "application/json", "X-Project-Id": str(self.project_id)}
         return await self._send(Request("GET", path, query or {}, headers), self._json, name=name)
 
-    def _json(self, body: bytes) -> dict[str, Any]:
-        return json_object(body, self.service)
-
-    def classify(
-        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
+    def _judge(
+        self, status: int, answer: dict[str, Any], name: str, creds: Credentials
     ) -> AgentError:
-        answer = object_or_none(body)
-        if answer is None:
-            return self._foreign(status)
         inner = answer.get("error")
         nested: dict[str, Any] = inner if isinstance(inner, dict) else answer
         code = str(nested.get("error_code") or nested.get("code") or f"HTTP{status}")

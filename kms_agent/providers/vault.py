@@ -42,7 +42,7 @@ from kms_agent.model import (
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import VaultOptions
 from kms_agent.signing import Request
-from kms_agent.upstream import answer_time, json_object, object_or_none
+from kms_agent.upstream import answer_time, object_or_none
 
 log = structlog.get_logger("kms_agent.providers.vault")
 
@@ -58,13 +58,10 @@ class VaultToken:
         return {**request.headers, "X-Vault-Token": credentials.access_key_secret}
 
 
-def _answer(body: bytes, service: str) -> dict[str, Any]:
-    """Vault's JSON answer (an empty body is an empty answer: 204s and some errors)."""
-    return json_object(body, service, empty_ok=True)
-
-
 class Provider(CloudProvider):
     kind = "vault"
+    #: Vault answers some calls with an empty body.
+    EMPTY_ANSWER_OK = True
     service = "Vault"
     signer = VaultToken()
     name_rule = VAULT_NAMES
@@ -164,7 +161,12 @@ class Provider(CloudProvider):
         so outside the limiter (that call holds its place), within the source's timeout."""
         body = json.dumps(payload).encode() if payload is not None else b""
         answer = await self._exchange(self._request("POST", path, body=body), creds, self.timeout)
-        return answer.status, _answer(answer.body, self.service)
+        if answer.status == 200:
+            return 200, self._json(answer.body)
+        said = object_or_none(answer.body)
+        if said is None:
+            raise self._foreign(answer.status)  # a proxy's page: no word from Vault
+        return answer.status, said
 
     def _request(
         self, method: str, path: str, query: dict[str, str] | None = None, body: bytes = b""
@@ -183,15 +185,9 @@ class Provider(CloudProvider):
     ) -> dict[str, Any]:
         return await self._send(self._request("GET", path, query), self._json, name=name)
 
-    def _json(self, body: bytes) -> dict[str, Any]:
-        return _answer(body, self.service)
-
-    def classify(
-        self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
+    def _judge(
+        self, status: int, answer: dict[str, Any], name: str, creds: Credentials
     ) -> AgentError:
-        answer = object_or_none(body)
-        if answer is None:
-            return self._foreign(status)
         errors = "; ".join(str(e) for e in answer.get("errors", []))[:200]
         said = f"Vault: HTTP {status}"
         if status == 404:
