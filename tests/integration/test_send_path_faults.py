@@ -45,7 +45,8 @@ def source(kind: str, urls: list[str], **extra: Any) -> CloudProvider:
         "huawei": {"project_id": "p1", "credentials": {"type": "aksk", "ak": "a", "sk": "b"}},
         "vault": {"token": "t" * 16, "verify_answers": False},
     }  # fmt: skip
-    table = {"name": "s", "provider": kind, "endpoints": urls, **tables[kind], **extra}
+    given = {"name": "s", "provider": kind, "endpoints": urls, **tables[kind], **extra}
+    table = {k: v for k, v in given.items() if v is not None}
     cfg = config_module.load(environ={}, overrides={"sources": [table]})
     made = create(cfg.sources[0], cfg, environ={})
     assert isinstance(made, CloudProvider)
@@ -235,3 +236,17 @@ def test_a_mistyped_secret_setting_is_not_echoed() -> None:
         with pytest.raises(ConfigError, match=rf"sources\.s\.{key}: the value given") as caught:
             source("vault", ["http://127.0.0.1:1"], **{key: [PLANTED]})
         assert PLANTED not in str(caught.value)
+
+
+async def test_a_proxy_page_at_vault_login_is_unavailable(aiohttp_server) -> None:
+    """A login answered by a proxy's page (not Vault's JSON) is Unavailable, transient, so
+    cached values are served: before, it was a non-transient 'login refused'."""
+    store = Script((502, {"Content-Type": "text/html"}, b"<html>Bad Gateway</html>"))
+    url = await store.url(aiohttp_server)
+    provider = source(
+        "vault", [url], token=None, auth="approle", role_id="r", secret_id="s", max_attempts=1
+    )
+    with pytest.raises(Unavailable, match="a page that is not its own") as caught:
+        await read(provider)
+    assert caught.value.transient
+    assert store.seen[0].path == "/v1/auth/approle/login"
