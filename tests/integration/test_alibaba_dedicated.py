@@ -43,6 +43,21 @@ match = ["*"]
 """
 
 
+def client_key_source(tmp_path, issued, url: str, ca_file) -> str:
+    """The dedicated source with ``issued``'s ClientKey written where an operator would
+    put it: the JSON file, and its password in a file of its own (a trailing newline, as
+    an editor leaves it)."""
+    key_file = tmp_path / "clientKey.json"
+    key_file.write_text(issued.content)
+    password_file = tmp_path / "clientKey-password"
+    password_file.write_text(issued.password + "\n")
+    extra = (
+        f'auth = "client_key"\nclient_key_file = "{key_file}"\n'
+        f'client_key_password_file = "{password_file}"\n'
+    )
+    return dedicated(url, ca_file, extra)
+
+
 async def curl(agent, path: str) -> tuple[int, bytes]:
     """The agent as an application container calls it."""
     if shutil.which("curl") is None:
@@ -80,17 +95,8 @@ async def test_client_key_reads_the_same_secret_by_dkms_gcs(
     kms_instance.add_secret("aigw!secret-abc", PLANTED + "-paid", product="aigw")
     kms_instance.add_secret("bailian!secret-1", PLANTED + "-other", product="bailian")
     issued = kms_instance.add_client_key(READ_AIGW)
-    key_file = tmp_path / "clientKey.json"
-    key_file.write_text(issued.content)
-    password_file = tmp_path / "clientKey-password"
-    password_file.write_text(issued.password + "\n")
-    extra = (
-        f'auth = "client_key"\nclient_key_file = "{key_file}"\n'
-        f'client_key_password_file = "{password_file}"\n'
-    )
-    async with running_agent(
-        tmp_path, dedicated(kms_instance_url, instance_ca_file, extra)
-    ) as agent:
+    config = client_key_source(tmp_path, issued, kms_instance_url, instance_ca_file)
+    async with running_agent(tmp_path, config) as agent:
         assert await curl(agent, "/secrets/aigw!secret-abc?format=raw") == (
             200,
             (PLANTED + "-paid").encode(),
@@ -111,17 +117,8 @@ async def test_a_client_key_the_instance_does_not_know_is_refused_credentials(
     kms_instance.add_secret("aigw!secret-abc", PLANTED + "-paid", product="aigw")
     issued = kms_instance.add_client_key(READ_AIGW)
     del kms_instance.client_keys[issued.key_id]
-    key_file = tmp_path / "clientKey.json"
-    key_file.write_text(issued.content)
-    password_file = tmp_path / "clientKey-password"
-    password_file.write_text(issued.password)
-    extra = (
-        f'auth = "client_key"\nclient_key_file = "{key_file}"\n'
-        f'client_key_password_file = "{password_file}"\n'
-    )
-    async with running_agent(
-        tmp_path, dedicated(kms_instance_url, instance_ca_file, extra)
-    ) as agent:
+    config = client_key_source(tmp_path, issued, kms_instance_url, instance_ca_file)
+    async with running_agent(tmp_path, config) as agent:
         status, body = await curl(agent, "/secrets/aigw!secret-abc")
     error = json.loads(body)["error"]
     assert (status, error["code"]) == (502, "UpstreamBadCredentials"), error
