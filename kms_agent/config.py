@@ -392,16 +392,23 @@ def _convert_union(members: tuple[Any, ...], value: Any, key: str, meta: Mapping
 
 
 def _number(value: Any, where: str, meta: Mapping[str, Any]) -> float:
+    """A finite number (an int, a float, or text: a number, or a duration where allowed)."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: {_shown(value, meta)} is not a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: {value!r} is not a finite number")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION_RE.fullmatch(value)
-        if match and (meta.get("duration") or match.group(2) is None):
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    number: float | None = None
+    try:
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str):
+            match = _DURATION_RE.fullmatch(value)
+            if match and (meta.get("duration") or match.group(2) is None):
+                number = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    except OverflowError:
+        number = math.inf
+    if number is not None:
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {_shown(value, meta)[:40]} is not a finite number")
+        return number
     kind = (
         "a duration (seconds, or like '300ms', '30s', '5m', '1h')"
         if meta.get("duration")
@@ -431,7 +438,7 @@ def _build(
     keys may be in the table but are the caller's to read."""
     if not isinstance(table, Mapping):
         where = prefix.rstrip(".") or "config"
-        raise ConfigError(f"{where}: expected a table like [{where}], got {table!r}")
+        raise ConfigError(f"{where}: expected a table like [{where}], got a {type(table).__name__}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.name not in internal}  # type: ignore[arg-type]
     for key in table:

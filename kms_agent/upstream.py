@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import ipaddress
 import json
-import math
 import random
 import ssl
 import time
@@ -328,6 +327,10 @@ def _json(body: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+#: The last second a rendered time can show (9999-12-31T23:59:59Z).
+LATEST_TIME = 253402300799.0
+
+
 def answer_time(value: Any) -> float:
     """A time in an answer, as epoch seconds: ISO 8601 text (Alibaba, Vault; any offset),
     or epoch seconds or milliseconds (Huawei); 0.0 when absent or unreadable (a creation
@@ -341,7 +344,7 @@ def answer_time(value: Any) -> float:
             seconds = datetime.fromisoformat(str(value)).timestamp()
     except (ValueError, ArithmeticError):
         return 0.0
-    return seconds if math.isfinite(seconds) else 0.0
+    return seconds if 0 <= seconds <= LATEST_TIME else 0.0  # nan and inf fail too
 
 
 def check_endpoint(url: str, key: str) -> str:

@@ -93,7 +93,8 @@ _STS_CREDENTIALS = blocks.Document("AccessKeyId", "SecretAccessKey", "SessionTok
 _METADATA = blocks.Document(
     "AccessKeyId", "SecretAccessKey", "Token", "Expiration", token_optional=True
 )
-#: IMDS says whether the document is good (``Code: Success``, as botocore checks).
+#: IMDS may say the document is bad (``Code`` other than ``Success``; AWS SDK for Go v1
+#: checks it, botocore only the fields, and moto sends no Code at all).
 _IMDS_DOCUMENT = blocks.Document(
     "AccessKeyId",
     "SecretAccessKey",

@@ -28,7 +28,7 @@ from kms_agent.credentials import (
     parse_time,
     read_secret_file,
 )
-from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.errors import BadCredentials, ConfigError, Unavailable
 from kms_agent.upstream import Answer, mapped_errors, object_or_none, send_to
 
 #: Lifetime asked of a metadata session token (seconds; the SDKs of all three ask 6 hours).
@@ -175,7 +175,7 @@ def refusal(code: str, status: int) -> str:
 class Document:
     """Where a cloud's JSON credential document keeps the values: their keys, whether the
     token may be absent, the key of the object holding them (if nested) and a (key, value)
-    the document must carry (``Code: Success``), if any."""
+    the document must not contradict (``Code: Success``), if any."""
 
     key_id: str
     secret: str
@@ -192,8 +192,11 @@ class Document:
             body = body.get(self.within)
         if not isinstance(body, dict):
             return None
-        if self.success is not None and body.get(self.success[0]) != self.success[1]:
-            return None
+        if (
+            self.success is not None
+            and body.get(self.success[0], self.success[1]) != (self.success[1])
+        ):
+            return None  # it says it failed (a document without the key may still be good)
         key_id, secret, token = body.get(self.key_id), body.get(self.secret), body.get(self.token)
         if not (_text(key_id) and _text(secret) and self.expiration in body):
             return None
@@ -314,7 +317,13 @@ def metadata(
             url, refused = await locate(calls, sent)
             answer = await calls.call("GET", url, sent)
         status = answer.status
+        if 300 <= status < 400:
+            raise Unavailable(
+                f"{service} answered a redirect (HTTP {status}), which the agent does not follow"
+            )
         body = object_or_none(answer.body) if status == 200 else None
+        if status == 200 and body is None:
+            raise Unavailable(f"{service} answered with a body that is not a JSON object")
         found = document.credentials(body, origin)
         if found is None:
             raise BadCredentials(f"{refused} (HTTP {status})", hint=hint)

@@ -27,6 +27,7 @@ from kms_agent.errors import (
     AgentError,
     ConfigError,
     HeldByLimiter,
+    InvalidUpstreamRequest,
     Throttled,
     Unavailable,
     UpstreamTimeout,
@@ -214,6 +215,14 @@ class CloudProvider(ProviderBase):
         a denial (which would drop cached values), only throttling or unavailability."""
         if status == 429:
             return Throttled(f"{self.service}: throttled (HTTP 429)")
+        if 400 <= status < 500 and status not in (404, 408):
+            # A proxy refusing this one request (400, 403, 413, 414): not a failing source
+            # (no failover, no breaker), and not a word about the secret (no cache drop).
+            return InvalidUpstreamRequest(
+                f"{self.service} at {self._base().host} answered HTTP {status} with a page "
+                "that is not its own (something in front of the store refused this call)",
+                hint="check the proxy or gateway between the agent and the store",
+            )
         return Unavailable(
             f"{self.service} at {self._base().host} answered HTTP {status} with a page that "
             "is not its own",
@@ -238,6 +247,12 @@ class CloudProvider(ProviderBase):
         """A 200's JSON object (the answer of every store but a KMS instance's dkms-gcs)."""
         return json_object(body, self.service, empty_ok=self.EMPTY_ANSWER_OK)
 
+    def _parser(self, name: str, parse: Callable[[Any, str], Any] | None) -> Callable[[bytes], Any]:
+        """A 200's JSON object, or ``parse(object, name)`` of it, as :meth:`_send` reads it."""
+        if parse is None:
+            return self._json
+        return lambda body: parse(self._json(body), name)
+
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
     ) -> AgentError:
@@ -245,9 +260,17 @@ class CloudProvider(ProviderBase):
         refuses in JSON: its :meth:`_judge` of the object, or :meth:`_foreign` when the
         body is not one."""
         answer = object_or_none(body)
-        if answer is None:
+        if answer is None or not self._own(answer):
             return self._foreign(status)
-        return self._judge(status, answer, name, creds)
+        try:
+            return self._judge(status, answer, name, creds)
+        except (TypeError, AttributeError, ValueError, KeyError):
+            return self._foreign(status)  # the store's shape, with fields of the wrong kind
+
+    def _own(self, answer: dict[str, Any]) -> bool:
+        """Whether a JSON refusal has the store's own error shape (a gateway in front, like
+        Kong or a WAF, answers JSON too, and says nothing about the secret)."""
+        return True
 
     def _judge(
         self, status: int, answer: dict[str, Any], name: str, creds: Credentials

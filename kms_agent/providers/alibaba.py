@@ -24,7 +24,7 @@ import json
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kms_agent import dkms_gcs
@@ -143,8 +143,15 @@ class Provider(CloudProvider):
 
     # ------------------------------------------------------------------ calls
 
-    async def _call(self, action: str, params: dict[str, str], name: str = "") -> dict[str, Any]:
-        return await self._send(acs3.rpc(action, API_VERSION, params), self._json, name=name)
+    async def _call(
+        self,
+        action: str,
+        params: dict[str, str],
+        name: str = "",
+        parse: Callable[[Any, str], Any] | None = None,
+    ) -> Any:
+        request = acs3.rpc(action, API_VERSION, params)
+        return await self._send(request, self._parser(name, parse), name=name)
 
     def _refuses(self, body: bytes) -> bool:
         """The OpenAPI can say ``Code`` in a 200 (older gateways did); that is a refusal."""
@@ -165,6 +172,10 @@ class Provider(CloudProvider):
             return dkms_gcs.GetSecretValueResponse.decode(body)
         except dkms_gcs.MalformedMessage as exc:
             raise Unavailable(f"the KMS instance at {self._base().host} answered {exc}") from None
+
+    def _own(self, answer: dict[str, Any]) -> bool:
+        """The OpenAPI refuses with a ``Code``."""
+        return "Code" in answer
 
     def _judge(
         self, status: int, body: dict[str, Any], name: str, creds: Credentials
@@ -236,7 +247,12 @@ class Provider(CloudProvider):
         if version_stage or not version_id:
             stage = canonical_stage(version_stage, self.stages, by_id=True)
             params["VersionStage"] = stage or self.stages.current
-        body = await self._call("GetSecretValue", params, name)
+        record: SecretRecord = await self._call("GetSecretValue", params, name, self._version)
+        return record
+
+    def _version(self, body: Any, name: str) -> SecretRecord:
+        """The version in a GetSecretValue answer (read inside the attempt: a wrong-shaped
+        200 fails it, and is retried elsewhere)."""
         with self._reading():
             return self._record(
                 body.get("SecretName", name),
@@ -260,9 +276,15 @@ class Provider(CloudProvider):
         request = dkms_gcs.GetSecretValueRequest(
             secret_name=name, version_stage=stage, version_id=version_id or ""
         )
-        got = await self._send(
-            dkms.request("GetSecretValue", request.encode()), self._decoded, name=name
-        )
+
+        def parse(raw: bytes) -> SecretRecord:
+            return self._instance_version(self._decoded(raw), name)
+
+        return await self._send(dkms.request("GetSecretValue", request.encode()), parse, name=name)
+
+    def _instance_version(self, got: dkms_gcs.GetSecretValueResponse, name: str) -> SecretRecord:
+        """The version in a GetSecretValue answer (read inside the attempt: a wrong-shaped
+        200 fails it, and is retried elsewhere)."""
         with self._reading():
             return self._record(
                 got.secret_name or name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kms_agent.config import Config, SourceConfig
@@ -91,13 +91,15 @@ class Provider(CloudProvider):
         payload: dict[str, Any],
         name: str = "",
         held: Refreshing | None = None,
-    ) -> dict[str, Any]:
-        """One API call, signed with ``held`` (a role's credentials), else the source's."""
+        parse: Callable[[Any, str], Any] | None = None,
+    ) -> Any:
+        """One API call, signed with ``held`` (a role's credentials), else the source's;
+        its JSON answer, or ``parse(answer, name)`` of it (read inside the attempt)."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         request = Request(
             "POST", "/", headers={**_HEADERS, "X-Amz-Target": f"{TARGET}.{action}"}, body=body
         )
-        return await self._send(request, self._json, name=name, held=held)
+        return await self._send(request, self._parser(name, parse), name=name, held=held)
 
     def classify(
         self, status: int, headers: Mapping[str, str], body: bytes, name: str, creds: Credentials
@@ -108,9 +110,7 @@ class Provider(CloudProvider):
         if said is None:
             return self._foreign(status)
         err = self._classify(status, said, name, creds)
-        code = said.get("code", "").split(":", 1)[0]
-        if code:
-            err.upstream(status, code, said.get("message", "")[:1000] or None)
+        err.upstream(status, said["code"], said["message"][:1000] or None)
         return err
 
     def _classify(
@@ -198,7 +198,14 @@ class Provider(CloudProvider):
             payload["VersionStage"] = stage
         elif not version_id:
             payload["VersionStage"] = self.stages.current
-        body = await self._call("GetSecretValue", payload, name, held)
+        record: SecretRecord = await self._call(
+            "GetSecretValue", payload, name, held, self._version
+        )
+        return record
+
+    def _version(self, body: Any, name: str) -> SecretRecord:
+        """The version in a GetSecretValue answer (read inside the attempt: a wrong-shaped
+        200 fails it, and is retried elsewhere)."""
         with self._reading():
             binary = "SecretBinary" in body and "SecretString" not in body
             return self._record(
@@ -257,19 +264,20 @@ class Provider(CloudProvider):
 
 
 def _error_body(body: bytes, headers: Mapping[str, str]) -> dict[str, str] | None:
-    """JSON 1.1 errors (``__type``, else the ``x-amzn-ErrorType`` header, as botocore
-    reads them), or the XML moto and gateways send for auth failures; None when the body
-    is neither (not Secrets Manager's own refusal)."""
-    answer = object_or_none(body)
-    if answer is not None:
-        kind = str(answer.get("__type") or headers.get("x-amzn-ErrorType", ""))
-        return {
-            "code": kind.rsplit("#", 1)[-1],
-            "message": str(answer.get("message") or answer.get("Message") or ""),
-        }
-    text = body.decode("utf-8", "replace")
-    code = re.search(r"<Code>([^<]*)</Code>", text)
-    if code is None:
-        return None
-    message = re.search(r"<Message>([^<]*)</Message>", text)
-    return {"code": code.group(1), "message": message.group(1) if message else ""}
+    """Secrets Manager's refusal: JSON 1.1 ``__type`` (else the ``x-amzn-ErrorType``
+    header, which also comes with an empty body), or the XML moto and gateways send for
+    auth failures; None when no code is found (not Secrets Manager's own refusal). Codes
+    lose their namespace (``…#Code``) and URL suffix (``Code:http://…``)."""
+    answer = object_or_none(body) or {}
+    kind = str(answer.get("__type") or headers.get("x-amzn-ErrorType", ""))
+    message = str(answer.get("message") or answer.get("Message") or "")
+    if not kind:
+        text = body.decode("utf-8", "replace")
+        found = re.search(r"<Code>([^<]*)</Code>", text)
+        if found is None:
+            return None
+        kind = found.group(1)
+        said = re.search(r"<Message>([^<]*)</Message>", text)
+        message = said.group(1) if said else ""
+    code = kind.split(":", 1)[0].rsplit("#", 1)[-1]
+    return {"code": code, "message": message} if code else None

@@ -9,7 +9,7 @@ CSMS secret names are 1-64 letters, digits, ``_`` and ``-``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -79,10 +79,21 @@ class Provider(CloudProvider):
     # ------------------------------------------------------------------ calls
 
     async def _call(
-        self, path: str, query: dict[str, str] | None = None, name: str = ""
-    ) -> dict[str, Any]:
+        self,
+        path: str,
+        query: dict[str, str] | None = None,
+        name: str = "",
+        parse: Callable[[Any, str], Any] | None = None,
+    ) -> Any:
         headers = {"Content-Type": "application/json", "X-Project-Id": str(self.project_id)}
-        return await self._send(Request("GET", path, query or {}, headers), self._json, name=name)
+        request = Request("GET", path, query or {}, headers)
+        return await self._send(request, self._parser(name, parse), name=name)
+
+    def _own(self, answer: dict[str, Any]) -> bool:
+        """CSMS and APIG refuse with ``error_code``/``error_msg`` (or an ``error`` object)."""
+        return (
+            "error_code" in answer or "error_msg" in answer or isinstance(answer.get("error"), dict)
+        )
 
     def _judge(
         self, status: int, answer: dict[str, Any], name: str, creds: Credentials
@@ -151,7 +162,14 @@ class Provider(CloudProvider):
                 with self._reading():
                     version_id = str(body["stage"]["version_id"])
         version = version_id or "latest"
-        body = await self._call(f"{base}/versions/{quote(version, safe='')}", name=name)
+        record: SecretRecord = await self._call(
+            f"{base}/versions/{quote(version, safe='')}", name=name, parse=self._version
+        )
+        return record
+
+    def _version(self, body: Any, name: str) -> SecretRecord:
+        """The version in a GetSecretValue answer (read inside the attempt: a wrong-shaped
+        200 fails it, and is retried elsewhere)."""
         with self._reading():
             item = body["version"]
             meta = item["version_metadata"]

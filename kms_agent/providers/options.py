@@ -53,8 +53,8 @@ class CloudOptions(SourceOptions):
 
     #: None: the provider's default (:meth:`default_qps`).
     rate_limit_qps: float | None = None
-    #: One call's deadline, retries included (a tenth of a second at least).
-    timeout_seconds: float = field(default=10.0, metadata={"lo": 0.1})
+    #: One call's deadline, retries included (a tenth of a second to five minutes).
+    timeout_seconds: float = field(default=10.0, metadata={"lo": 0.1, "hi": 300})
     #: Attempts of one call within that deadline (1: no retries).
     max_attempts: int = field(default=4, metadata={"lo": 1, "hi": 20})
     #: Tried in this order (failover); instead of the provider's single endpoint setting.

@@ -185,6 +185,10 @@ class Provider(CloudProvider):
     ) -> dict[str, Any]:
         return await self._send(self._request("GET", path, query), self._json, name=name)
 
+    def _own(self, answer: dict[str, Any]) -> bool:
+        """Vault refuses with ``{"errors": [...]}`` (or a deleted version's ``data``)."""
+        return isinstance(answer.get("errors"), list) or isinstance(answer.get("data"), dict)
+
     def _judge(
         self, status: int, answer: dict[str, Any], name: str, creds: Credentials
     ) -> AgentError:

@@ -19,7 +19,14 @@ import pytest
 from aiohttp import web
 
 from kms_agent import config as config_module
-from kms_agent.errors import AccessDenied, AgentError, ConfigError, SecretNotFound, Unavailable
+from kms_agent.errors import (
+    AccessDenied,
+    AgentError,
+    ConfigError,
+    InvalidUpstreamRequest,
+    SecretNotFound,
+    Unavailable,
+)
 from kms_agent.providers import create
 from kms_agent.providers._cloud import CloudProvider
 from tests.conftest import PLANTED
@@ -137,20 +144,58 @@ async def test_a_broken_200_is_a_failed_attempt_and_retried(aiohttp_server, kind
 
 
 @pytest.mark.parametrize("kind", sorted(GOOD))
-@pytest.mark.parametrize("status", [400, 403, 404])
-async def test_an_error_page_that_is_not_the_stores_is_unavailable(
-    aiohttp_server, kind: str, status: int
+@pytest.mark.parametrize(
+    ("status", "page", "expected"),
+    [
+        (404, b"<html><h1>404 Not Found</h1>nginx</html>", Unavailable),
+        (404, b'{"message":"no Route matched with those values"}', Unavailable),
+        (502, b"<html>Bad Gateway</html>", Unavailable),
+        (400, b"<html>400 Bad Request</html>", InvalidUpstreamRequest),
+        (403, b'{"message":"Forbidden"}', InvalidUpstreamRequest),
+    ],
+    ids=["html-404", "json-gateway-404", "html-502", "html-400", "json-waf-403"],
+)
+async def test_an_error_page_that_is_not_the_stores_never_drops_the_cache(
+    aiohttp_server, kind: str, status: int, page: bytes, expected: type[AgentError]
 ) -> None:
-    """A 4xx whose body is not the store's own refusal (an ingress's HTML 404 during a
-    rolling restart) says nothing about the secret: Unavailable (stale values are served),
-    never SecretNotFound or AccessDenied, which drop cached values."""
-    page = (status, {"Content-Type": "text/html"}, b"<html><h1>404 Not Found</h1>nginx</html>")
-    store = Script(page)
+    """A refusal that is not in the store's own shape (an ingress's HTML 404 during a
+    rolling restart, a JSON gateway or WAF in front) says nothing about the secret: never
+    SecretNotFound or AccessDenied, which drop cached values. A 404 or 5xx page is
+    Unavailable (stale values served, the endpoint failed over); another 4xx page is this
+    one call refused (not transient: it does not open the source's breaker)."""
+    store = Script((status, {"Content-Type": "text/html"}, page))
     provider = source(kind, [await store.url(aiohttp_server)], max_attempts=1)
-    with pytest.raises(Unavailable, match="a page that is not its own") as caught:
+    with pytest.raises(AgentError, match="a page that is not its own") as caught:
         await read(provider)
-    assert not isinstance(caught.value, SecretNotFound | AccessDenied)
+    assert type(caught.value) is expected, caught.value
+    assert not caught.value.drops_cache
     assert "nginx" not in str(caught.value)
+
+
+#: Vault's record is read after its metadata check, outside the attempt (left as is).
+@pytest.mark.parametrize("kind", sorted(set(GOOD) - {"vault"}))
+async def test_a_200_of_the_wrong_shape_is_retried(aiohttp_server, kind: str) -> None:
+    """A 200 that is JSON but not a version (``{}``) fails its attempt: the next answer
+    is used (before, the record was read after the retries: Unavailable, one request)."""
+    store = Script((200, {}, b"{}"), ok(kind))
+    provider = source(kind, [await store.url(aiohttp_server)])
+    record = await read(provider)
+    assert record.value.reveal() == b"v"
+    assert len(store.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "header", ["ResourceNotFoundException", "ResourceNotFoundException:http://internal/x"]
+)
+@pytest.mark.parametrize("body", [b"{}", b""], ids=["json-without-type", "empty"])
+async def test_aws_reads_the_error_type_header(aiohttp_server, header: str, body: bytes):
+    """Secrets Manager's code may come only in ``x-amzn-ErrorType`` (with a URL suffix
+    after a colon), with a JSON body lacking ``__type`` or no body at all."""
+    store = Script((400, {"x-amzn-ErrorType": header}, body))
+    provider = source("aws", [await store.url(aiohttp_server)], max_attempts=1)
+    with pytest.raises(SecretNotFound) as caught:
+        await read(provider)
+    assert caught.value.upstream_code == "ResourceNotFoundException"
 
 
 async def test_an_alibaba_200_that_carries_a_code_is_its_refusal(aiohttp_server) -> None:
@@ -198,12 +243,13 @@ async def test_deeply_nested_json_is_unavailable_not_a_crash(
     aiohttp_server, kind: str, status: int
 ) -> None:
     """JSON nested past the parser's recursion limit, as an answer or as a refusal, is a
-    broken answer (Unavailable), not a RecursionError escaping as a 500."""
+    broken answer (Unavailable; a refusal in no shape of the store's, a refused call), not
+    a RecursionError escaping as a 500."""
     store = Script((status, {}, b"[" * 200_000))
     provider = source(kind, [await store.url(aiohttp_server)], max_attempts=1)
     with pytest.raises(AgentError) as caught:
         await read(provider)
-    assert isinstance(caught.value, Unavailable)
+    assert type(caught.value) is (Unavailable if status == 200 else InvalidUpstreamRequest)
 
 
 async def test_a_huge_or_odd_creation_time_is_no_crash(aiohttp_server) -> None:
@@ -250,3 +296,28 @@ async def test_a_proxy_page_at_vault_login_is_unavailable(aiohttp_server) -> Non
         await read(provider)
     assert caught.value.transient
     assert store.seen[0].path == "/v1/auth/approle/login"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [9e15, "9999-12-31T23:59:59-14:00", 1e300, -1.0],
+    ids=["ms-far", "y10000", "huge", "neg"],
+)
+def test_a_time_no_dialect_can_render_reads_as_unknown(value: object) -> None:
+    """A finite time outside 1970-9999 would crash every later render of the cached
+    record (datetime's range); it reads as unknown, like an unreadable one."""
+    from kms_agent.upstream import answer_time
+
+    assert answer_time(value) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("timeout_seconds", 10**400), ("timeout_seconds", "9" * 400), ("rate_limit_qps", "9" * 400)],
+    ids=["huge-int", "huge-text", "huge-qps-text"],
+)
+def test_numbers_too_big_for_a_float_are_refused_not_a_traceback(setting: str, value: object):
+    """A number that overflows a float (or becomes inf) is a config error naming the key;
+    it was an OverflowError traceback, or an inf that broke every call."""
+    with pytest.raises(ConfigError, match=rf"sources\.s\.{setting}: .* is not a finite number"):
+        source("vault", ["http://127.0.0.1:1"], **{setting: value})

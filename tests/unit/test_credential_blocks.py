@@ -403,3 +403,16 @@ async def test_signed_with_invalidates_base_credentials_refused_as_stale():
         await fetch()
     assert (await fetch()).access_key_id == "R"
     assert [c.access_key_id for c in issued] == ["B0", "B1"]
+
+
+def test_a_document_without_the_success_key_is_still_read() -> None:
+    """IMDS documents carry ``Code: Success``, but botocore checks only the fields and
+    moto's IMDS sends no Code: a document is refused only when it says another code."""
+    document = blocks.Document(
+        "AccessKeyId", "SecretAccessKey", "Token", "Expiration", success=("Code", "Success")
+    )
+    fields = {"AccessKeyId": "A", "SecretAccessKey": "S", "Token": "T",
+              "Expiration": "2030-01-01T00:00:00Z"}  # fmt: skip
+    assert document.credentials(fields, "imds") is not None
+    assert document.credentials({**fields, "Code": "Success"}, "imds") is not None
+    assert document.credentials({**fields, "Code": "Failure"}, "imds") is None

@@ -257,7 +257,9 @@ def test_answer_time_reads_every_clouds_times(value: object, epoch: float) -> No
 @pytest.mark.parametrize("body", [b"<html>", b"[1]", b'"x"', b"\xff"])
 def test_a_success_that_is_not_a_json_object_is_unavailable(body: bytes) -> None:
     """A 200 whose body is not a JSON object is the store's failure, said without the body."""
-    with pytest.raises(Unavailable, match=r"^the store answered with a body that is not a JSON object") as caught:
+    with pytest.raises(
+        Unavailable, match=r"^the store answered with a body that is not a JSON object"
+    ) as caught:
         upstream.json_object(body, "the store")
     assert "html" not in str(caught.value)
     assert upstream.json_object(b" ", "the store", empty_ok=True) == {}
