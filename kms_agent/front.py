@@ -33,7 +33,7 @@ from kms_agent.errors import (
 )
 from kms_agent.grammar import Dialect, Kind, Request, Route
 from kms_agent.model import check_name_for
-from kms_agent.policy import DESCRIBE_SECRET, GET_SECRET_VALUE, LIST_SECRETS
+from kms_agent.policy import DESCRIBE_SECRET, GET_SECRET_VALUE, LIST_SECRETS, Decision
 from kms_agent.protocol import BASE_HEADERS, Head
 from kms_agent.state import AgentState
 
@@ -214,28 +214,30 @@ class Front:
         result = self.answer(head, conn, waited=True)
         return result if isinstance(result, bytes) else await result
 
+    def _decision(self, request: Request, caller: Caller) -> Decision | None:
+        """What the policies say of ``caller`` making ``request``; None when none applies
+        (no policies, or a kind of request that needs no action)."""
+        policies = self.state.config.policies
+        action = _ACTIONS.get(request.route.kind)
+        if not policies.enabled or action is None:
+            return None
+        if request.route.kind is Kind.LIST:
+            return policies.decide_list(caller.principals)
+        return policies.decide(caller.principals, action, request.name)
+
     def _allowed(self, request: Request, caller: Caller) -> bool:
         """Whether the policies let ``caller`` make ``request`` (no policies: yes)."""
-        policies = self.state.config.policies
-        if not policies.enabled:
-            return True
-        action = _ACTIONS.get(request.route.kind)
-        return action is None or policies.decide(caller.principals, action, request.name).allowed
+        decision = self._decision(request, caller)
+        return decision is None or decision.allowed
 
     def authorize(self, request: Request, caller: Caller) -> None:
         """Raise AccessDeniedByPolicy unless a policy lets ``caller`` make ``request``;
         decided before the cache is asked, so a value cached for one caller reaches another
         only if it too may read it."""
-        policies = self.state.config.policies
-        action = _ACTIONS.get(request.route.kind)
-        if not policies.enabled or action is None:
+        decision = self._decision(request, caller)
+        if decision is None or decision.allowed:
             return
-        if request.route.kind is Kind.LIST:
-            decision = policies.decide_list(caller.principals)
-        else:
-            decision = policies.decide(caller.principals, action, request.name)
-        if decision.allowed:
-            return
+        action = _ACTIONS[request.route.kind]
         self.state.metrics.policy_denials.labels(decision.reason).inc()
         why = (
             f"denied by {decision.statement}"
