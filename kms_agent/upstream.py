@@ -243,7 +243,9 @@ async def send(
     """The one way a request goes upstream: addressed to ``base_url``'s host, signed by
     ``signer`` with ``credentials`` (when both are given), sent exactly as signed, and read
     within ``timeout`` (else the session's) and :data:`MAX_ANSWER_BYTES`; transport
-    failures are mapped by :func:`mapped_errors` (``what`` names the upstream in them)."""
+    failures are mapped by :func:`mapped_errors` (``what`` names the upstream in them), and
+    a redirect is Unavailable (never followed: the signed request, tokens included, would
+    go to a host nobody configured, outside the limiter)."""
     request = request.to(urlsplit(base_url).netloc)
     if signer is not None and credentials is not None:
         headers = signer.sign(request, credentials, time.time())
@@ -257,10 +259,14 @@ async def send(
             headers=headers,
             data=request.body or None,  # no body: no Content-Length or Content-Type either
             timeout=_within(session.timeout, timeout),
-            # A redirect is answered, not followed: following it would send the signed
-            # request, tokens included, to a host nobody configured, outside the limiter.
             allow_redirects=False,
         ) as resp:
+            if 300 <= resp.status < 400:
+                raise Unavailable(
+                    f"{what} answered a redirect (HTTP {resp.status}), which the agent does "
+                    "not follow",
+                    hint="set the endpoint to the URL the store really answers at",
+                )
             if (resp.content_length or 0) > MAX_ANSWER_BYTES:
                 raise _too_big(what)
             body = bytearray()

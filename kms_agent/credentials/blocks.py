@@ -28,8 +28,8 @@ from kms_agent.credentials import (
     parse_time,
     read_secret_file,
 )
-from kms_agent.errors import BadCredentials, ConfigError, Unavailable
-from kms_agent.upstream import Answer, mapped_errors, object_or_none, send_to
+from kms_agent.errors import BadCredentials, ConfigError
+from kms_agent.upstream import Answer, json_object, mapped_errors, send_to
 
 #: Lifetime asked of a metadata session token (seconds; the SDKs of all three ask 6 hours).
 METADATA_TOKEN_TTL = 21600
@@ -317,13 +317,7 @@ def metadata(
             url, refused = await locate(calls, sent)
             answer = await calls.call("GET", url, sent)
         status = answer.status
-        if 300 <= status < 400:
-            raise Unavailable(
-                f"{service} answered a redirect (HTTP {status}), which the agent does not follow"
-            )
-        body = object_or_none(answer.body) if status == 200 else None
-        if status == 200 and body is None:
-            raise Unavailable(f"{service} answered with a body that is not a JSON object")
+        body = json_object(answer.body, service) if status == 200 else None
         found = document.credentials(body, origin)
         if found is None:
             raise BadCredentials(f"{refused} (HTTP {status})", hint=hint)

@@ -188,7 +188,7 @@ class CloudProvider(ProviderBase):
             try:
                 if answer.status == 200 and not self._refuses(answer.body):
                     return parse(answer.body)
-                raise self._refusal(answer, name, creds)
+                raise self.classify(answer.status, answer.headers, answer.body, name, creds)
             except AgentError as error:
                 raise self._refused(error, creds, credentials) from None
 
@@ -197,17 +197,6 @@ class CloudProvider(ProviderBase):
     def _refuses(self, body: bytes) -> bool:
         """Whether a 200 answer is a refusal all the same (a store that says so in it)."""
         return False
-
-    def _refusal(self, answer: Answer, name: str, creds: Credentials) -> AgentError:
-        """The error of an answer that is not a success: a redirect (never followed), else
-        what the provider's :meth:`classify` says."""
-        if 300 <= answer.status < 400:
-            return Unavailable(
-                f"{self.service} at {self._base().host} answered a redirect "
-                f"(HTTP {answer.status}), which the agent does not follow",
-                hint="set the source's endpoint to the URL the store really answers at",
-            )
-        return self.classify(answer.status, answer.headers, answer.body, name, creds)
 
     def _foreign(self, status: int) -> AgentError:
         """A refusal whose body is not the store's own (not its JSON: a proxy's or load
@@ -259,13 +248,18 @@ class CloudProvider(ProviderBase):
         """The error a refusal means (pure: no counting, no invalidating). For a store that
         refuses in JSON: its :meth:`_judge` of the object, or :meth:`_foreign` when the
         body is not one."""
-        answer = object_or_none(body)
-        if answer is None or not self._own(answer):
+        answer = self._said(body)
+        if answer is None:
             return self._foreign(status)
         try:
             return self._judge(status, answer, name, creds)
         except (TypeError, AttributeError, ValueError, KeyError):
             return self._foreign(status)  # the store's shape, with fields of the wrong kind
+
+    def _said(self, body: bytes) -> dict[str, Any] | None:
+        """The store's own refusal in ``body`` (JSON, in the store's shape), or None."""
+        answer = object_or_none(body)
+        return answer if answer is not None and self._own(answer) else None
 
     def _own(self, answer: dict[str, Any]) -> bool:
         """Whether a JSON refusal has the store's own error shape (a gateway in front, like

@@ -42,7 +42,7 @@ from kms_agent.model import (
 from kms_agent.providers._cloud import CloudProvider
 from kms_agent.providers.options import VaultOptions
 from kms_agent.signing import Request
-from kms_agent.upstream import answer_time, object_or_none
+from kms_agent.upstream import answer_time
 
 log = structlog.get_logger("kms_agent.providers.vault")
 
@@ -163,7 +163,7 @@ class Provider(CloudProvider):
         answer = await self._exchange(self._request("POST", path, body=body), creds, self.timeout)
         if answer.status == 200:
             return 200, self._json(answer.body)
-        said = object_or_none(answer.body)
+        said = self._said(answer.body)
         if said is None:
             raise self._foreign(answer.status)  # a proxy's page: no word from Vault
         return answer.status, said
