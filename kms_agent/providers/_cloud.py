@@ -137,9 +137,9 @@ class CloudProvider(ProviderBase):
 
     def _endpoints(
         self, options: CloudOptions, where: str, key: str, given: str | None, default: str | None
-    ) -> str:
+    ) -> None:
         """The source's endpoints: ``given`` (the ``key`` setting, else ``default``), or the
-        list ``endpoints``, tried in that order (failover). Returns the first."""
+        list ``endpoints``, tried in that order (failover)."""
         listed = options.endpoints
         if listed is not None:
             if given is not None or not listed:
@@ -152,7 +152,6 @@ class CloudProvider(ProviderBase):
         else:
             urls = [check_endpoint(str(given or default), f"{where}.{key}")]
         self.endpoints = Endpoints(urls)
-        return urls[0]
 
     def _base(self) -> Endpoint:
         """The endpoint this attempt goes to (the first outside a limited call)."""

@@ -84,13 +84,10 @@ class Provider(CloudProvider):
         opts = AlibabaOptions.of(source.options)
         env = os.environ if environ is None else environ
         self.name = source.name
-        self.network = opts.network
         self.gateway_kind = opts.gateway
-        self.instance_id = opts.instance_id
         self.ca_file = opts.ca_file
-        #: RAM credentials (the OpenAPI, either gateway) or a ClientKey (the instance API,
-        #: dkms-gcs, dedicated gateway only).
-        self.auth = opts.auth
+        #: With a ClientKey (auth = "client_key"), the instance API (dkms-gcs) is used;
+        #: without, RAM credentials and the OpenAPI (either gateway).
         self.client_key: ClientKey | None = None
         if opts.auth == "client_key":
             assert opts.client_key_file is not None  # AlibabaOptions.validate
@@ -110,7 +107,7 @@ class Provider(CloudProvider):
         elif opts.region:
             prefix = "kms-vpc" if opts.network == "vpc" else "kms"
             default = f"https://{prefix}.{opts.region}.aliyuncs.com"
-        self.endpoint = self._endpoints(opts, where, "endpoint", endpoint, default)
+        self._endpoints(opts, where, "endpoint", endpoint, default)
         self.region = opts.region or "cn-hangzhou"
         self.account_id = str(opts.account_id)
         self._limits(opts)
@@ -134,7 +131,7 @@ class Provider(CloudProvider):
                 opts.credentials,
                 env,
                 region=self.region,
-                network=self.network,
+                network=opts.network,
                 session=self._http,
                 where=f"{where}.credentials",
             )

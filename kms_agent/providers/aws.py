@@ -67,7 +67,7 @@ class Provider(CloudProvider):
             raise ConfigError(f"{where}.region: required (or $AWS_REGION)")
         self.region: str = region
         endpoint = opts.endpoint or env.get("AWS_ENDPOINT_URL_SECRETSMANAGER")
-        self.endpoint = self._endpoints(
+        self._endpoints(
             opts, where, "endpoint", endpoint, f"https://secretsmanager.{self.region}.amazonaws.com"
         )
         self._limits(opts)

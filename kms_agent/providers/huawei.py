@@ -66,7 +66,7 @@ class Provider(CloudProvider):
         if not self.project_id:
             raise ConfigError(f"{where}.project_id: required (or $HUAWEICLOUD_SDK_PROJECT_ID)")
         default = f"https://kms.{self.region}.myhuaweicloud.com" if self.region else None
-        self.endpoint = self._endpoints(opts, where, "endpoint", opts.endpoint, default)
+        self._endpoints(opts, where, "endpoint", opts.endpoint, default)
         self._limits(opts)
         self.credential_type, fetch = huawei_credentials.resolve(
             opts.credentials, env, session=self._http, where=f"{where}.credentials"

@@ -81,7 +81,7 @@ class Provider(CloudProvider):
             raise ConfigError(
                 f"{where}.address: the Vault/OpenBao URL is required (or $VAULT_ADDR)"
             )
-        self.address = self._endpoints(opts, where, "address", address or None, None)
+        self._endpoints(opts, where, "address", address or None, None)
         self.mount = opts.mount.strip("/")
         self.namespace = opts.namespace
         self.auth = opts.auth
