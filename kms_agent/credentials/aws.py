@@ -253,12 +253,12 @@ async def _call(
     """One STS call for credentials: (them, or None and what STS said)."""
     status, text = await _sts(session, endpoint, region, action, params, signer)
     found = _sts_credentials(text, origin) if status == 200 else None
-    return found, blocks.refusal(_xml(text, "Code"), status)
+    return found, blocks.refusal(xml_text(text, "Code"), status)
 
 
 def _sts_credentials(text: str, origin: str) -> Credentials | None:
     fields = ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
-    return _STS_CREDENTIALS.credentials({k: _xml(text, k) for k in fields}, origin)
+    return _STS_CREDENTIALS.credentials({k: xml_text(text, k) for k in fields}, origin)
 
 
 def _assume_role(
@@ -368,6 +368,7 @@ def _imds(
     )
 
 
-def _xml(text: str, tag: str) -> str:
+def xml_text(text: str, tag: str) -> str:
+    """The text of the first ``<tag>`` in an AWS query-protocol (XML) answer, or ""."""
     match = re.search(rf"<{tag}>([^<]*)</{tag}>", text)
     return match.group(1) if match else ""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -273,11 +272,7 @@ def _error_body(body: bytes, headers: Mapping[str, str]) -> dict[str, str] | Non
     message = str(answer.get("message") or answer.get("Message") or "")
     if not kind:
         text = body.decode("utf-8", "replace")
-        found = re.search(r"<Code>([^<]*)</Code>", text)
-        if found is None:
-            return None
-        kind = found.group(1)
-        said = re.search(r"<Message>([^<]*)</Message>", text)
-        message = said.group(1) if said else ""
+        kind = aws_credentials.xml_text(text, "Code")
+        message = aws_credentials.xml_text(text, "Message")
     code = kind.split(":", 1)[0].rsplit("#", 1)[-1]
     return {"code": code, "message": message} if code else None
