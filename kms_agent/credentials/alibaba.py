@@ -34,8 +34,9 @@ CHAIN_TYPE = "ram_role_arn"
 STS_VERSION = "2015-04-01"
 STS = "Alibaba STS"
 _SIGNER = acs3.Acs3()
-#: STS refusing the base credentials themselves: temporary ones expired or revoked.
-_STALE_BASE = ("InvalidSecurityToken.", "InvalidAccessKeyId.NotFound")
+#: Codes (prefixes) by which an Alibaba OpenAPI product (KMS, STS) refuses temporary
+#: credentials that looked valid: expired or revoked. Fetched anew and the call retried.
+STALE_CODES = ("InvalidSecurityToken.", "InvalidAccessKeyId.NotFound", "SecurityTokenExpired")
 METADATA_ENDPOINT = "http://100.100.100.200"
 ENV_AK, ENV_SK, ENV_TOKEN = (
     "ALIBABA_CLOUD_ACCESS_KEY_ID",
@@ -234,7 +235,7 @@ def _ram_role_arn(
     async def call(signer: Credentials) -> tuple[Credentials | None, str]:
         return await _call(session, endpoint, "AssumeRole", params, CHAIN_TYPE, signer)
 
-    assume_role = assume.assumer(call, chain, _STALE_BASE, f"{where}.base")
+    assume_role = assume.assumer(call, chain, STALE_CODES, f"{where}.base")
     return assume.chained(base, assume_role, where)
 
 

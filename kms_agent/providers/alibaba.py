@@ -62,9 +62,6 @@ API_VERSION = "2016-01-20"
 CHECK_NAME = "kms-agent-readiness-check"
 #: Where a KMS instance's dedicated gateway answers (reachable from its VPC only).
 DEDICATED_HOST = "{instance_id}.cryptoservice.kms.aliyuncs.com"
-_STALE_CREDENTIAL_CODES = frozenset(
-    {"InvalidAccessKeyId.NotFound", "InvalidSecurityToken.Expired", "SecurityTokenExpired"}
-)
 
 
 def policy_statement(action: str, resource: str) -> str:
@@ -182,7 +179,7 @@ class Provider(CloudProvider):
         request_id = body.get("RequestId", "")
         said = f"Alibaba Cloud KMS: {code}" + (f" (request {request_id})" if request_id else "")
         secret_arn = f"acs:kms:{self.region}:{self.account_id}:secret/{name}"
-        if code in _STALE_CREDENTIAL_CODES and creds.security_token:
+        if code.startswith(alibaba_credentials.STALE_CODES) and creds.security_token:
             return StaleCredentials(f"{said}: temporary credentials no longer accepted")
         kind = dkms_gcs.error_kind(status, code, message)  # the rule of both gateways
         if kind is SecretNotFound:
